@@ -1,0 +1,52 @@
+"""One options object per command, shared by the CLI and the Python API and saved in the Plan."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from .errors import ComeError
+
+PairScore = Literal["angular", "bi-all-tokens"]
+Split = Literal["bi", "joint"]
+
+
+@dataclass
+class CompressConfig:
+    """Settings of `come compress` (method.md: OFFICIAL defaults unless marked DECISION)."""
+
+    sparsity: float = 0.3  # removed params / ALL params (embeddings and head included)
+    calib: str = "wikitext2"  # named dataset or local .txt/.jsonl
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 4
+    device: str = "auto"  # cuda | cpu | auto; layers visit it one at a time
+    pair_score: PairScore = "angular"  # last-token angular distance (OFFICIAL)
+    split: Split = "bi"  # share from the two layers' block influence (OFFICIAL)
+    skew: float = 1.0  # exponent p of the split rule
+    min_max: float = 0.0
+    norm: Literal["fold", "average"] = "fold"  # DECISION: exact folding; "average" = OFFICIAL
+    head_score: Literal["channel", "exact"] = "channel"
+    no_repeat: bool = False
+    protect: list[int] = field(default_factory=list)  # original layers never merged
+    max_cache_gb: float = 32.0  # host memory for cached calibration hidden states
+
+    def validate(self) -> None:
+        if not 0.0 < self.sparsity <= 0.9:
+            raise ComeError(f"--sparsity must be in (0, 0.9], got {self.sparsity}")
+        choices = {"pair_score": PairScore, "split": Split}
+        for name, lit in choices.items():
+            if getattr(self, name) not in lit.__args__:
+                raise ComeError(f"--{name.replace('_', '-')} must be one of {', '.join(lit.__args__)}")
+        if self.norm not in ("fold", "average"):
+            raise ComeError("--norm must be fold or average")
+        if self.head_score not in ("channel", "exact"):
+            raise ComeError("--head-score must be channel or exact")
+        if self.batch_size < 1:
+            raise ComeError("--batch-size must be >= 1")
+        if not 0.0 <= self.min_max < 1.0:
+            raise ComeError(f"--min-max must be in [0, 1), got {self.min_max}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,89 @@
+"""The Plan: the record of a compression, and the contract between compress, distill and eval.
+
+It says, for every layer of the compressed model, which contiguous ORIGINAL layers it
+stands for (its group), and for every merge which units each side kept, the split and
+the scores that chose it. Saved as come_plan.json beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ComeError
+
+PLAN_FILE = "come_plan.json"
+
+
+@dataclass
+class MergeRecord:
+    """One merge: current layers (position, position+1) became one layer at `position`."""
+
+    step: int
+    position: int
+    group_a: list[int]
+    group_b: list[int]
+    operator: str
+    kv_a: list[int]  # KV groups kept from side A (ids within A as it was then)
+    kv_b: list[int]
+    ffn_a: list[int]  # FFN channels kept from side A
+    ffn_b: list[int]
+    r_a: float  # share of units given to side A
+    bi_a: float
+    bi_b: float
+    pair_score: float
+    pair_scores: list[float]  # score of every candidate pair at this step
+    params_before: int
+    params_after: int
+    refit: dict | None = None
+
+
+@dataclass
+class Plan:
+    model: str
+    method: str
+    settings: dict
+    num_layers_before: int
+    num_layers_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    target_sparsity: float = 0.0
+    achieved_sparsity: float = 0.0
+    groups: list[list[int]] = field(default_factory=list)  # per new layer: original layers it stands for
+    merges: list[MergeRecord] = field(default_factory=list)
+    calibration_tokens: int = 0
+    layer_forwards: int = 0
+    wall_time_s: float = 0.0
+    versions: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / PLAN_FILE
+        path.write_text(self.to_json())
+        return path
+
+
+def library_versions() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"come": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a Plan from come_plan.json or from the checkpoint directory holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PLAN_FILE
+    if not path.is_file():
+        raise ComeError(f"no Plan at {path}: pass a `come compress` output directory or --plan FILE")
+    data = json.loads(path.read_text())
+    data["merges"] = [MergeRecord(**m) for m in data.get("merges", [])]
+    return Plan(**data)

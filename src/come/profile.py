@@ -1,0 +1,141 @@
+"""Run a model one decoder layer at a time over calibration batches, with statistics hooks.
+
+The sequential pipeline of llm-compressor: the model stays where it was loaded (host
+memory for big models); each layer visits the compute device for its pass over all
+calibration batches, so device memory holds one layer plus one batch of activations.
+Statistics come from forward hooks on the stock modules (no forked modeling code).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import Adapter
+
+
+@dataclass
+class LayerStats:
+    """What one pass of a layer over the calibration set tells us."""
+
+    attn_abs_mean: Tensor  # E_t |z_c|, o_proj input channels
+    ffn_abs_mean: Tensor  # E_t |a_j|, down_proj input channels
+    head_out_l1: Tensor | None  # E_t ||W_o[:, cols(i)] z_i||_1 per query head (exact head score)
+    bi: float  # block influence: 1 - mean over all tokens of cos(in, out)
+
+
+class _Stop(Exception):
+    pass
+
+
+@contextmanager
+def _on(module: nn.Module, device: torch.device):
+    """Temporarily move `module` to `device` (no-op when it is already there)."""
+    tensor = next(chain(module.parameters(), module.buffers()), None)
+    home = tensor.device if tensor is not None else device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+def _to(obj, device):
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    return obj
+
+
+class LayerRunner:
+    """Embeds calibration batches once, then runs any decoder layer over cached inputs.
+
+    `cache_device` holds hidden states between layers (host memory by default);
+    `device` runs the layer. The layer kwargs the model would pass (rotary position
+    embeddings, causal mask) are captured once per batch from the model itself.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, device: torch.device, cache_device: torch.device):
+        self.model, self.adapter = model, adapter
+        self.device, self.cache_device = device, cache_device
+        self.layer_kwargs: list[dict] = []
+        self.shape = adapter.attn_shape(model.config)
+
+    @torch.no_grad()
+    def embed(self, batches: list[Tensor]) -> list[Tensor]:
+        """Hidden states entering layer 0 for each batch of token ids; records layer kwargs."""
+        layer0 = self.adapter.decoder_layers(self.model)[0]
+        captured: dict = {}
+
+        def catch(_module, args, kwargs):
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+            captured["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Stop
+
+        hook = layer0.register_forward_pre_hook(catch, with_kwargs=True)
+        out, self.layer_kwargs = [], []
+        try:
+            with ExitStack() as stack:
+                for part in self.adapter.input_modules(self.model):
+                    stack.enter_context(_on(part, self.device))
+                for ids in batches:
+                    try:
+                        self.model(input_ids=ids.to(self.device), use_cache=False)
+                    except _Stop:
+                        pass
+                    out.append(captured["h"].to(self.cache_device))
+                    self.layer_kwargs.append(captured["kw"])
+        finally:
+            hook.remove()
+        return out
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, inputs: list[Tensor], want_stats: bool, head_score: str = "channel") -> tuple[list[Tensor], LayerStats | None]:
+        """Outputs of `layer` on every cached input batch, and its statistics if asked."""
+        o_proj = self.adapter.attn_output_proj(layer)
+        down = self.adapter.ffn_output_proj(layer)
+        acc = {"z": 0.0, "a": 0.0, "head": 0.0, "cos": 0.0, "n": 0}
+
+        def on_o(mod, args):
+            z = args[0].double()
+            acc["z"] = acc["z"] + z.abs().sum(dim=(0, 1))
+            if head_score == "exact":
+                zh = z.reshape(*z.shape[:2], self.shape.n_heads, self.shape.head_dim)
+                w = mod.weight.double().T.reshape(self.shape.n_heads, self.shape.head_dim, -1)
+                acc["head"] = acc["head"] + torch.stack(
+                    [(zh[:, :, h] @ w[h]).abs().sum() for h in range(self.shape.n_heads)]
+                )
+
+        def on_down(_mod, args):
+            acc["a"] = acc["a"] + args[0].double().abs().sum(dim=(0, 1))
+
+        hooks = [o_proj.register_forward_pre_hook(on_o), down.register_forward_pre_hook(on_down)] if want_stats else []
+        outputs = []
+        try:
+            with _on(layer, self.device):
+                for h, kw in zip(inputs, self.layer_kwargs):
+                    h_dev = h.to(self.device)
+                    y = layer(h_dev, **kw)
+                    y = y[0] if isinstance(y, tuple) else y
+                    if want_stats:
+                        acc["cos"] += float(torch.nn.functional.cosine_similarity(h_dev.double(), y.double(), dim=-1).sum())
+                        acc["n"] += h.shape[0] * h.shape[1]
+                    outputs.append(y.to(self.cache_device))
+        finally:
+            for hk in hooks:
+                hk.remove()
+        if not want_stats:
+            return outputs, None
+        n = acc["n"]
+        stats = LayerStats(
+            attn_abs_mean=(acc["z"] / n).cpu(),
+            ffn_abs_mean=(acc["a"] / n).cpu(),
+            head_out_l1=(acc["head"] / n).cpu() if head_score == "exact" else None,
+            bi=1.0 - acc["cos"] / n,
+        )
+        return outputs, stats

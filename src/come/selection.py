@@ -1,0 +1,78 @@
+"""Which adjacent layers to merge, and how many units each side keeps.
+
+Pure functions on profiled statistics (method.md section 2 and the split of section 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def angular_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row arccos(clamp(cos(a, b), 0, 1)) / pi: 0 = same direction, 0.5 = orthogonal."""
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    return torch.arccos(cos.clamp(0.0, 1.0)) / math.pi
+
+
+def skip_scores(last_token_states: list[Tensor]) -> list[float]:
+    """OFFICIAL pair score. `last_token_states[k]` is the last-token hidden state entering
+    layer k for every calibration sample ([n_samples, hidden]; the final entry is the
+    output of the last layer). skip(k) = sum over samples of the angular distance between
+    the state entering k and the one leaving k+1: how much the pair changes it."""
+    return [
+        float(angular_distance(last_token_states[k], last_token_states[k + 2]).sum())
+        for k in range(len(last_token_states) - 2)
+    ]
+
+
+def choose_pair(scores: list[float], eligible: list[bool]) -> int:
+    """Index k of the least important eligible pair (k, k+1); ties go to the earlier pair."""
+    best = None
+    for k, (s, ok) in enumerate(zip(scores, eligible)):
+        if ok and (best is None or s < scores[best]):
+            best = k
+    if best is None:
+        raise ValueError("no eligible pair")
+    return best
+
+
+def split_ratio(bi_a: float, bi_b: float, p: float = 1.0, min_max: float = 0.0, n_original: int = 2) -> float:
+    """Share r_A of the merged layer's units that come from side A (OFFICIAL rule).
+
+    r = normalize(normalize(BI)^p); if min_max > 0 the larger share is raised to at least
+    min_max ** (1 / (n_original - 1)) (n_original: original layers covered by the pair),
+    so deep groups are pushed towards keeping one side whole.
+    """
+    scores = [max(bi_a, 0.0), max(bi_b, 0.0)]
+    total = sum(scores)
+    if total <= 0:
+        return 0.5
+    shares = [(s / total) ** p for s in scores]
+    shares = [s / sum(shares) for s in shares]
+    m = min_max ** (1.0 / max(n_original - 1, 1)) if min_max > 0 else 0.0
+    big = 0 if shares[0] >= shares[1] else 1
+    if shares[big] < m:
+        shares[big], shares[1 - big] = m, 1.0 - m
+    return shares[0]
+
+
+def split_counts(n: int, r_a: float) -> tuple[int, int]:
+    """(N_A, N_B) with N_A + N_B == n: floor each side, the remainder to the larger share."""
+    n_a, n_b = math.floor(n * r_a), math.floor(n * (1.0 - r_a))
+    rest = n - n_a - n_b
+    if r_a >= 0.5:
+        n_a += rest
+    else:
+        n_b += rest
+    return n_a, n_b
+
+
+def joint_split(scores_a: Tensor, scores_b: Tensor, n: int) -> tuple[int, int]:
+    """`--split joint`: top-n over the union of both sides' units ranked by sensitivity."""
+    both = torch.cat([scores_a.double(), scores_b.double()])
+    top = torch.topk(both, n).indices
+    n_a = int((top < scores_a.numel()).sum())
+    return n_a, n - n_a

@@ -1,0 +1,49 @@
+"""Running single decoder layers and building reference outputs for the identity tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def rope(model, h):
+    pos = torch.arange(h.shape[1]).unsqueeze(0)
+    return model.model.rotary_emb(h, pos), pos
+
+
+def run_layer(model, layer, h):
+    pe, pos = rope(model, h)
+    out = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def attn_out(model, layer, x):
+    """Attention output of `layer` on normed input (no residual)."""
+    pe, pos = rope(model, x)
+    return layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=pe, attention_mask=None)[0]
+
+
+def masked(layer, keep_heads: list[int], keep_channels: list[int], head_dim: int):
+    """A copy of `layer` whose unkept heads / channels write nothing (output columns zeroed)."""
+    layer = copy.deepcopy(layer)
+    with torch.no_grad():
+        o, down = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
+        head_mask = torch.zeros(o.shape[1], dtype=o.dtype)
+        for h in keep_heads:
+            head_mask[h * head_dim:(h + 1) * head_dim] = 1
+        ch_mask = torch.zeros(down.shape[1], dtype=down.dtype)
+        ch_mask[keep_channels] = 1
+        o.mul_(head_mask)
+        down.mul_(ch_mask)
+    return layer
+
+
+def parallel(model, layers, x):
+    """x1 = x + sum_l attn_l(x); y = x1 + sum_l mlp_l(x1): what a concatenated layer computes."""
+    x1 = x + sum(attn_out(model, lay, x) for lay in layers)
+    return x1 + sum(lay.mlp(lay.post_attention_layernorm(x1)) for lay in layers)
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())

@@ -1,0 +1,124 @@
+"""The math identities of method.md, each able to fail: folding, concatenation, GQA, biases."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from come.adapters import get_adapter
+from come.merge import concat_merge, fold_norms, query_heads
+
+from conftest import tiny_model
+from layer_utils import masked, parallel, rel_err, run_layer
+
+TOL = 1e-10
+
+
+def _setup(family, **overrides):
+    model = tiny_model(family, dtype=torch.float64, **overrides)
+    adapter = get_adapter(model.config)
+    torch.manual_seed(1)
+    x = torch.randn(2, 12, model.config.hidden_size, dtype=torch.float64)
+    return model, adapter, adapter.attn_shape(model.config), x
+
+
+def _same_qk_norm(adapter, layers, model):
+    """Shared per-head q/k norms (Qwen3) cannot be concatenated, only mixed; the exact
+    identities hold when both sides carry the same ones."""
+    if adapter.qk_norm:
+        with torch.no_grad():
+            for lay in layers[1:]:
+                lay.self_attn.q_norm.weight.copy_(layers[0].self_attn.q_norm.weight)
+                lay.self_attn.k_norm.weight.copy_(layers[0].self_attn.k_norm.weight)
+
+
+def test_fold_norms_is_exact(family):
+    model, adapter, _, x = _setup(family)
+    layer = adapter.decoder_layers(model)[2]
+    folded = copy.deepcopy(layer)
+    adapter.write_layer(folded, fold_norms(adapter.read_layer(layer)))
+    assert torch.all(folded.input_layernorm.weight == 1)
+    assert not torch.allclose(layer.input_layernorm.weight, folded.input_layernorm.weight)
+    assert rel_err(run_layer(model, folded, x), run_layer(model, layer, x)) < TOL
+
+
+@pytest.mark.parametrize("norm", ["fold", "average"])
+def test_self_merge_by_unit_id_reproduces_layer(family, norm):
+    model, adapter, shape, x = _setup(family)
+    layer = adapter.decoder_layers(model)[1]
+    w = adapter.read_layer(layer)
+    kv, d_ff = shape.n_kv_heads, w.down.shape[1]
+    merged = concat_merge(w, w, shape, list(range(kv // 2)), list(range(kv // 2, kv)),
+                          list(range(d_ff // 3)), list(range(d_ff // 3, d_ff)), r_a=0.5, norm=norm)
+    out = copy.deepcopy(layer)
+    adapter.write_layer(out, merged)
+    assert rel_err(run_layer(model, out, x), run_layer(model, layer, x)) < TOL
+
+
+def test_keep_all_units_equals_parallel(family):
+    model, adapter, shape, x = _setup(family)
+    a, b = adapter.decoder_layers(model)[1:3]
+    _same_qk_norm(adapter, [a, b], model)
+    wa, wb = adapter.read_layer(a), adapter.read_layer(b)
+    kv, d_ff = shape.n_kv_heads, wa.down.shape[1]
+    merged = concat_merge(wa, wb, shape, list(range(kv)), list(range(kv)), list(range(d_ff)), list(range(d_ff)), 0.5)
+    cfg = copy.deepcopy(model.config)
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = 2 * shape.n_heads, 2 * kv, 2 * d_ff
+    double = type(a)(cfg, layer_idx=0).to(torch.float64)
+    adapter.write_layer(double, merged)
+    assert rel_err(run_layer(model, double, x), parallel(model, [a, b], x)) < TOL
+
+
+def test_partial_merge_keeps_whole_kv_groups_and_their_biases(family):
+    """kv group 1 of A with group 0 of B, some channels of each: the merged layer must equal
+    A and B run in parallel with every other head / channel silenced. A wrong GQA pairing
+    (tiling the head mask, as the official code does) or a bias left behind fails this."""
+    model, adapter, shape, x = _setup(family)
+    a, b = adapter.decoder_layers(model)[3:5]
+    _same_qk_norm(adapter, [a, b], model)
+    wa, wb = adapter.read_layer(a), adapter.read_layer(b)
+    d_ff = wa.down.shape[1]
+    ffn_a, ffn_b = list(range(0, d_ff, 2)), list(range(1, d_ff, 2))
+    merged = concat_merge(wa, wb, shape, [1], [0], ffn_a, ffn_b, r_a=0.5)
+    out = copy.deepcopy(a)
+    adapter.write_layer(out, merged)
+    ref = parallel(model, [masked(a, query_heads([1], shape.n_rep), ffn_a, shape.head_dim),
+                           masked(b, query_heads([0], shape.n_rep), ffn_b, shape.head_dim)], x)
+    assert rel_err(run_layer(model, out, x), ref) < TOL
+
+
+def test_query_heads_are_contiguous_per_kv_group():
+    assert query_heads([1], 3) == [3, 4, 5]
+    assert query_heads([2, 0], 2) == [4, 5, 0, 1]
+
+
+def test_qwen2_biases_present_and_moved():
+    model, adapter, shape, _ = _setup("qwen2")
+    wa = adapter.read_layer(adapter.decoder_layers(model)[0])
+    assert wa.q_bias is not None and wa.k_bias is not None and wa.v_bias is not None
+    merged = concat_merge(wa, wa, shape, [1], [0], [0], list(range(1, wa.down.shape[1])), 0.5)
+    hd = shape.head_dim
+    torch.testing.assert_close(merged.k_bias[:hd], (wa.k_bias * 1)[hd:2 * hd])
+    torch.testing.assert_close(merged.q_bias[: shape.n_rep * hd], wa.q_bias[shape.n_rep * hd: 2 * shape.n_rep * hd])
+
+
+def test_write_layer_rejects_wrong_shape():
+    from come.errors import ComeError
+
+    model, adapter, shape, _ = _setup("llama")
+    layer = adapter.decoder_layers(model)[0]
+    w = adapter.read_layer(layer)
+    bad = concat_merge(w, w, shape, [0], [], list(range(10)), [], 1.0)
+    with pytest.raises(ComeError, match="shape"):
+        adapter.write_layer(layer, bad)
+
+
+def test_unknown_architecture_is_one_line_error():
+    from come.errors import ComeError
+
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2)
+    with pytest.raises(ComeError, match="unsupported architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
+        get_adapter(cfg)

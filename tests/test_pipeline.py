@@ -1,0 +1,117 @@
+"""The progressive loop end to end on tiny models of every family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from come import CompressConfig, ComeError, compress, load_plan
+from come.checkpoint import save_checkpoint
+from come.data import token_windows
+from come.pipeline import count_params, merges_needed
+
+from conftest import corpus, tiny_model
+
+
+def _calib(tokenizer, n=8, seqlen=32):
+    return token_windows(corpus(), tokenizer, n, seqlen, seed=0)
+
+
+def _compress(family, tokenizer, **cfg):
+    model = tiny_model(family)
+    cfg = CompressConfig(**{"sparsity": 0.3, "device": "cpu", "batch_size": 4, **cfg})
+    return compress(model, tokenizer, cfg, calib=_calib(tokenizer))
+
+
+def test_compress_every_family(family, tokenizer, tmp_path):
+    dense = tiny_model(family)
+    total, per_layer = count_params(dense), count_params(dense.model.layers[0])
+    model, plan = _compress(family, tokenizer)
+    n_merges = merges_needed(total, per_layer, 0.3)
+    assert len(model.model.layers) == model.config.num_hidden_layers == 6 - n_merges == plan.num_layers_after
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(6 - n_merges))
+    assert sum(plan.groups, []) == list(range(6))  # contiguous groups covering every original layer, in order
+    assert plan.params_after == count_params(model)
+    assert plan.achieved_sparsity == pytest.approx(1 - plan.params_after / total)
+    assert plan.achieved_sparsity >= 0.3 > plan.achieved_sparsity - per_layer / total
+    if hasattr(model.config, "layer_types"):
+        assert len(model.config.layer_types) == model.config.num_hidden_layers
+    for m in plan.merges:
+        assert len(m.kv_a) + len(m.kv_b) == model.config.num_key_value_heads
+        assert len(m.ffn_a) + len(m.ffn_b) == model.config.intermediate_size
+
+    ids = _calib(tokenizer, 2, 16)
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+        uncached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+        assert torch.equal(cached, uncached)
+        logits = model(ids).logits
+    out = save_checkpoint(model, tokenizer, plan, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == plan.num_layers_after
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)
+    assert load_plan(out).groups == plan.groups
+
+
+def test_only_layers_after_the_merge_are_rerun(tokenizer):
+    model, plan = _compress("llama", tokenizer, sparsity=0.3, protect=[0])  # merges away from the input
+    assert all(m.position >= 1 for m in plan.merges)
+    expected = 6  # first pass: every layer
+    n = 6
+    for m in plan.merges[:-1]:
+        n -= 1
+        expected += n - m.position  # re-run from the merged layer to the end
+    assert plan.layer_forwards == expected
+    naive = sum(6 - i for i in range(len(plan.merges)))
+    assert plan.layer_forwards < naive
+
+
+def test_strided_cache_gives_the_same_plan(tokenizer):
+    _, full = _compress("qwen2", tokenizer, sparsity=0.45)
+    _, strided = _compress("qwen2", tokenizer, sparsity=0.45, max_cache_gb=1e-9)
+    assert [(m.position, m.kv_a, m.kv_b, m.ffn_a, m.ffn_b) for m in strided.merges] == \
+        [(m.position, m.kv_a, m.kv_b, m.ffn_a, m.ffn_b) for m in full.merges]
+    assert strided.layer_forwards > full.layer_forwards
+
+
+def test_bi_all_tokens_and_options(tokenizer):
+    model, plan = _compress("mistral", tokenizer, pair_score="bi-all-tokens", split="joint", head_score="exact",
+                            norm="average")
+    assert plan.num_layers_after < 6
+    assert all(s is not None for m in plan.merges for s in m.pair_scores)
+
+
+def test_protect_and_no_repeat(tokenizer):
+    _, plan = _compress("llama", tokenizer, sparsity=0.15, protect=[2, 3], no_repeat=True)
+    for group in plan.groups:
+        assert len(group) <= 2
+        assert not ({2, 3} & set(group)) or len(group) == 1
+    with pytest.raises(ComeError, match="target not reachable"):
+        _compress("llama", tokenizer, sparsity=0.6, no_repeat=True)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.95, -0.1])
+def test_sparsity_out_of_range(tokenizer, sparsity):
+    with pytest.raises(ComeError, match="--sparsity must be in"):
+        _compress("llama", tokenizer, sparsity=sparsity)
+
+
+def test_unreachable_target(tokenizer):
+    with pytest.raises(ComeError, match="needs .* merges but the model has only 6 layers"):
+        _compress("llama", tokenizer, sparsity=0.9)
+
+
+def test_too_few_tokens(tokenizer):
+    with pytest.raises(ComeError, match="fewer than --nsamples"):
+        token_windows("short text", tokenizer, 4, 32, 0)
+
+
+def test_layers_run_on_another_device_than_they_live(tokenizer):
+    """The sequential pipeline: with --device cpu and a model on 'meta'-free CPU this is a no-op,
+    but layers are moved back home after their pass: nothing is left on the compute device."""
+    model, _ = _compress("llama", tokenizer)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
