@@ -58,7 +58,7 @@ def test_compress_every_family(family, tokenizer, tmp_path):
 
 
 def test_only_layers_after_the_merge_are_rerun(tokenizer):
-    model, plan = _compress("llama", tokenizer, sparsity=0.3, protect=[0])  # merges away from the input
+    model, plan = _compress("llama", tokenizer, sparsity=0.3, protect=[0], refit="none")  # away from the input
     assert all(m.position >= 1 for m in plan.merges)
     expected = 6  # first pass: every layer
     n = 6
@@ -68,6 +68,8 @@ def test_only_layers_after_the_merge_are_rerun(tokenizer):
     assert plan.layer_forwards == expected
     naive = sum(6 - i for i in range(len(plan.merges)))
     assert plan.layer_forwards < naive
+    _, refit_plan = _compress("llama", tokenizer, sparsity=0.3, protect=[0])
+    assert refit_plan.layer_forwards == expected + len(plan.merges)  # one refit pass per merge
 
 
 def test_strided_cache_gives_the_same_plan(tokenizer):

@@ -7,8 +7,12 @@ from typing import Literal
 
 from .errors import ComeError
 
-PairScore = Literal["angular", "bi-all-tokens"]
+PairScore = Literal["angular", "bi-all-tokens", "error"]
 Split = Literal["bi", "joint"]
+Method = Literal["come", "shortgpt", "replaceme"]
+Refit = Literal["ls", "none"]
+RefitInput = Literal["dense", "compressed"]
+Select = Literal["angle", "bi"]
 
 
 @dataclass
@@ -16,6 +20,7 @@ class CompressConfig:
     """Settings of `come compress` (method.md: OFFICIAL defaults unless marked DECISION)."""
 
     sparsity: float = 0.3  # removed params / ALL params (embeddings and head included)
+    method: Method = "come"  # come = concatenation merge; shortgpt / replaceme = peers on the same plumbing
     calib: str = "wikitext2"  # named dataset or local .txt/.jsonl
     nsamples: int = 128
     seqlen: int = 2048
@@ -31,11 +36,18 @@ class CompressConfig:
     no_repeat: bool = False
     protect: list[int] = field(default_factory=list)  # original layers never merged
     max_cache_gb: float = 32.0  # host memory for cached calibration hidden states
+    refit: Refit | None = None  # None: "ls" for come (DECISION, ours), "none" for shortgpt (the peer as published)
+    refit_holdout: float = 0.1  # calibration share that picks the ridge and vetoes bad refits
+    refit_input: RefitInput = "compressed"  # refit on the compressed model's inputs or the dense ones
+    select: Select = "angle"  # replaceme: published last-token angle block, or ShortGPT's BI layers
 
     def validate(self) -> None:
+        if self.refit is None:
+            self.refit = "ls" if self.method == "come" else "none"
         if not 0.0 < self.sparsity <= 0.9:
             raise ComeError(f"--sparsity must be in (0, 0.9], got {self.sparsity}")
-        choices = {"pair_score": PairScore, "split": Split}
+        choices = {"pair_score": PairScore, "split": Split, "method": Method, "refit": Refit,
+                   "refit_input": RefitInput, "select": Select}
         for name, lit in choices.items():
             if getattr(self, name) not in lit.__args__:
                 raise ComeError(f"--{name.replace('_', '-')} must be one of {', '.join(lit.__args__)}")
@@ -45,6 +57,8 @@ class CompressConfig:
             raise ComeError("--head-score must be channel or exact")
         if self.batch_size < 1:
             raise ComeError("--batch-size must be >= 1")
+        if not 0.0 < self.refit_holdout < 1.0:
+            raise ComeError(f"--refit-holdout must be in (0, 1), got {self.refit_holdout}")
         if not 0.0 <= self.min_max < 1.0:
             raise ComeError(f"--min-max must be in [0, 1), got {self.min_max}")
 

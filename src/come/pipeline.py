@@ -7,9 +7,11 @@ re-runs the whole model at every step.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,7 @@ from .errors import ComeError
 from .merge import concat_merge
 from .plan import MergeRecord, Plan, library_versions
 from .profile import LayerRunner, LayerStats
+from .refit import fit, fit_map
 from .selection import choose_pair, joint_split, skip_scores, split_counts, split_ratio
 from .sensitivity import channel_sensitivity, exact_head_sensitivity, head_sensitivity, kv_group_sensitivity, top_units
 
@@ -72,18 +75,24 @@ def unit_scores(stats: LayerStats, w, shape, head_score: str) -> tuple[Tensor, T
     return kv_group_sensitivity(heads, shape.n_kv_heads), channel_sensitivity(stats.ffn_abs_mean, w.down)
 
 
-class _Profiler:
-    """Cached layer inputs + per-layer statistics of the CURRENT model."""
+class Profiler:
+    """Cached layer inputs + per-layer statistics of the CURRENT model, and (for the refit
+    and the error pair score) the DENSE model's hidden state at every original layer boundary."""
 
-    def __init__(self, model, adapter: Adapter, runner: LayerRunner, cfg: CompressConfig, first_inputs: list[Tensor], stride: int):
+    def __init__(self, model, adapter: Adapter, runner: LayerRunner, cfg: CompressConfig, first_inputs: list[Tensor],
+                 stride: int, keep_dense: bool):
         self.model, self.adapter, self.runner, self.cfg = model, adapter, runner, cfg
         n = len(adapter.decoder_layers(model))
         self.states: dict[int, list[Tensor]] = {0: first_inputs}
+        self.dense: dict[int, list[Tensor]] | None = {0: first_inputs} if keep_dense else None
         self.stats: list[LayerStats | None] = [None] * n
         self.last_tok: list[Tensor | None] = [None] * (n + 1)
         self.pair_all: list[float | None] = [None] * max(n - 1, 0)
         self.stride = stride
         self.forwards = 0
+        n_batches = len(first_inputs)
+        n_hold = max(1, round(cfg.refit_holdout * n_batches))
+        self.held_out = [i >= n_batches - n_hold for i in range(n_batches)]
 
     def refresh(self) -> None:
         """Run every layer whose statistics or pair scores are missing, from the nearest cache."""
@@ -92,6 +101,7 @@ class _Profiler:
         need += [k for k, p in enumerate(self.pair_all) if p is None and self.cfg.pair_score == "bi-all-tokens"]
         if not need:
             return
+        first_pass = all(s is None for s in self.stats)
         start = max(k for k in self.states if k <= min(need))
         h, prev = self.states[start], None
         for k in tqdm(range(start, len(layers)), desc="profiling layers", leave=False, unit="layer"):
@@ -103,9 +113,28 @@ class _Profiler:
             self.last_tok[k + 1] = torch.cat([b[:, -1].float() for b in out])
             if (k + 1) % self.stride == 0:
                 self.states[k + 1] = out
+            if first_pass and self.dense is not None:
+                self.dense[k + 1] = out
             if prev is not None and self.pair_all[k - 1] is None:
                 self.pair_all[k - 1] = _mean_angular_all(prev, out)
             prev, h = h, out
+
+    def inputs_at(self, k: int) -> list[Tensor]:
+        """Hidden states entering current layer k (run forward from the nearest cache if needed)."""
+        layers = self.adapter.decoder_layers(self.model)
+        start = max(j for j in self.states if j <= k)
+        h = self.states[start]
+        for j in range(start, k):
+            h, _ = self.runner.run(layers[j], h, False)
+            self.forwards += 1
+        self.states[k] = h
+        return h
+
+    def layers_removed(self) -> None:
+        """Layers were dropped (baselines): only the embedding cache still holds."""
+        n = len(self.adapter.decoder_layers(self.model))
+        self.states = {0: self.states[0]}
+        self.stats, self.last_tok, self.pair_all = [None] * n, [None] * (n + 1), [None] * max(n - 1, 0)
 
     def pair_scores(self) -> list[float]:
         if self.cfg.pair_score == "bi-all-tokens":
@@ -124,6 +153,20 @@ class _Profiler:
             self.pair_all[k] = None
         for k in [k for k in self.states if k > position]:
             del self.states[k]
+
+    def refit(self, k: int, group: list[int], inputs: str, features: str = "channels", layer: nn.Module | None = None):
+        """Refit current layer k's down projection to reproduce the dense output of `group`.
+
+        inputs="compressed": the states entering layer k in the current model (corrects the
+        error accumulated upstream); "dense": the dense model's states entering the group.
+        Returns the RefitResult; the caller decides what to write.
+        """
+        layer = layer if layer is not None else self.adapter.decoder_layers(self.model)[k]
+        x = self.inputs_at(k) if inputs == "compressed" else self.dense[group[0]]
+        train, hold = self.runner.collect_refit(layer, x, self.dense[group[-1] + 1], self.held_out, features)
+        self.forwards += 1
+        w0 = self.adapter.ffn_output_proj(layer).weight.detach()
+        return fit(train, hold, w0) if features == "channels" else fit_map(train, hold, w0)
 
 
 def _mean_angular_all(h_in: list[Tensor], h_out: list[Tensor]) -> float:
@@ -147,12 +190,95 @@ def eligible_pairs(groups: list[list[int]], cfg: CompressConfig) -> list[bool]:
     return out
 
 
-def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None = None, model_name: str = "") -> tuple[nn.Module, Plan]:
-    """Compress `model` in place with progressive concatenation merges; return it and its Plan.
+@dataclass
+class Choice:
+    """Which units a merge keeps from each side, and side A's share."""
 
-    `calib` ([nsamples, seqlen] token ids) overrides `cfg.calib` (tests, benchmarks).
-    """
-    t0 = time.perf_counter()
+    kv_a: list[int]
+    kv_b: list[int]
+    ffn_a: list[int]
+    ffn_b: list[int]
+    r_a: float
+
+
+def choose_units(a, b, stats_a: LayerStats, stats_b: LayerStats, shape, cfg: CompressConfig, n_original: int,
+                 r_a: float | None = None) -> Choice:
+    """The top units of each side; counts from the split rule, or from `r_a` when forced
+    (r_a = 1.0 keeps A whole: dropping B)."""
+    kv_sa, ffn_sa = unit_scores(stats_a, a, shape, cfg.head_score)
+    kv_sb, ffn_sb = unit_scores(stats_b, b, shape, cfg.head_score)
+    d_ff = a.down.shape[1]
+    if r_a is None and cfg.split == "joint":
+        n_kv, n_ffn = joint_split(kv_sa, kv_sb, shape.n_kv_heads), joint_split(ffn_sa, ffn_sb, d_ff)
+        r_a = n_ffn[0] / d_ff
+    else:
+        if r_a is None:
+            r_a = split_ratio(stats_a.bi, stats_b.bi, cfg.skew, cfg.min_max, n_original=n_original)
+        n_kv, n_ffn = split_counts(shape.n_kv_heads, r_a), split_counts(d_ff, r_a)
+    return Choice(top_units(kv_sa, n_kv[0]), top_units(kv_sb, n_kv[1]), top_units(ffn_sa, n_ffn[0]),
+                  top_units(ffn_sb, n_ffn[1]), r_a)
+
+
+def _read_pair(adapter: Adapter, model, k: int):
+    layers = adapter.decoder_layers(model)
+    return (adapter.read_layer(layers[k]).map(lambda t: t.double()),
+            adapter.read_layer(layers[k + 1]).map(lambda t: t.double()))
+
+
+def write_down_proj(adapter: Adapter, layer: nn.Module, weight: Tensor) -> None:
+    proj = adapter.ffn_output_proj(layer)
+    with torch.no_grad():
+        proj.weight.copy_(weight.to(proj.weight.dtype))
+
+
+class ErrorScores:
+    """`--pair-score error` (DECISION): a pair's cost is the held-out error, relative to the
+    dense stream, of its ACTUAL merged layer (refit if --refit ls) against the dense group's
+    output, on the dense group's input. Degenerate splits (all units of one side = drop the
+    other) compete, so come can only match or beat drop + refit on the same layers.
+    Dense inputs and targets make a pair's cost independent of merges elsewhere: only pairs
+    touching the newly merged layer are re-scored."""
+
+    def __init__(self, prof: Profiler, shape, cfg: CompressConfig):
+        self.prof, self.shape, self.cfg = prof, shape, cfg
+        self.cache: dict[tuple, tuple[float, Choice]] = {}
+
+    def scores(self, groups: list[list[int]], eligible: list[bool]) -> tuple[list[float], list[Choice | None]]:
+        out_s, out_c = [], []
+        todo = [k for k, ok in enumerate(eligible) if ok and self._key(groups, k) not in self.cache]
+        for k in tqdm(todo, desc="scoring pairs", leave=False, unit="pair"):
+            self.cache[self._key(groups, k)] = self._score(groups, k)
+        for k, ok in enumerate(eligible):
+            score, choice = self.cache[self._key(groups, k)] if ok else (math.inf, None)
+            out_s.append(score)
+            out_c.append(choice)
+        return out_s, out_c
+
+    @staticmethod
+    def _key(groups, k) -> tuple:
+        return tuple(groups[k]), tuple(groups[k + 1])
+
+    def _score(self, groups, k: int) -> tuple[float, Choice]:
+        prof, cfg = self.prof, self.cfg
+        a, b = _read_pair(prof.adapter, prof.model, k)
+        sa, sb = prof.stats[k], prof.stats[k + 1]
+        group = groups[k] + groups[k + 1]
+        scratch = copy.deepcopy(prof.adapter.decoder_layers(prof.model)[k])
+        best = None
+        for r_a in (None, 1.0, 0.0):
+            choice = choose_units(a, b, sa, sb, self.shape, cfg, len(group), r_a)
+            prof.adapter.write_layer(scratch, concat_merge(a, b, self.shape, choice.kv_a, choice.kv_b, choice.ffn_a,
+                                                           choice.ffn_b, choice.r_a, cfg.norm))
+            res = prof.refit(k, group, "dense", layer=scratch)
+            err = res.err_after if cfg.refit == "ls" else res.err_before
+            if best is None or err < best[0]:
+                best = (err, choice)
+        return best
+
+
+def prepare(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None, model_name: str, method: str,
+            keep_dense: bool):
+    """Shared set-up of every method: checks, calibration, embedding, the profiler, the Plan."""
     cfg.validate()
     adapter = get_adapter(model.config)
     n_layers = len(adapter.decoder_layers(model))
@@ -162,77 +288,100 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
         from .data import load_calibration
 
         calib = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    if keep_dense and math.ceil(calib.shape[0] / cfg.batch_size) < 2:
+        raise ComeError("the refit needs at least 2 calibration batches (one held out); "
+                        "raise --nsamples or lower --batch-size, or use --refit none")
     model.eval()
-    shape = adapter.attn_shape(model.config)
     runner = LayerRunner(model, adapter, device, torch.device("cpu"))
     first = runner.embed(list(calib.split(cfg.batch_size)))
     bytes_per_boundary = calib.numel() * model.config.hidden_size * first[0].element_size()
-    stride = max(1, math.ceil((n_layers + 1) * bytes_per_boundary / (cfg.max_cache_gb * 2**30)))
-    prof = _Profiler(model, adapter, runner, cfg, first, stride)
-    groups = [[i] for i in range(n_layers)]
-    plan = Plan(model=model_name, method="come", settings=cfg.to_dict(), num_layers_before=n_layers,
+    budget = cfg.max_cache_gb * 2**30 - (n_layers + 1) * bytes_per_boundary * keep_dense
+    stride = max(1, math.ceil((n_layers + 1) * bytes_per_boundary / max(budget, 1.0)))
+    prof = Profiler(model, adapter, runner, cfg, first, stride, keep_dense)
+    plan = Plan(model=model_name, method=method, settings=cfg.to_dict(), num_layers_before=n_layers,
                 params_before=total, target_sparsity=cfg.sparsity, calibration_tokens=calib.numel(),
                 versions=library_versions())
-    log.info("%s: %d layers, %.1fM params, %.2fM per layer -> %d merges for sparsity %.3f",
-             model_name or "model", n_layers, total / 1e6, per_layer / 1e6, n_merges, cfg.sparsity)
+    log.info("%s: %d layers, %.1fM params, %.2fM per layer -> %d layers to remove for sparsity %.3f (%s)",
+             model_name or "model", n_layers, total / 1e6, per_layer / 1e6, n_merges, cfg.sparsity, method)
+    return adapter, prof, plan, n_merges
+
+
+def finish(model: nn.Module, plan: Plan, prof: Profiler, groups: list[list[int]], t0: float) -> Plan:
+    plan.groups = groups
+    plan.num_layers_after = len(groups)
+    plan.params_after = count_params(model)
+    plan.achieved_sparsity = 1.0 - plan.params_after / plan.params_before
+    plan.layer_forwards = prof.forwards
+    plan.wall_time_s = time.perf_counter() - t0
+    log.info("done: %d -> %d layers, %.2fM -> %.2fM params (%.2f%% removed), %d layer-forwards, %.1fs",
+             plan.num_layers_before, plan.num_layers_after, plan.params_before / 1e6, plan.params_after / 1e6,
+             100 * plan.achieved_sparsity, plan.layer_forwards, plan.wall_time_s)
+    return plan
+
+
+def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None = None, model_name: str = "") -> tuple[nn.Module, Plan]:
+    """Compress `model` in place to `cfg.sparsity`; return it and its Plan.
+
+    `cfg.method` picks the operator: "come" (progressive concatenation merges) or a peer
+    from baselines.py on the same plumbing. `calib` ([nsamples, seqlen] token ids)
+    overrides `cfg.calib` (tests, benchmarks).
+    """
+    cfg.validate()
+    if cfg.method != "come":
+        from .baselines import compress_baseline
+
+        return compress_baseline(model, tokenizer, cfg, calib, model_name)
+    t0 = time.perf_counter()
+    keep_dense = cfg.refit == "ls" or cfg.pair_score == "error"
+    adapter, prof, plan, n_merges = prepare(model, tokenizer, cfg, calib, model_name, "come", keep_dense)
+    shape = adapter.attn_shape(model.config)
+    groups = [[i] for i in range(plan.num_layers_before)]
+    errors = ErrorScores(prof, shape, cfg) if cfg.pair_score == "error" else None
 
     for step in tqdm(range(n_merges), desc="merging", unit="merge"):
         prof.refresh()
-        scores = prof.pair_scores()
         eligible = eligible_pairs(groups, cfg)
         if not any(eligible):
             raise ComeError(f"target not reachable: no eligible pair left after {step} merges "
                             "(--no-repeat/--protect too strict); lower --sparsity")
+        scores, choices = errors.scores(groups, eligible) if errors else (prof.pair_scores(), None)
         k = choose_pair(scores, eligible)
+        ga, gb = groups[k], groups[k + 1]
+        a, b = _read_pair(adapter, model, k)
+        sa, sb = prof.stats[k], prof.stats[k + 1]
+        choice = choices[k] if choices else choose_units(a, b, sa, sb, shape, cfg, len(ga) + len(gb))
         params_before = count_params(model)
-        record = _merge_pair(model, adapter, shape, prof.stats[k], prof.stats[k + 1], k, groups, cfg)
-        record.step, record.pair_score, record.pair_scores = step, scores[k], scores
-        record.params_before, record.params_after = params_before, count_params(model)
-        plan.merges.append(record)
+        layers = adapter.decoder_layers(model)
+        adapter.write_layer(layers[k], concat_merge(a, b, shape, choice.kv_a, choice.kv_b, choice.ffn_a, choice.ffn_b,
+                                                    choice.r_a, cfg.norm))
+        adapter.keep_layers(model, [i for i in range(len(layers)) if i != k + 1])
+        groups[k:k + 2] = [ga + gb]
         prof.merged(k)
-        log.info("merge %d/%d: layers %d+%d (original %s + %s) -> kv %d+%d, ffn %d+%d, r_A=%.3f; params %.2fM -> %.2fM",
-                 step + 1, n_merges, k, k + 1, _span(record.group_a), _span(record.group_b), len(record.kv_a),
-                 len(record.kv_b), len(record.ffn_a), len(record.ffn_b), record.r_a, params_before / 1e6,
+        refit = None
+        if cfg.refit == "ls":
+            res = prof.refit(k, groups[k], cfg.refit_input)
+            if res.kept:
+                write_down_proj(adapter, adapter.decoder_layers(model)[k], res.weight)
+            refit = res.record()
+        record = MergeRecord(step=step, position=k, group_a=ga, group_b=gb, operator="concat", kv_a=choice.kv_a,
+                             kv_b=choice.kv_b, ffn_a=choice.ffn_a, ffn_b=choice.ffn_b, r_a=choice.r_a, bi_a=sa.bi,
+                             bi_b=sb.bi, pair_score=scores[k], pair_scores=scores, params_before=params_before,
+                             params_after=count_params(model), refit=refit)
+        plan.merges.append(record)
+        log.info("merge %d/%d: layers %d+%d (original %s + %s) -> kv %d+%d, ffn %d+%d, r_A=%.3f%s; params %.2fM -> %.2fM",
+                 step + 1, n_merges, k, k + 1, _span(ga), _span(gb), len(choice.kv_a), len(choice.kv_b),
+                 len(choice.ffn_a), len(choice.ffn_b), choice.r_a, _refit_note(refit), params_before / 1e6,
                  record.params_after / 1e6)
+    return model, finish(model, plan, prof, groups, t0)
 
-    plan.groups = groups
-    plan.num_layers_after = len(groups)
-    plan.params_after = count_params(model)
-    plan.achieved_sparsity = 1.0 - plan.params_after / total
-    plan.layer_forwards = prof.forwards
-    plan.wall_time_s = time.perf_counter() - t0
-    log.info("done: %d -> %d layers, %.2fM -> %.2fM params (%.2f%% removed), %d layer-forwards, %.1fs",
-             n_layers, plan.num_layers_after, total / 1e6, plan.params_after / 1e6, 100 * plan.achieved_sparsity,
-             plan.layer_forwards, plan.wall_time_s)
-    return model, plan
+
+def _refit_note(refit: dict | None) -> str:
+    if refit is None:
+        return ""
+    if not refit["kept"]:
+        return f"; refit vetoed (held-out err {refit['heldout_err_before']:.4f})"
+    return f"; refit lam={refit['lam']:g} held-out err {refit['heldout_err_before']:.4f} -> {refit['heldout_err_after']:.4f}"
 
 
 def _span(group: list[int]) -> str:
     return str(group[0]) if len(group) == 1 else f"{group[0]}-{group[-1]}"
-
-
-def _merge_pair(model, adapter: Adapter, shape, stats_a: LayerStats, stats_b: LayerStats, k: int,
-                groups: list[list[int]], cfg: CompressConfig) -> MergeRecord:
-    """Concatenation-merge current layers k and k+1 into layer k; remove k+1."""
-    layers = adapter.decoder_layers(model)
-    a = adapter.read_layer(layers[k]).map(lambda t: t.double())
-    b = adapter.read_layer(layers[k + 1]).map(lambda t: t.double())
-    kv_sa, ffn_sa = unit_scores(stats_a, a, shape, cfg.head_score)
-    kv_sb, ffn_sb = unit_scores(stats_b, b, shape, cfg.head_score)
-    ga, gb = groups[k], groups[k + 1]
-    r_a = split_ratio(stats_a.bi, stats_b.bi, cfg.skew, cfg.min_max, n_original=len(ga) + len(gb))
-    if cfg.split == "joint":
-        n_kv = joint_split(kv_sa, kv_sb, shape.n_kv_heads)
-        n_ffn = joint_split(ffn_sa, ffn_sb, a.down.shape[1])
-    else:
-        n_kv = split_counts(shape.n_kv_heads, r_a)
-        n_ffn = split_counts(a.down.shape[1], r_a)
-    kv_a, kv_b = top_units(kv_sa, n_kv[0]), top_units(kv_sb, n_kv[1])
-    ffn_a, ffn_b = top_units(ffn_sa, n_ffn[0]), top_units(ffn_sb, n_ffn[1])
-    merged = concat_merge(a, b, shape, kv_a, kv_b, ffn_a, ffn_b, r_a, cfg.norm)
-    adapter.write_layer(layers[k], merged)
-    adapter.keep_layers(model, [i for i in range(len(layers)) if i != k + 1])
-    groups[k:k + 2] = [ga + gb]
-    return MergeRecord(step=0, position=k, group_a=ga, group_b=gb, operator="concat", kv_a=kv_a, kv_b=kv_b,
-                       ffn_a=ffn_a, ffn_b=ffn_b, r_a=r_a, bi_a=stats_a.bi, bi_b=stats_b.bi, pair_score=0.0,
-                       pair_scores=[], params_before=0, params_after=0)

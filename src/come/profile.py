@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import Adapter
+from .refit import NormalEquations
 
 
 @dataclass
@@ -139,3 +140,35 @@ class LayerRunner:
             bi=1.0 - acc["cos"] / n,
         )
         return outputs, stats
+
+    @torch.no_grad()
+    def collect_refit(self, layer: nn.Module, inputs: list[Tensor], targets: list[Tensor], held_out: list[bool],
+                      features: str = "channels") -> tuple[NormalEquations, NormalEquations]:
+        """Least-squares statistics for refitting `layer`'s down projection so that its output
+        on `inputs` matches `targets` (the original group's output), split train / held-out.
+
+        features="channels": the FFN activations feeding down_proj (our refit);
+        features="mlp_out": the FFN output itself (ReplaceMe's hidden x hidden map).
+        """
+        down = self.adapter.ffn_output_proj(layer)
+        seen: dict[str, Tensor] = {}
+        hooks = [self.adapter.ffn_norm(layer).register_forward_pre_hook(lambda _m, a: seen.__setitem__("x1", a[0]))]
+        if features == "channels":
+            hooks.append(down.register_forward_pre_hook(lambda _m, a: seen.__setitem__("f", a[0])))
+        else:
+            hooks.append(down.register_forward_hook(lambda _m, _a, out: seen.__setitem__("f", out)))
+        n_f = down.in_features if features == "channels" else down.out_features
+        eqs = (NormalEquations.empty(n_f, down.out_features), NormalEquations.empty(n_f, down.out_features))
+        try:
+            with _on(layer, self.device):
+                for h, y, kw, hold in zip(inputs, targets, self.layer_kwargs, held_out):
+                    layer(h.to(self.device), **kw)
+                    y = y.to(self.device)
+                    target = y - seen["x1"]
+                    if features == "channels" and down.bias is not None:
+                        target = target - down.bias
+                    eqs[int(hold)].add(seen["f"], target, y)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        return eqs

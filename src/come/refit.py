@@ -1,0 +1,122 @@
+"""Closed-form least-squares refit of an output projection (method.md section 3b).
+
+A merged (or kept) layer M stands for an original group G. With x1 the stream after M's
+attention and F the features feeding the projection (FFN channels Z for our refit; the
+MLP output for ReplaceMe's hidden x hidden map), we solve
+
+    min_W ||F W^T - T||^2 + lam * mean(diag(F^T F)) * ||W - W0||^2,   T = y - x1,
+
+y being the ORIGINAL hidden states at the end of G. Only F^T F, F^T T and ||T||^2 are
+accumulated (float64, batch by batch), so memory is O(features^2), not O(tokens).
+A held-out slice of the calibration picks lam and vetoes a refit that does not help.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import ComeError
+
+LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+MIN_TOKENS = 32
+
+
+@dataclass
+class NormalEquations:
+    """Sufficient statistics of a least-squares problem F W^T ~ T."""
+
+    ff: Tensor  # [f, f]  F^T F
+    ft: Tensor  # [f, d]  F^T T
+    tt: float  # ||T||^2
+    yy: float  # ||y||^2 (for errors relative to the target stream)
+    n: int  # rows (tokens)
+
+    @classmethod
+    def empty(cls, n_features: int, n_out: int) -> "NormalEquations":
+        return cls(torch.zeros(n_features, n_features, dtype=torch.float64),
+                   torch.zeros(n_features, n_out, dtype=torch.float64), 0.0, 0.0, 0)
+
+    def add(self, feats: Tensor, target: Tensor, y: Tensor) -> None:
+        """Accumulate one batch: feats [.., f], target [.., d], y [.., d] (any leading dims)."""
+        # per-batch products in float32 (fast; a batch is a few thousand rows), sums in float64
+        f = feats.reshape(-1, feats.shape[-1]).float()
+        t = target.reshape(-1, target.shape[-1]).float()
+        if not (torch.isfinite(f).all() and torch.isfinite(t).all()):
+            raise ComeError("non-finite activations while accumulating the refit; "
+                            "use --dtype fp32 or --refit none")
+        self.ff += (f.T @ f).to(self.ff.device, torch.float64)
+        self.ft += (f.T @ t).to(self.ft.device, torch.float64)
+        self.tt += float(t.double().pow(2).sum())
+        self.yy += float(y.double().pow(2).sum())
+        self.n += f.shape[0]
+
+    def __add__(self, other: "NormalEquations") -> "NormalEquations":
+        return NormalEquations(self.ff + other.ff, self.ft + other.ft, self.tt + other.tt, self.yy + other.yy,
+                               self.n + other.n)
+
+
+def ridge_solve(eq: NormalEquations, w0: Tensor, lam: float) -> Tensor:
+    """argmin_W ||F W^T - T||^2 + lam' ||W - W0||^2 with lam' = lam * mean(diag(F^T F)).
+
+    Scaling lam by the mean feature energy makes one grid serve every layer and model.
+    """
+    w0 = w0.double()
+    scale = lam * float(eq.ff.diagonal().mean().clamp_min(1e-12))
+    a = eq.ff + scale * torch.eye(eq.ff.shape[0], dtype=torch.float64)
+    b = eq.ft + scale * w0.T
+    chol, info = torch.linalg.cholesky_ex(a)
+    sol = torch.cholesky_solve(b, chol) if int(info) == 0 else torch.linalg.lstsq(a, b).solution
+    return sol.T
+
+
+def sq_error(eq: NormalEquations, w: Tensor) -> float:
+    """||F W^T - T||^2 from the statistics alone: tr(W FF W^T) - 2 tr(W FT) + ||T||^2."""
+    w = w.double()
+    return float((w @ eq.ff * w).sum() - 2 * (w * eq.ft.T).sum() + eq.tt)
+
+
+@dataclass
+class RefitResult:
+    weight: Tensor  # the weight to write (W0 when the refit was vetoed)
+    kept: bool
+    lam: float | None
+    err_before: float  # held-out squared error / ||y||^2 with W0
+    err_after: float  # the same with the chosen weight
+    seconds: float
+    tokens: int
+
+    def record(self) -> dict:
+        return {"kept": self.kept, "lam": self.lam, "heldout_err_before": self.err_before,
+                "heldout_err_after": self.err_after, "seconds": round(self.seconds, 3), "tokens": self.tokens}
+
+
+def fit(train: NormalEquations, hold: NormalEquations, w0: Tensor, lambdas=LAMBDAS) -> RefitResult:
+    """Pick lam on held-out error, keep the refit only if it beats W0 there, then solve on
+    all calibration tokens with that lam. The result never raises held-out error."""
+    t0 = time.perf_counter()
+    if train.n < MIN_TOKENS or hold.n < 1:
+        raise ComeError(f"refit needs at least {MIN_TOKENS} training and 1 held-out calibration tokens "
+                        f"(got {train.n} and {hold.n}); raise --nsamples or use --refit none")
+    norm = max(hold.yy, 1e-30)
+    before = sq_error(hold, w0) / norm
+    best_lam, best_err = None, before
+    for lam in lambdas:
+        err = sq_error(hold, ridge_solve(train, w0, lam)) / norm
+        if err < best_err:
+            best_lam, best_err = lam, err
+    if best_lam is None:
+        return RefitResult(w0, False, None, before, before, time.perf_counter() - t0, train.n + hold.n)
+    weight = ridge_solve(train + hold, w0, best_lam)
+    return RefitResult(weight, True, best_lam, before, best_err, time.perf_counter() - t0, train.n + hold.n)
+
+
+def fit_map(train: NormalEquations, hold: NormalEquations, w0: Tensor, lambdas=LAMBDAS) -> RefitResult:
+    """ReplaceMe: statistics over the MLP output m = Z W0^T; fit a hidden x hidden map M
+    (ridge towards identity) with m M^T ~ T, then fold it: Z (M W0)^T = m M^T."""
+    res = fit(train, hold, torch.eye(w0.shape[0], dtype=torch.float64), lambdas)
+    res.weight = res.weight.double() @ w0.double()
+    return res
