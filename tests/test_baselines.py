@@ -68,3 +68,24 @@ def test_replaceme_drops_a_layer_that_writes_nothing_without_change(tokenizer):
     ids = calib[:2]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_rdsc_and_average_operators(tokenizer):
+    """On two single layers LaCo's RDSC is theta_A + (theta_B - theta_A) = theta_B exactly;
+    averaging gives the mean of every tensor."""
+    from come.merge import rdsc_coefficients
+
+    assert rdsc_coefficients(3) == [-1.0, 1.0, 1.0]
+    dense = tiny_model("llama")
+    calib = token_windows(corpus(), tokenizer, 16, 32, seed=0)
+    for method in ("laco", "average"):
+        model, plan = compress(copy.deepcopy(dense), tokenizer,
+                               CompressConfig(method=method, sparsity=0.12, device="cpu"), calib=calib)
+        m = plan.merges[0]
+        assert m.operator == {"laco": "rdsc", "average": "average"}[method]
+        a, b = dense.model.layers[m.group_a[0]], dense.model.layers[m.group_b[0]]
+        got = model.model.layers[m.position].mlp.up_proj.weight
+        want = b.mlp.up_proj.weight if method == "laco" else (a.mlp.up_proj.weight + b.mlp.up_proj.weight) / 2
+        torch.testing.assert_close(got, want)
+    w = [torch.ones(2), 2 * torch.ones(2), 4 * torch.ones(2)]
+    assert torch.equal(sum(c * t for c, t in zip(rdsc_coefficients(3), w)), 5 * torch.ones(2))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -95,23 +97,29 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def save_checkpoint(model, tokenizer, plan: Plan | None, out: str | Path, overwrite: bool = False) -> Path:
-    """Write model (safetensors) + config + tokenizer + come_plan.json to `out`, atomically:
-    everything goes to a temporary sibling directory that is renamed at the end, so an
-    interrupted run leaves no half-written checkpoint."""
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out` to fill; it is renamed to `out` only when the block
+    ends without error, so an interrupted run leaves no half-written directory."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if plan is not None:
-            plan.save(tmp)
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def save_checkpoint(model, tokenizer, plan: Plan | None, out: str | Path, overwrite: bool = False) -> Path:
+    """Write model (safetensors) + config + tokenizer + come_plan.json to `out`, atomically."""
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            plan.save(tmp)
+    return Path(out)

@@ -9,7 +9,7 @@ from .errors import ComeError
 
 PairScore = Literal["angular", "bi-all-tokens", "error"]
 Split = Literal["bi", "joint"]
-Method = Literal["come", "shortgpt", "replaceme"]
+Method = Literal["come", "shortgpt", "replaceme", "laco", "average"]
 Refit = Literal["ls", "none"]
 RefitInput = Literal["dense", "compressed"]
 Select = Literal["angle", "bi"]
@@ -57,6 +57,9 @@ class CompressConfig:
             raise ComeError("--head-score must be channel or exact")
         if self.batch_size < 1:
             raise ComeError("--batch-size must be >= 1")
+        if self.pair_score == "error" and self.method in ("laco", "average"):
+            raise ComeError("--pair-score error scores concatenation merges; use angular or bi-all-tokens with "
+                            f"--method {self.method}")
         if not 0.0 < self.refit_holdout < 1.0:
             raise ComeError(f"--refit-holdout must be in (0, 1), got {self.refit_holdout}")
         if not 0.0 <= self.min_max < 1.0:

@@ -99,3 +99,19 @@ def concat_merge(
         o_bias=_mix(a.o_bias, b.o_bias, r_a), down_bias=_mix(a.down_bias, b.down_bias, r_a),
         q_norm=_mix(a.q_norm, b.q_norm, r_a), k_norm=_mix(a.k_norm, b.k_norm, r_a),
     )
+
+
+def linear_combination(layers: list[LayerWeights], coeffs: list[float]) -> LayerWeights:
+    """sum_i c_i W_i over every tensor (norms and biases included): the weight-space
+    merges the paper argues against (LaCo's RDSC, plain averaging)."""
+    first = layers[0]
+    return replace(first, **{
+        name: sum(c * getattr(w, name) for c, w in zip(coeffs, layers))
+        for name in first.__dataclass_fields__ if getattr(first, name) is not None
+    })
+
+
+def rdsc_coefficients(n_layers: int) -> list[float]:
+    """LaCo's Reserving-Differences-while-Seeking-Common: theta_0 + sum_{i>0} (theta_i - theta_0)
+    = (1 - m) theta_0 + sum_{i>0} theta_i for a group of m+1 original layers."""
+    return [1.0 - (n_layers - 1)] + [1.0] * (n_layers - 1)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, get_adapter
 from .config import CompressConfig
 from .errors import ComeError
-from .merge import concat_merge
+from .merge import concat_merge, linear_combination, rdsc_coefficients
 from .plan import MergeRecord, Plan, library_versions
 from .profile import LayerRunner, LayerStats
 from .refit import fit, fit_map
@@ -28,6 +28,8 @@ from .selection import choose_pair, joint_split, skip_scores, split_counts, spli
 from .sensitivity import channel_sensitivity, exact_head_sensitivity, head_sensitivity, kv_group_sensitivity, top_units
 
 log = logging.getLogger("come")
+
+OPERATORS = {"come": "concat", "laco": "rdsc", "average": "average"}
 
 
 def count_params(module: nn.Module) -> int:
@@ -327,15 +329,17 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
     overrides `cfg.calib` (tests, benchmarks).
     """
     cfg.validate()
-    if cfg.method != "come":
+    if cfg.method in ("shortgpt", "replaceme"):
         from .baselines import compress_baseline
 
         return compress_baseline(model, tokenizer, cfg, calib, model_name)
     t0 = time.perf_counter()
     keep_dense = cfg.refit == "ls" or cfg.pair_score == "error"
-    adapter, prof, plan, n_merges = prepare(model, tokenizer, cfg, calib, model_name, "come", keep_dense)
+    adapter, prof, plan, n_merges = prepare(model, tokenizer, cfg, calib, model_name, cfg.method, keep_dense)
     shape = adapter.attn_shape(model.config)
     groups = [[i] for i in range(plan.num_layers_before)]
+    originals = ([adapter.read_layer(layer) for layer in adapter.decoder_layers(model)]
+                 if cfg.method == "laco" else None)
     errors = ErrorScores(prof, shape, cfg) if cfg.pair_score == "error" else None
 
     for step in tqdm(range(n_merges), desc="merging", unit="merge"):
@@ -349,11 +353,20 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
         ga, gb = groups[k], groups[k + 1]
         a, b = _read_pair(adapter, model, k)
         sa, sb = prof.stats[k], prof.stats[k + 1]
-        choice = choices[k] if choices else choose_units(a, b, sa, sb, shape, cfg, len(ga) + len(gb))
+        if cfg.method != "come":  # weight-space operators keep no units
+            choice = Choice([], [], [], [], 0.5)
+        else:
+            choice = choices[k] if choices else choose_units(a, b, sa, sb, shape, cfg, len(ga) + len(gb))
         params_before = count_params(model)
         layers = adapter.decoder_layers(model)
-        adapter.write_layer(layers[k], concat_merge(a, b, shape, choice.kv_a, choice.kv_b, choice.ffn_a, choice.ffn_b,
-                                                    choice.r_a, cfg.norm))
+        if cfg.method == "come":
+            merged = concat_merge(a, b, shape, choice.kv_a, choice.kv_b, choice.ffn_a, choice.ffn_b, choice.r_a, cfg.norm)
+        elif cfg.method == "laco":
+            merged = linear_combination([originals[i].map(torch.Tensor.double) for i in ga + gb],
+                                        rdsc_coefficients(len(ga + gb)))
+        else:
+            merged = linear_combination([a, b], [0.5, 0.5])
+        adapter.write_layer(layers[k], merged)
         adapter.keep_layers(model, [i for i in range(len(layers)) if i != k + 1])
         groups[k:k + 2] = [ga + gb]
         prof.merged(k)
@@ -363,7 +376,7 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
             if res.kept:
                 write_down_proj(adapter, adapter.decoder_layers(model)[k], res.weight)
             refit = res.record()
-        record = MergeRecord(step=step, position=k, group_a=ga, group_b=gb, operator="concat", kv_a=choice.kv_a,
+        record = MergeRecord(step=step, position=k, group_a=ga, group_b=gb, operator=OPERATORS[cfg.method], kv_a=choice.kv_a,
                              kv_b=choice.kv_b, ffn_a=choice.ffn_a, ffn_b=choice.ffn_b, r_a=choice.r_a, bi_a=sa.bi,
                              bi_b=sb.bi, pair_score=scores[k], pair_scores=scores, params_before=params_before,
                              params_after=count_params(model), refit=refit)
