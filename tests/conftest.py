@@ -74,6 +74,15 @@ def family(request):
 
 
 @pytest.fixture
+def model_dir(tmp_path, tokenizer) -> Path:
+    """A tiny random model saved as a local HF directory, with the in-process tokenizer."""
+    path = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
 def text_file(tmp_path) -> Path:
     path = tmp_path / "calib.txt"
     path.write_text(corpus())

@@ -5,24 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import transformers
 from typer.testing import CliRunner
 
 from come.cli import app
 from come.plan import PLAN_FILE
 
-from conftest import tiny_model
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def model_dir(tmp_path, tokenizer) -> Path:
-    path = tmp_path / "dense"
-    tiny_model("qwen2").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _run(*args):

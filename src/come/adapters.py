@@ -101,6 +101,10 @@ class Adapter:
         backbone = _backbone(model)
         return [m for m in (backbone.embed_tokens, getattr(backbone, "rotary_emb", None)) if m is not None]
 
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The decoder stack without the LM head (distillation runs it, then the head in chunks)."""
+        return _backbone(model)
+
     def final_norm(self, model: nn.Module) -> nn.Module:
         return _backbone(model).norm
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
 from torch import Tensor, nn
 
 from .config import CompressConfig

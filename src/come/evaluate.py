@@ -1,14 +1,34 @@
-"""Evaluation: perplexity by the pruning papers' protocol (+ lm-eval tasks, retention)."""
+"""Evaluation: perplexity by the pruning papers' protocol, lm-eval zero-shot tasks, retention.
+
+`evaluate()` returns (and `come eval --out` writes) one dict:
+`{"tasks": {task: {"acc", "acc_norm", "n", "split", "usual_split"}}, "average": float | None,
+"perplexity": float | None, "settings": {...}}`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import ComeError
+from .tasks import DEFAULT_TASKS, SOURCES, hf_offline, resolve_split, run_tasks
+
+log = logging.getLogger(__name__)
+
+AVERAGE_METRIC = {
+    "arc_challenge": "acc_norm", "arc_easy": "acc_norm", "hellaswag": "acc_norm", "openbookqa": "acc_norm",
+    "piqa": "acc_norm", "boolq": "acc", "winogrande": "acc",
+}
+PPL_SETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test")}
+BOOLQ = SOURCES["boolq"].data + "/validation"
 
 
 def eval_windows(text: str, tokenizer, seqlen: int) -> Tensor:
@@ -22,13 +42,16 @@ def eval_windows(text: str, tokenizer, seqlen: int) -> Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: str | torch.device = "cpu") -> float:
+def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 1, device: str | torch.device | None = None) -> float:
     """exp(token-weighted mean NLL) over all next-token predictions in `windows`.
 
     Each window is scored independently (no context carried across windows); every
     window contributes seqlen-1 predictions, so the mean is exact, not a mean of means.
+    Runs on `device` (default: where the model is). One window per forward by default:
+    the full-vocabulary fp32 logits are the memory peak.
     """
     model.eval()
+    device = device or next(model.parameters()).device
     nll, count = 0.0, 0
     for batch in tqdm(windows.split(batch_size), desc="perplexity", leave=False, unit="batch"):
         batch = batch.to(device)
@@ -37,3 +60,120 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, device: s
         nll += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         count += target.numel()
     return math.exp(nll / count)
+
+
+def _boolq_dir(task_data: str | Path | None) -> Path:
+    path = Path(task_data or ".") / BOOLQ
+    if task_data is None or not path.is_dir():
+        raise ComeError(f"--ppl-data boolq-passages needs --task-data with {BOOLQ}; looked for {path}")
+    return path
+
+
+def boolq_passages(task_data: str | Path | None) -> str:
+    """The unique BoolQ validation passages, in order, joined by blank lines: Wikipedia
+    prose of about WikiText-2 test's size, a stand-in when WikiText is unreachable."""
+    import datasets
+
+    return "\n\n".join(dict.fromkeys(datasets.load_from_disk(str(_boolq_dir(task_data)))["passage"]))
+
+
+def ppl_text(source: str, task_data: str | Path | None = None) -> str:
+    """Perplexity text: `wikitext2` (its TEST split, joined as in the papers), `boolq-passages`
+    (from the task-data dir), or a local .txt/.jsonl file."""
+    from .data import read_text
+
+    if source == "boolq-passages":
+        return boolq_passages(task_data)
+    if source in PPL_SETS and not Path(source).exists():
+        import datasets
+
+        path, config, split = PPL_SETS[source]
+        try:
+            return "\n\n".join(datasets.load_dataset(path, config, split=split)["text"])
+        except Exception as exc:  # network / hub errors surface as many types
+            raise ComeError(f"could not load {source!r} ({type(exc).__name__}); offline? use --ppl-data "
+                            "boolq-passages or a local text file") from exc
+    return read_text(source)
+
+
+def check_inputs(tasks: Sequence[str], task_data: str | Path | None, ppl_data: str | None,
+                 limit: int | None = None, seqlen: int = 2048, batch_size: int = 8,
+                 ppl_windows: int | None = None) -> None:
+    """Fail fast, before any weights load: numbers in range, every task's local data and the
+    perplexity file present."""
+    if seqlen < 2 or batch_size < 1 or min(limit or 1, ppl_windows or 1) < 1:
+        raise ComeError(f"need --seqlen >= 2, --batch-size >= 1, --limit and --ppl-windows >= 1 "
+                        f"(got {seqlen}, {batch_size}, {limit}, {ppl_windows})")
+    if task_data is not None:
+        if not Path(task_data).is_dir():
+            raise ComeError(f"--task-data {task_data} is not a directory")
+        for task in tasks:
+            resolve_split(task, task_data)
+    if ppl_data == "boolq-passages":
+        _boolq_dir(task_data)
+    if ppl_data not in (None, "boolq-passages", *PPL_SETS) and not Path(ppl_data).is_file():
+        raise ComeError(f"--ppl-data {ppl_data!r}: not a file and not one of wikitext2, boolq-passages, none")
+
+
+def average(tasks: dict[str, dict]) -> float | None:
+    """Paper-style mean over the tasks run: acc_norm (length-normalised log-likelihood, the
+    fair score when answers are several tokens of different lengths) for arc_challenge,
+    arc_easy, hellaswag, openbookqa and piqa; acc for boolq (one-word yes/no answers) and
+    winogrande (the harness scores one shared continuation, so it has no acc_norm). Any
+    other task counts with acc."""
+    values = []
+    for task, r in tasks.items():
+        value = r.get(AVERAGE_METRIC.get(task, "acc"))
+        value = r.get("acc") if value is None else value
+        if value is not None:
+            values.append(value)
+    return sum(values) / len(values) if values else None
+
+
+def evaluate(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, task_data: str | Path | None = None,
+             limit: int | None = None, ppl_data: str | None = "wikitext2", seqlen: int = 2048,
+             batch_size: int = 8, ppl_windows: int | None = None) -> dict:
+    """Zero-shot `tasks` (lm-eval, offline from `task_data` when given) and perplexity on
+    `ppl_data` (None or "none": skipped) of a loaded model, on the device it is on.
+
+    `limit`: the first N documents of each task; `ppl_windows`: the first N perplexity windows
+    (default all: the papers' protocol; a cap keeps CPU runs short). Returns the dict in this module's
+    docstring; "average" is over the tasks run, with AVERAGE_METRIC's metric per task.
+    """
+    start = time.perf_counter()
+    tasks, ppl_data = list(tasks), None if ppl_data == "none" else ppl_data
+    check_inputs(tasks, task_data, ppl_data, limit, seqlen, batch_size, ppl_windows)
+    with hf_offline() if task_data else contextlib.nullcontext():
+        windows = eval_windows(ppl_text(ppl_data, task_data), tokenizer, seqlen)[:ppl_windows] if ppl_data else None
+        scores = run_tasks(model, tokenizer, tasks, task_data, limit, batch_size) if tasks else {}
+    ppl = perplexity(model, windows) if windows is not None else None
+    return {
+        "tasks": scores,
+        "average": average(scores),
+        "perplexity": ppl,
+        "settings": {"limit": limit, "ppl_data": ppl_data, "seqlen": seqlen, "ppl_windows": ppl_windows,
+                     "ppl_tokens": windows.numel() if windows is not None else 0,
+                     "task_data": str(task_data) if task_data else None,
+                     "wall_time_s": round(time.perf_counter() - start, 1)},
+    }
+
+
+def retention(results: dict, dense: dict) -> dict:
+    """Each metric as % of the dense model's (perplexity too: there, above 100 is worse).
+    Warns when the two runs did not see the same documents or text."""
+    def pct(a, b):
+        return None if a is None or not b else 100.0 * a / b
+
+    for key in ("limit", "ppl_data", "seqlen", "ppl_windows"):
+        if results.get("settings", {}).get(key) != dense.get("settings", {}).get(key):
+            log.warning("baseline was run with a different %s; retention compares unlike runs", key)
+    tasks = {}
+    for task, r in results["tasks"].items():
+        d = dense["tasks"].get(task)
+        if d is None:
+            continue
+        if d["n"] != r["n"]:
+            log.warning("%s: baseline scored %d documents, this model %d", task, d["n"], r["n"])
+        tasks[task] = {m: pct(r[m], d[m]) for m in ("acc", "acc_norm")}
+    return {"tasks": tasks, "average": pct(results["average"], dense["average"]),
+            "perplexity": pct(results["perplexity"], dense["perplexity"])}

@@ -1,0 +1,489 @@
+"""Hierarchical distillation (method.md section 5): the compressed model recovers by
+imitating the original one, layer group by layer group.
+
+The Plan says which contiguous original layers G_k each student layer k stands for, so
+the teacher's hidden state at the end of G_k is the target of the student's layer k.
+- sp (CoMe-sp): one student forward, all trainable layers at once, loss =
+  KL(teacher || student) on the final logits + lambda * sum of the layer losses at the
+  correspondence points after the first trainable layer (the last point IS the final
+  logits, so it is not counted twice).
+- mp (CoMe-mp): per batch the teacher runs once and its activations are streamed: each
+  trainable layer alone maps the teacher's input of G_k to the teacher's output of G_k,
+  with its own backward, so activation memory is one layer's.
+The layer loss is a KL through the (frozen) final norm + LM head (default) or a
+normalized MSE on hidden states. KL is computed in fp32, chunk by chunk over tokens,
+each chunk under activation checkpointing, so full-vocabulary logits never exist for
+more than one chunk (torchtune's chunked forward KL, one step further).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, get_adapter
+from .errors import ComeError
+from .plan import Plan
+
+log = logging.getLogger("come")
+
+Mode = Literal["sp", "mp"]
+LayerLoss = Literal["kl", "mse"]
+Train = Literal["merged", "all"]
+Precision = Literal["auto", "bf16", "fp32"]
+LOG_FILE = "distill_log.json"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class DistillConfig:
+    """Settings of `come distill` (shared by the CLI and the Python API, saved in distill_log.json)."""
+
+    mode: Mode = "sp"
+    data: str = "wikitext2"  # named dataset or local .txt/.jsonl: training text
+    eval_data: str | None = None  # held-out text; None: the last eval_windows windows of `data`, never trained on
+    eval_windows: int = 16
+    steps: int | None = None  # optimizer steps; None: derived from `tokens`
+    tokens: int = 20_000_000  # training tokens (all processes together) when `steps` is None
+    seqlen: int = 2048
+    batch_size: int = 4  # windows per micro-batch and process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: float = 0.03  # share of the steps spent in linear warmup before the cosine decay
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # per trainable layer in mp (layers stay independent), global in sp
+    temperature: float = 1.0
+    layer_loss: LayerLoss = "kl"
+    layer_weight: float = 1.0  # lambda
+    train: Train = "merged"  # merged layers (groups of > 1 original layer) or every decoder layer
+    kl_chunk: int = 2048  # tokens per KL chunk
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    dtype: Precision = "auto"  # compute precision: auto = bf16 autocast on CUDA, fp32 on CPU
+    save_every: int = 0  # checkpoint every N steps into checkpoint_dir (0: never)
+    eval_every: int = 0  # held-out KL / perplexity every N steps (always at the start and the end)
+    checkpoint_dir: str | None = None
+    resume: bool = False  # continue from the latest checkpoint in checkpoint_dir
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name, lit in {"mode": Mode, "layer_loss": LayerLoss, "train": Train, "dtype": Precision}.items():
+            if getattr(self, name) not in lit.__args__:
+                raise ComeError(f"--{name.replace('_', '-')} must be one of {', '.join(lit.__args__)}, "
+                                f"got {getattr(self, name)!r}")
+        ints = {"seqlen": 2, "batch_size": 1, "grad_accum": 1, "eval_windows": 1, "kl_chunk": 1, "tokens": 1}
+        for name, low in ints.items():
+            if getattr(self, name) < low:
+                raise ComeError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ComeError(f"--steps must be >= 1, got {self.steps}")
+        if self.lr <= 0 or self.temperature <= 0 or self.max_grad_norm <= 0 or self.layer_weight < 0:
+            raise ComeError("--lr, --temperature and the gradient clip must be > 0, --layer-weight >= 0")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ComeError(f"--warmup is a share of the steps in [0, 1), got {self.warmup}")
+        if self.save_every < 0 or self.eval_every < 0:
+            raise ComeError("--save-every and --eval-every must be >= 0")
+        if (self.save_every or self.resume) and not self.checkpoint_dir:
+            raise ComeError("checkpoints (--save-every, --resume) need a checkpoint directory")
+
+    def total_steps(self, processes: int) -> int:
+        return self.steps or math.ceil(self.tokens / (self.batch_size * self.grad_accum * processes * self.seqlen))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_pair(teacher_config, student_config, plan: Plan) -> None:
+    """Teacher, student and Plan must describe one compression: checked on configs, so the
+    CLI can refuse before any weight is loaded."""
+    get_adapter(student_config)
+    for key in ("model_type", "hidden_size", "vocab_size"):
+        t, s = getattr(teacher_config, key, None), getattr(student_config, key, None)
+        if t != s:
+            raise ComeError(f"teacher {key} {t} != student {key} {s}: "
+                            "--teacher must be the model the student was compressed from")
+    groups, n_t, n_s = plan.groups, teacher_config.num_hidden_layers, student_config.num_hidden_layers
+    if len(groups) != n_s or [i for g in groups for i in g] != list(range(n_t)):
+        raise ComeError(f"the Plan's groups {groups} do not map the student's {n_s} layers onto the teacher's {n_t} "
+                        "contiguous layers: wrong --plan or --teacher")
+
+
+def check_tokenizers(teacher_tokenizer, student_tokenizer) -> None:
+    """Distilling logits needs one vocabulary: same token ids for the same strings."""
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise ComeError("teacher and student tokenizers differ: --teacher must be the model the student was compressed from")
+
+
+# ---- losses ----------------------------------------------------------------------------------
+
+def _chunk_terms(head_t: nn.Module, head_s: nn.Module, temperature: float, h_t: Tensor, h_s: Tensor,
+                 targets: Tensor | None) -> Tensor:
+    """[sum of KL(teacher || student), sum of the student's NLL on `targets`] over one chunk, in fp32."""
+    with torch.no_grad():
+        log_t = F.log_softmax(head_t(h_t).float() / temperature, dim=-1)
+    logits_s = head_s(h_s).float()
+    kl = F.kl_div(F.log_softmax(logits_s / temperature, dim=-1), log_t, log_target=True, reduction="sum")
+    nll = F.cross_entropy(logits_s, targets, reduction="sum", ignore_index=-100) if targets is not None else kl.new_zeros(())
+    return torch.stack([kl, nll])
+
+
+def head_terms(head_t: nn.Module, head_s: nn.Module, h_t: Tensor, h_s: Tensor, temperature: float = 1.0,
+               chunk: int = 2048, targets: Tensor | None = None) -> Tensor:
+    """[KL sum, NLL sum] of the two heads' distributions on hidden states [..., hidden].
+
+    Chunked over tokens; with gradients each chunk is checkpointed (logits recomputed in
+    backward), so one chunk of full-vocabulary logits is the memory peak."""
+    fn = partial(_chunk_terms, head_t, head_s, temperature)
+    h_t, h_s = h_t.flatten(0, -2), h_s.flatten(0, -2)
+    flat_targets = targets.flatten() if targets is not None else None
+    total = h_s.new_zeros(2, dtype=torch.float32)
+    for start in range(0, h_s.shape[0], chunk):
+        part = slice(start, start + chunk)
+        args = (h_t[part], h_s[part], flat_targets[part] if flat_targets is not None else None)
+        total = total + (checkpoint(fn, *args, use_reentrant=False) if h_s.requires_grad else fn(*args))
+    return total
+
+
+def normalized_mse(h_t: Tensor, h_s: Tensor) -> Tensor:
+    """||h_s - h_t||^2 / ||h_t||^2 in fp32: scale-free across layers whose norms grow with depth."""
+    h_t, h_s = h_t.float(), h_s.float()
+    return (h_s - h_t).pow(2).sum() / h_t.pow(2).sum().clamp_min(1e-12)
+
+
+# ---- running the models ------------------------------------------------------------------------
+
+def _hidden(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _record(model: nn.Module, adapter: Adapter, ids: Tensor, bounds: set[int],
+            with_kwargs: bool = False) -> tuple[dict[int, Tensor], dict[int, dict]]:
+    """Run the decoder stack (no LM head) and return the hidden states at layer boundaries
+    `bounds` (b = the state entering layer b; b = n_layers = the last layer's output, before
+    the final norm) and, if asked, the keyword arguments each of those layers received
+    (rotary embeddings, mask), so a single layer can later be run on its own."""
+    layers = adapter.decoder_layers(model)
+    states: dict[int, Tensor] = {}
+    kwargs: dict[int, dict] = {}
+
+    def before(b, _module, args, kw):
+        states[b] = args[0] if args else kw["hidden_states"]
+        if with_kwargs:
+            kwargs[b] = {k: v for k, v in kw.items() if k != "hidden_states"}
+
+    hooks = [layers[b].register_forward_pre_hook(partial(before, b), with_kwargs=True) for b in bounds if b < len(layers)]
+    if len(layers) in bounds:
+        hooks.append(layers[-1].register_forward_hook(lambda _m, _a, out: states.__setitem__(len(layers), _hidden(out))))
+    try:
+        adapter.backbone(model)(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return states, kwargs
+
+
+class _Distiller:
+    """The two modes' losses for one teacher / student pair, and the held-out evaluation."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, adapter: Adapter, groups: list[list[int]],
+                 cfg: DistillConfig, autocast):
+        self.teacher, self.student, self.adapter, self.cfg, self.autocast = teacher, student, adapter, cfg, autocast
+        self.n_t, self.n_s = sum(len(g) for g in groups), len(groups)
+        self.starts = [g[0] for g in groups]
+        self.ends = self.starts[1:] + [self.n_t]
+        self.trainable = [k for k, g in enumerate(groups) if cfg.train == "all" or len(g) > 1]
+        if not self.trainable:
+            raise ComeError("the Plan has no merged layer to train; use --train all")
+        self.points = range(self.trainable[0], self.n_s - 1)  # layer-loss points upstream of the final logits
+        self.head_t = nn.Sequential(adapter.final_norm(teacher), adapter.lm_head(teacher))
+        self.head_s = nn.Sequential(adapter.final_norm(student), adapter.lm_head(student))
+
+    def kl(self, h_t: Tensor, h_s: Tensor) -> Tensor:
+        """Mean per-token KL(teacher || student) through the heads, times T^2 (so gradients
+        keep their scale across temperatures)."""
+        t = self.cfg.temperature
+        return head_terms(self.head_t, self.head_s, h_t, h_s, t, self.cfg.kl_chunk)[0] * t * t / h_s[..., 0].numel()
+
+    def layer_loss(self, h_t: Tensor, h_s: Tensor) -> Tensor:
+        return self.kl(h_t, h_s) if self.cfg.layer_loss == "kl" else normalized_mse(h_t, h_s)
+
+    def backward(self, ids: Tensor, scale: float) -> float:
+        """Forward + backward of one micro-batch (gradients scaled by `scale`); the loss value."""
+        return self._sp(ids, scale) if self.cfg.mode == "sp" else self._mp(ids, scale)
+
+    def _sp(self, ids: Tensor, scale: float) -> float:
+        with self.autocast():
+            with torch.no_grad():
+                t, _ = _record(self.teacher, self.adapter, ids, {self.ends[k] for k in self.points} | {self.n_t})
+            s, _ = _record(self.student, self.adapter, ids, {k + 1 for k in self.points} | {self.n_s})
+            loss = self.kl(t[self.n_t], s[self.n_s])
+            loss = loss + self.cfg.layer_weight * sum(self.layer_loss(t[self.ends[k]], s[k + 1]) for k in self.points)
+        (loss * scale).backward()
+        return float(loss.detach())
+
+    def _mp(self, ids: Tensor, scale: float) -> float:
+        bounds = {self.starts[k] for k in self.trainable} | {self.ends[k] for k in self.trainable}
+        with self.autocast(), torch.no_grad():
+            t, kw = _record(self.teacher, self.adapter, ids, bounds, with_kwargs=True)
+        layers, total = self.adapter.decoder_layers(self.student), 0.0
+        for k in self.trainable:
+            with self.autocast():
+                loss = self.layer_loss(t[self.ends[k]], _hidden(layers[k](t[self.starts[k]], **kw[self.starts[k]])))
+            (loss * scale).backward()
+            total += float(loss.detach())
+        return total
+
+    @torch.no_grad()
+    def held_out(self, windows: Tensor, student: bool = True) -> Tensor:
+        """[KL sum, NLL sum] over `windows` (NLL of the student, or of the teacher itself)."""
+        head = self.head_s if student else self.head_t
+        total = torch.zeros(2, dtype=torch.float64)
+        self.student.eval()
+        for ids in windows.split(self.cfg.batch_size):
+            ids = ids.to(self.device)
+            targets = F.pad(ids[:, 1:], (0, 1), value=-100)
+            with self.autocast():
+                h_t = _record(self.teacher, self.adapter, ids, {self.n_t})[0][self.n_t]
+                h_s = _record(self.student, self.adapter, ids, {self.n_s})[0][self.n_s] if student else h_t
+                total += head_terms(self.head_t, head, h_t, h_s, 1.0, self.cfg.kl_chunk, targets).double().cpu()
+        self.student.train()
+        return total
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def load_windows(cfg: DistillConfig, tokenizer) -> tuple[Tensor, Tensor]:
+    """(training windows, held-out windows): consecutive non-overlapping windows of seqlen
+    tokens. The CLI calls it before loading weights, so bad data fails fast."""
+    from .data import read_text
+    from .evaluate import eval_windows
+
+    train = eval_windows(read_text(cfg.data), tokenizer, cfg.seqlen)
+    if cfg.eval_data is not None:
+        return train, eval_windows(read_text(cfg.eval_data), tokenizer, cfg.seqlen)[: cfg.eval_windows]
+    if len(train) <= cfg.eval_windows:
+        raise ComeError(f"--data has {len(train)} windows of {cfg.seqlen} tokens, not more than --eval-windows "
+                        f"{cfg.eval_windows} held out: give more text, lower --seqlen / --eval-windows, or pass --eval-data")
+    return train[: -cfg.eval_windows], train[-cfg.eval_windows:]
+
+
+def _batch(windows: Tensor, first: int, size: int, seed: int) -> Tensor:
+    """Samples first..first+size-1 of an endless stream of seeded per-epoch shuffles: the
+    batch depends only on its position, so a resumed run sees exactly the same data."""
+    n = len(windows)
+    idx = [int(torch.randperm(n, generator=torch.Generator().manual_seed(seed + j // n))[j % n])
+           for j in range(first, first + size)]
+    return windows[idx]
+
+
+# ---- state -----------------------------------------------------------------------------------
+
+class _TrainState:
+    """What a checkpoint holds: the trainable layers, optimizer, schedule, step and log.
+    Registered with accelerate, so save_state / load_state carry it (with the RNG states)."""
+
+    def __init__(self, layers: dict[int, nn.Module], optimizer, scheduler, log: dict):
+        self.layers, self.optimizer, self.scheduler, self.log, self.step = layers, optimizer, scheduler, log, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "log": self.log, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "layers": {k: layer.state_dict() for k, layer in self.layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.log = state["step"], state["log"]
+        for k, layer in self.layers.items():
+            layer.load_state_dict(state["layers"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def latest_checkpoint(directory: str | Path) -> Path:
+    found = sorted(Path(directory).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not found:
+        raise ComeError(f"--resume: no checkpoint in {directory}; run without --resume")
+    return found[-1]
+
+
+def _checkpoint(accelerator, state: _TrainState, directory: str) -> None:
+    """Write checkpoint step_N and keep only it (each one holds the whole training state)."""
+    path = Path(directory) / f"step_{state.step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        for old in Path(directory).glob("step_*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+def _activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        getattr(model, f"{kind}_checkpointing_enable")(**{f"{kind}_checkpointing_kwargs": {"use_reentrant": False}})
+    else:
+        getattr(model, f"{kind}_checkpointing_disable")()
+
+
+class _Run:
+    """One training run: optimizer steps over data-parallel micro-batches, held-out evaluation."""
+
+    def __init__(self, accelerator, job: _Distiller, state: _TrainState, windows: tuple[Tensor, Tensor],
+                 clip_groups: list[list[Tensor]], bar):
+        self.acc, self.job, self.state, self.bar, self.clip_groups = accelerator, job, state, bar, clip_groups
+        self.train_w, self.eval_w = windows
+        self.cfg = job.cfg
+        self.per_step = self.cfg.batch_size * self.cfg.grad_accum * accelerator.num_processes
+
+    def step(self) -> None:
+        """One optimizer step; gradients averaged over processes once, after accumulation."""
+        cfg, acc, state = self.cfg, self.acc, self.state
+        t0, loss = time.perf_counter(), 0.0
+        for micro in range(cfg.grad_accum):
+            first = state.step * self.per_step + (micro * acc.num_processes + acc.process_index) * cfg.batch_size
+            ids = _batch(self.train_w, first, cfg.batch_size, cfg.seed).to(acc.device)
+            loss += self.job.backward(ids, 1.0 / cfg.grad_accum) / cfg.grad_accum
+        for group in self.clip_groups:
+            if acc.num_processes > 1:
+                for p in group:
+                    p.grad = acc.reduce(p.grad, "mean")
+            torch.nn.utils.clip_grad_norm_(group, cfg.max_grad_norm)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        loss = acc.reduce(torch.tensor(loss, device=acc.device), "mean").item()
+        state.step += 1
+        log_ = state.log
+        log_["tokens_seen"] += self.per_step * cfg.seqlen
+        log_["train_time_s"] += time.perf_counter() - t0
+        log_["tokens_per_s"] = log_["tokens_seen"] / log_["train_time_s"]
+        log_["train"].append({"step": state.step, "loss": loss, "lr": state.scheduler.get_last_lr()[0]})
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{log_['tokens_per_s']:.0f}")
+
+    def evaluate(self) -> None:
+        """Held-out KL to the teacher and perplexity (the teacher's own, once), sharded over processes."""
+        acc, log_, w = self.acc, self.state.log, self.eval_w
+        mine, n_pred = w[acc.process_index::acc.num_processes], w.shape[0] * (w.shape[1] - 1)
+        kl, nll = acc.reduce(self.job.held_out(mine).to(acc.device), "sum").tolist()
+        if log_["teacher_ppl"] is None:
+            t_nll = acc.reduce(self.job.held_out(mine, student=False).to(acc.device), "sum")[1].item()
+            log_["teacher_ppl"] = math.exp(t_nll / n_pred)
+        entry = {"step": self.state.step, "tokens": log_["tokens_seen"], "kl": kl / w.numel(), "ppl": math.exp(nll / n_pred)}
+        log_["eval"].append(entry)
+        if acc.is_main_process:
+            self.bar.write(f"step {entry['step']}: held-out KL {entry['kl']:.4f}, ppl {entry['ppl']:.3f} "
+                           f"(teacher {log_['teacher_ppl']:.3f})")
+
+
+def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: DistillConfig,
+            windows: tuple[Tensor, Tensor] | None = None) -> tuple[nn.Module, dict]:
+    """Train `student` (a `come compress` output with `plan`) to imitate `teacher` on
+    `windows` (training, held-out; default: load_windows(cfg, tokenizer)).
+
+    Both models move to the device (and to fp32 when computing in fp32); the trainable
+    layers train in fp32 (master weights under bf16 autocast), and the student returns
+    to its stored dtype at the end, so untouched weights come back bit-identical.
+    Returns the student and the log written as distill_log.json.
+
+    Under `accelerate launch` / `torchrun` every process takes its own share of each batch
+    and gradients are averaged once per optimizer step. The student is deliberately not
+    wrapped in DDP: mp runs single layers outside the model's forward, which DDP cannot
+    follow.
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .pipeline import resolve_device
+
+    cfg.validate()
+    check_pair(teacher.config, student.config, plan)
+    device = resolve_device(cfg.device)
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    accelerator = Accelerator(cpu=device.type == "cpu")  # its mixed_precision is process-wide: autocast is ours
+    autocast = partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
+    adapter = get_adapter(student.config)
+    windows = windows if windows is not None else load_windows(cfg, tokenizer)
+
+    stored = next(student.parameters()).dtype
+    for model in (teacher, student):
+        model.to(accelerator.device, None if bf16 else torch.float32).requires_grad_(False)
+    teacher.eval()
+    student.train()
+    job = _Distiller(teacher, student, adapter, plan.groups, cfg, autocast)
+    layers = {k: adapter.decoder_layers(student)[k].float().requires_grad_(True) for k in job.trainable}
+    if cfg.gradient_checkpointing:
+        _activation_checkpointing(student, True)
+    per_layer = [list(layer.parameters()) for layer in layers.values()]
+    params = [p for group in per_layer for p in group]
+
+    steps = cfg.total_steps(accelerator.num_processes)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup * steps), steps)
+    state = _TrainState(layers, optimizer, scheduler, {
+        "settings": cfg.to_dict(), "groups": plan.groups, "trainable_layers": job.trainable, "steps": steps,
+        "processes": accelerator.num_processes, "train": [], "eval": [], "tokens_seen": 0, "train_time_s": 0.0,
+        "tokens_per_s": None, "teacher_ppl": None, "eval_tokens": int(windows[1].numel()), "resumed_from": None})
+    accelerator.register_for_checkpointing(state)
+    if cfg.resume:
+        path = latest_checkpoint(cfg.checkpoint_dir)
+        accelerator.load_state(str(path))
+        state.log["resumed_from"] = state.step
+        log.info("resumed from %s (step %d of %d)", path, state.step, steps)
+
+    bar = tqdm(total=steps, initial=state.step, desc=f"distill {cfg.mode}", unit="step",
+               disable=not accelerator.is_main_process)
+    run = _Run(accelerator, job, state, windows, per_layer if cfg.mode == "mp" else [params], bar)
+    if not state.log["eval"]:
+        run.evaluate()
+    while state.step < steps:
+        run.step()
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
+            run.evaluate()
+        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+            _checkpoint(accelerator, state, cfg.checkpoint_dir)
+    if state.log["eval"][-1]["step"] != state.step:
+        run.evaluate()
+    bar.close()
+
+    if cfg.gradient_checkpointing:
+        _activation_checkpointing(student, False)
+    student.requires_grad_(False).to(stored)
+    return student.eval(), state.log
+
+
+def write_output(student: nn.Module, tokenizer, plan: Plan, log_dict: dict, out: str | Path) -> Path:
+    """Write the distilled checkpoint + Plan + distill_log.json to `out` atomically.
+
+    `out` may already hold the run's checkpoints/ (kept, moved into the result) and, with
+    --overwrite, an older result (replaced): everything is assembled in a sibling first."""
+    from .checkpoint import save_checkpoint
+
+    out = Path(out)
+    staging = save_checkpoint(student, tokenizer, plan, out.with_name(f".{out.name}.distilled"), overwrite=True)
+    (staging / LOG_FILE).write_text(json.dumps(log_dict, indent=1))
+    if (out / CHECKPOINTS).is_dir():
+        os.replace(out / CHECKPOINTS, staging / CHECKPOINTS)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return out

