@@ -68,7 +68,6 @@ def absorb(removed: list[int], n_layers: int) -> list[list[int]]:
 def compress_baseline(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None,
                       model_name: str) -> tuple[nn.Module, Plan]:
     t0 = time.perf_counter()
-    cfg.validate()
     features = "mlp_out" if cfg.method == "replaceme" else "channels"
     refit = cfg.method == "replaceme" or cfg.refit == "ls"
     adapter, prof, plan, n_remove = prepare(model, tokenizer, cfg, calib, model_name, cfg.method, keep_dense=refit)
@@ -86,6 +85,7 @@ def compress_baseline(model: nn.Module, tokenizer, cfg: CompressConfig, calib: T
     adapter.keep_layers(model, kept)
     prof.layers_removed()
     layers = adapter.decoder_layers(model)
+    shape = adapter.attn_shape(model.config)
     for k, (group, keep) in enumerate(zip(groups, kept)):
         if len(group) == 1:
             continue
@@ -94,9 +94,8 @@ def compress_baseline(model: nn.Module, tokenizer, cfg: CompressConfig, calib: T
             res = prof.refit(k, group, cfg.refit_input, features)
             if res.kept:
                 write_down_proj(adapter, layers[k], res.weight)
-                prof.states = {j: h for j, h in prof.states.items() if j <= k}
+                prof.forget_after(k)
             record = res.record()
-        shape = adapter.attn_shape(model.config)
         plan.merges.append(MergeRecord(
             step=len(plan.merges), position=k, group_a=[keep], group_b=[i for i in group if i != keep],
             operator=f"drop+{features}-refit" if refit else "drop", kv_a=list(range(shape.n_kv_heads)), kv_b=[],

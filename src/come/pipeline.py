@@ -153,8 +153,11 @@ class Profiler:
             self.stats[k] = None
         for k in range(max(position - 1, 0), len(self.pair_all)):
             self.pair_all[k] = None
-        for k in [k for k in self.states if k > position]:
-            del self.states[k]
+        self.forget_after(position)
+
+    def forget_after(self, k: int) -> None:
+        """Layer k changed: cached inputs of the layers after it no longer hold."""
+        self.states = {j: h for j, h in self.states.items() if j <= k}
 
     def refit(self, k: int, group: list[int], inputs: str, features: str = "channels", layer: nn.Module | None = None):
         """Refit current layer k's down projection to reproduce the dense output of `group`.
