@@ -5,7 +5,9 @@ text of the calibration's domain and on an unseen text, params, layers, wall tim
     python benchmarks/quality.py --model ~/.cache/come/smollm2-135m --sparsity 0.25 \
         --calib calib.txt --heldout heldout.txt --unseen /usr/share/common-licenses/GPL-2
 
-Prints a markdown table; ratios are against ShortGPT measured in the same run.
+Prints a markdown table; ratios are against ShortGPT measured in the same run. Rows are
+`come compare --methods` specs (e.g. `shortgpt:refit=ls`, `come:refit=none`) or `dense`;
+`--task-data DIR --limit N` adds the zero-shot tasks (paper-style metric) and their average.
 `--quick` runs a 4-layer cut of the model on little data (smoke test, < 1 min).
 """
 
@@ -22,20 +24,14 @@ import torch
 
 from come import CompressConfig, compress
 from come.checkpoint import load_model
+from come.compare import method_list
 from come.data import read_text, token_windows
-from come.evaluate import eval_windows, perplexity
+from come.evaluate import AVERAGE_METRIC, eval_windows, evaluate, perplexity
+from come.tasks import DEFAULT_TASKS, parse_tasks
 
-ROWS = {
-    "dense": None,
-    "shortgpt": {"method": "shortgpt"},
-    "shortgpt+refit": {"method": "shortgpt", "refit": "ls"},
-    "replaceme (angle)": {"method": "replaceme", "select": "angle"},
-    "replaceme (bi)": {"method": "replaceme", "select": "bi"},
-    "come (paper: no refit)": {"refit": "none"},
-    "come + refit (angular pairs)": {"pair_score": "angular"},
-    "come + refit (error pairs)": {"pair_score": "error"},
-    "come + refit (error pairs; dense inputs)": {"pair_score": "error", "refit_input": "dense"},
-}
+# Each row is a `come compare` method spec (method[:option=value...]) or "dense".
+ROWS = ("dense,shortgpt,shortgpt:refit=ls,replaceme:select=angle,replaceme:select=bi,come:refit=none,come,"
+        "come:refit_input=dense,come:pair_score=error,laco,average")
 
 
 def main() -> int:
@@ -48,11 +44,15 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=100, help="held-out windows of --seqlen scored")
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma list of: " + ", ".join(ROWS))
+    ap.add_argument("--rows", default=ROWS, help="comma list of dense and `come compare --methods` specs")
+    ap.add_argument("--task-data", help="offline lm-eval data dir: adds the zero-shot tasks and their average")
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+    ap.add_argument("--limit", type=int, help="first N documents of each task")
+    ap.add_argument("--dtype", default="fp32", help="weights dtype on CPU (fp32: bf16 matmuls are slow there)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
-    dense, tok = load_model(a.model)
+    dense, tok = load_model(a.model, a.dtype)
     if a.quick:
         dense.model.layers = dense.model.layers[:4]
         dense.config.num_hidden_layers = 4
@@ -60,29 +60,38 @@ def main() -> int:
     calib = token_windows(read_text(a.calib), tok, a.nsamples, a.seqlen, seed=0)
     heldout = eval_windows(read_text(a.heldout), tok, a.seqlen)[: a.eval_windows]
     unseen = eval_windows(read_text(a.unseen), tok, a.seqlen)[: a.eval_windows]
+    base = CompressConfig(sparsity=a.sparsity, device="cpu", nsamples=a.nsamples, seqlen=a.seqlen)
+    names = [r.strip() for r in a.rows.split(",") if r.strip()]
+    methods = [n for n in names if n != "dense"]
+    specs = {s.label: s for s in method_list(",".join(methods), base)} if methods else {}
+    tasks = parse_tasks(a.tasks) if a.task_data else []
     rows = []
-    for name in [r for r in a.rows.split(",") if r]:
-        overrides = ROWS[name]
+    for name in names:
         t0 = time.perf_counter()
-        if overrides is None:
+        if name == "dense":
             model, layers, params = dense, dense.config.num_hidden_layers, sum(p.numel() for p in dense.parameters())
         else:
-            cfg = CompressConfig(sparsity=a.sparsity, device="cpu", nsamples=a.nsamples, seqlen=a.seqlen, **overrides)
-            model, plan = compress(copy.deepcopy(dense), tok, cfg, calib=calib)
+            model, plan = compress(copy.deepcopy(dense), tok, specs[name].config(base), calib=calib)
             layers, params = plan.num_layers_after, plan.params_after
         secs = time.perf_counter() - t0
         row = {"method": name, "heldout_ppl": perplexity(model, heldout, 8), "unseen_ppl": perplexity(model, unseen, 8),
                "params_M": params / 1e6, "layers": layers, "compress_s": secs}
+        if tasks:
+            res = evaluate(model, tok, tasks, a.task_data, a.limit, ppl_data=None)
+            row.update(tasks={t: r.get(AVERAGE_METRIC.get(t, "acc")) for t, r in res["tasks"].items()},
+                       average=res["average"])
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     ref = next((r for r in rows if r["method"] == "shortgpt"), None)
     print(f"\n{Path(a.model).name}, sparsity {a.sparsity}, calibration {a.nsamples} x {a.seqlen} tokens of {Path(a.calib).name}; "
           f"ppl over {a.eval_windows} windows of {a.seqlen}\n")
-    print("| method | held-out ppl | unseen ppl | x ShortGPT (held-out / unseen) | params | layers | time (s) |")
-    print("|---|---|---|---|---|---|---|")
+    acc_head = "".join(f" {t} |" for t in tasks) + " average acc |" if tasks else ""
+    print(f"| method | held-out ppl | unseen ppl | x ShortGPT (held-out / unseen) |{acc_head} params | layers | time (s) |")
+    print("|---|---|---|---|" + "---|" * (len(tasks) + bool(tasks)) + "---|---|---|")
     for r in rows:
         ratio = f"{ref['heldout_ppl'] / r['heldout_ppl']:.2f}x / {ref['unseen_ppl'] / r['unseen_ppl']:.2f}x" if ref else ""
-        print(f"| {r['method']} | {r['heldout_ppl']:.1f} | {r['unseen_ppl']:.1f} | {ratio} | {r['params_M']:.1f}M | "
+        accs = "".join(f" {r['tasks'][t]:.3f} |" for t in tasks) + f" {r['average']:.3f} |" if tasks else ""
+        print(f"| {r['method']} | {r['heldout_ppl']:.1f} | {r['unseen_ppl']:.1f} | {ratio} |{accs} {r['params_M']:.1f}M | "
               f"{r['layers']} | {r['compress_s']:.0f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

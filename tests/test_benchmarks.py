@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,12 @@ def _run(*args: str) -> str:
     return out.stdout
 
 
+def _table(out: str) -> dict[str, list[str]]:
+    """The printed markdown table's body: first cell -> the other cells."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    return {r[0]: r[1:] for r in rows[1:]}
+
+
 def test_compress_speed_quick():
     out = _run(str(BENCH / "compress_speed.py"), "--quick")
     assert "x floor" in out and "naive re-profile" in out and "faster" in out
@@ -30,5 +37,38 @@ def test_inference_quick():
 @pytest.mark.real
 def test_quality_quick(smollm2_dir, text_file):
     out = _run(str(BENCH / "quality.py"), "--model", str(smollm2_dir), "--calib", str(text_file), "--heldout",
-               str(text_file), "--unseen", str(text_file), "--quick", "--rows", "dense,shortgpt,come + refit (angular pairs)")
+               str(text_file), "--unseen", str(text_file), "--quick", "--rows", "dense,shortgpt,come")
     assert "| shortgpt |" in out and "x ShortGPT" in out
+
+
+def test_memory_quick(tmp_path):
+    out = _run(str(BENCH / "memory.py"), "--quick", "--json", str(tmp_path / "mem.json"))
+    assert "peak RSS / model" in out and "GPU / predicted" in out
+    table = _table(out)
+    rows = json.loads((tmp_path / "mem.json").read_text())
+    assert [r["run"] for r in rows] == list(table) == ["come (+ refit)", "come --refit none", "shortgpt"]
+    for r in rows:
+        assert r["peak_rss"] > r["model_bytes"] > 0 and r["peak_rss"] >= r["load_peak_rss"] >= r["base_rss"]
+        assert r["layers_after"] < r["n_layers"] and r["gpu_peak"] is None  # --quick runs on the CPU
+        assert float(table[r["run"]][4]) == pytest.approx(r["peak_rss"] / r["model_bytes"], abs=0.01)
+        assert 0.8 < float(table[r["run"]][3]) < 1.5  # the prediction accounts for the peak
+    refit, plain, _ = (r["host_pred"] for r in rows)
+    n_layers = rows[1]["n_layers"]
+    assert plain["boundaries"] == n_layers + 1 and plain["stride"] == 1  # every layer input cached once
+    assert plain["dense_batches"] == 0 and refit["dense_batches"] == 2  # --quick: 8 samples / batch 4, all fit
+    # + re-profiled copies of the dense states, at most one more per layer
+    assert plain["cache"] < refit["cache"] <= 2 * n_layers * plain["cache"] / (n_layers + 1)
+    assert refit["refit"] > 0 and plain["refit"] == 0
+
+
+def test_distill_speed_quick():
+    out = _run(str(BENCH / "distill_speed.py"), "--quick")
+    table = _table(out)
+    assert list(table) == ["plain fine-tuning", "distill sp", "distill mp"]
+    plain = float(table["plain fine-tuning"][0])
+    for tok_s, ratio, gflop, mfu in table.values():
+        assert float(tok_s) > 0 and float(gflop) > 0 and mfu == "n/a (cpu)"
+        assert float(ratio) == pytest.approx(float(tok_s) / plain, abs=0.01)
+    # distillation also runs the teacher: more model FLOPs per token than plain fine-tuning
+    assert float(table["distill sp"][2]) > float(table["plain fine-tuning"][2])
+    assert "MFU = " not in out and "plain = 2·Ls" in out

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
@@ -49,6 +50,7 @@ def pair(tokenizer, tmp_path_factory):
 
 def _run(pair, tokenizer, **cfg):
     teacher, student, plan, text = pair
+    torch.manual_seed(0)  # LoRA dropout draws from torch's global RNG: same seed, same run
     return distill(teacher, copy.deepcopy(student), tokenizer, plan, DistillConfig(data=text, **{**SMALL, **cfg}))
 
 
@@ -72,21 +74,25 @@ def test_recovers_and_trains_only_merged_layers(pair, tokenizer, mode):
         assert torch.equal(new[name], tensor) != (layer in merged), name
 
 
-def test_bf16_student_keeps_its_dtype_and_untouched_weights(pair, tokenizer):
-    """Stored bf16, trained in fp32 master weights under bf16 autocast, returned in bf16."""
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_bf16_student_keeps_its_dtype_and_untouched_weights(pair, tokenizer, lora_r):
+    """Stored bf16, trained in fp32 master weights (and adapters) under bf16 autocast, returned in bf16."""
     teacher, student, plan, text = pair
     teacher, student = copy.deepcopy(teacher).bfloat16(), copy.deepcopy(student).bfloat16()
     before = copy.deepcopy(student.state_dict())
-    cfg = DistillConfig(data=text, mode="mp", steps=2, dtype="bf16", **SMALL)
+    cfg = DistillConfig(data=text, mode="mp", steps=2, dtype="bf16", lora_r=lora_r, **SMALL)
     after, _ = distill(teacher, student, tokenizer, plan, cfg)
     changed = {name for name, tensor in after.state_dict().items() if not torch.equal(tensor, before[name])}
     assert {t.dtype for t in after.state_dict().values()} == {torch.bfloat16}
     assert {int(name.split(".")[2]) for name in changed} == {k for k, g in enumerate(plan.groups) if len(g) > 1}
 
 
-def test_resume_continues_exactly(pair, tokenizer, tmp_path, monkeypatch):
-    """Interrupted after the step-4 checkpoint and resumed = one uninterrupted run, bit for bit."""
-    cfg = dict(mode="mp", steps=8, grad_accum=2, lr=3e-3, save_every=4)
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_resume_continues_exactly(pair, tokenizer, tmp_path, monkeypatch, lora_r):
+    """Interrupted after the step-4 checkpoint and resumed = one uninterrupted run, bit for bit
+    (with LoRA too: the checkpoint carries the adapters, and their dropout's RNG state)."""
+    cfg = dict(mode="mp", steps=8, grad_accum=2, lr=3e-3, save_every=4, lora_r=lora_r,
+               lora_dropout=0.1 if lora_r else 0.0)
     whole, whole_log = _run(pair, tokenizer, checkpoint_dir=str(tmp_path / "a"), **cfg)
 
     real = distill_mod._checkpoint
@@ -108,6 +114,14 @@ def test_resume_continues_exactly(pair, tokenizer, tmp_path, monkeypatch):
     assert log["tokens_seen"] == whole_log["tokens_seen"]
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_resume_with_another_lora_rank_is_one_line_error(pair, tokenizer, tmp_path):
+    cfg = dict(mode="mp", steps=2, save_every=1, checkpoint_dir=str(tmp_path))
+    _run(pair, tokenizer, **cfg)
+    with pytest.raises(ComeError, match="another --train or --lora-r") as exc:
+        _run(pair, tokenizer, resume=True, lora_r=4, **cfg)
+    assert "\n" not in str(exc.value)
 
 
 def test_chunked_kl_equals_the_full_one():
@@ -139,6 +153,19 @@ def test_mismatched_teacher_is_one_line_error(pair, tokenizer):
     _, student, plan, text = pair
     with pytest.raises(ComeError, match="hidden_size 32 != student hidden_size 64") as exc:
         distill(tiny_model("llama", hidden_size=32), student, tokenizer, plan, DistillConfig(data=text, steps=1, **SMALL))
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("lora, message", [
+    (dict(lora_r=-1), "--lora-r must be >= 0"),
+    (dict(lora_r=4, lora_alpha=0.0), "--lora-alpha must be a finite number > 0"),
+    (dict(lora_r=4, lora_alpha=float("nan")), "--lora-alpha must be a finite number > 0"),
+    (dict(lora_r=4, lora_dropout=1.0), "--lora-dropout is a probability"),
+    (dict(lora_alpha=8.0), "need --lora-r > 0"),
+])
+def test_bad_lora_settings_are_one_line_errors(lora, message):
+    with pytest.raises(ComeError, match=message) as exc:
+        DistillConfig(**lora).validate()
     assert "\n" not in str(exc.value)
 
 
@@ -176,7 +203,22 @@ def test_cli_distills_writes_a_stock_checkpoint_and_resumes(dirs):
     assert log["resumed_from"] == 2 and [e["step"] for e in log["train"]] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("case", ["no_plan", "tokenizer", "non_empty_out"])
+def test_cli_lora_writes_a_stock_checkpoint(dirs):
+    """No adapter key reaches the file (from_pretrained would only warn about them)."""
+    root, text = dirs
+    out = root / "out_lora"
+    result = _cli("--teacher", str(root / "teacher"), "--student", str(root / "student"), "--out", str(out),
+                  "--data", text, "--mode", "mp", "--steps", "2", "--lora-r", "4", "--lora-alpha", "16")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "distill_log.json").read_text())["settings"]
+    assert (settings["lora_r"], settings["lora_alpha"]) == (4, 16)
+    saved, original = (load_file(d / "model.safetensors") for d in (out, root / "student"))
+    assert {n: t.shape for n, t in saved.items()} == {n: t.shape for n, t in original.items()}
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(t, saved[n]) for n, t in reloaded.state_dict().items())
+
+
+@pytest.mark.parametrize("case", ["no_plan", "tokenizer", "non_empty_out", "negative_lora_r"])
 def test_cli_bad_input_is_one_line(dirs, tokenizer, case):
     root, text = dirs
     teacher, student, out = root / "teacher", root / "student", root / f"bad_{case}"
@@ -192,8 +234,46 @@ def test_cli_bad_input_is_one_line(dirs, tokenizer, case):
     else:
         out.mkdir()
         (out / "x").write_text("x")
-    result = _cli("--teacher", str(teacher), "--student", str(student), "--out", str(out), "--data", text, "--steps", "1")
+    extra = ["--lora-r", "-1"] if case == "negative_lora_r" else []
+    result = _cli("--teacher", str(teacher), "--student", str(student), "--out", str(out), "--data", text,
+                  "--steps", "1", *extra)
     assert result.exit_code == 2
     message = result.output.strip()
     assert message.startswith("error:") and "\n" not in message
-    assert {"no_plan": "no Plan", "tokenizer": "tokenizers differ", "non_empty_out": "not empty"}[case] in message
+    assert {"no_plan": "no Plan", "tokenizer": "tokenizers differ", "non_empty_out": "not empty",
+            "negative_lora_r": "--lora-r must be >= 0"}[case] in message
+
+
+# ---- LoRA ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["sp", "mp"])
+def test_lora_recovers_and_merges_a_low_rank_update_into_the_merged_layers(pair, tokenizer, mode):
+    """Only rank-4 adapters train; the result is the student's own architecture again, the
+    other layers untouched and each merged projection moved by a delta of rank <= 4."""
+    _, before, plan, _ = pair
+    after, log = _run(pair, tokenizer, mode=mode, steps=24, lr=1e-2, lora_r=4)
+    first, last = log["eval"][0], log["eval"][-1]
+    assert last["kl"] < 0.75 * first["kl"]
+
+    assert not hasattr(after, "peft_config") and not any(type(m).__module__.startswith("peft") for m in after.modules())
+    old, new = before.state_dict(), after.state_dict()
+    assert {n: (t.shape, t.dtype) for n, t in new.items()} == {n: (t.shape, t.dtype) for n, t in old.items()}
+    merged = {k for k, g in enumerate(plan.groups) if len(g) > 1}
+    for name, tensor in old.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        projection = layer in merged and name.endswith("proj.weight")
+        assert torch.equal(new[name], tensor) != projection, name  # norms of the merged layers stay frozen too
+        if projection:
+            delta = new[name].double() - tensor.double()
+            assert 1 <= torch.linalg.matrix_rank(delta, rtol=1e-5) <= 4, name  # fp32 rounding of W + BA: ~3e-8
+
+
+def test_lora_init_follows_the_seed_not_the_global_rng(pair, tokenizer):
+    """Data-parallel processes get equal adapters without DDP's broadcast."""
+    teacher, student, plan, text = pair
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        cfg = DistillConfig(data=text, mode="mp", steps=2, lr=1e-2, lora_r=4, **SMALL)
+        results.append(distill(teacher, copy.deepcopy(student), tokenizer, plan, cfg)[0].state_dict())
+    assert all(torch.equal(a, results[1][name]) for name, a in results[0].items())

@@ -3,6 +3,7 @@ model, the CLI's errors and JSON, and (marked real) SmolLM2 against lm-eval's ow
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -19,6 +20,8 @@ from come.cli import app
 from come.errors import ComeError
 from come.evaluate import average, eval_windows, evaluate, perplexity, ppl_text, retention
 from come.tasks import parse_tasks, resolve_split, run_tasks, write_task_yamls
+
+evaluate_mod = importlib.import_module("come.evaluate")  # `come.evaluate` the attribute is the function
 
 ARC_ROWS = [
     {"id": f"q{i}", "question": q, "choices": {"text": c, "label": ["A", "B", "C", "D"]}, "answerKey": k}
@@ -65,6 +68,30 @@ def test_eval_windows_drop_the_tail_and_refuse_short_text(tokenizer):
     assert windows.shape == (len(ids) // 16, 16) and windows.flatten().tolist() == ids[: windows.numel()]
     with pytest.raises(ComeError, match="fewer than one --seqlen window"):
         eval_windows("the river", tokenizer, 16)
+
+
+@pytest.mark.parametrize("name,field,joined", [("wikitext2", "text", "d0\n\nd1\n\nd2"), ("ptb", "sentence", "d0 d1 d2"),
+                                               ("c4", "text", "d0 d1")])
+def test_named_perplexity_texts_follow_the_papers(monkeypatch, name, field, joined):
+    import datasets
+
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen.update(kwargs)
+        return datasets.Dataset.from_dict({field: ["d0", "d1", "d2"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setitem(evaluate_mod.PPL_SETS, "c4", (*evaluate_mod.PPL_SETS["c4"][:3], 2))  # 1100 docs -> 2
+    assert evaluate_mod.ppl_text(name) == joined
+    assert seen["split"] == ("validation" if name == "c4" else "test")
+
+    def offline(**_):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ComeError, match="offline"):
+        evaluate_mod.ppl_text(name)
 
 
 def test_boolq_passages_are_unique_and_in_order(tmp_path):

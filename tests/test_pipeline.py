@@ -72,11 +72,27 @@ def test_only_layers_after_the_merge_are_rerun(tokenizer):
 
 
 def test_strided_cache_gives_the_same_plan(tokenizer):
-    _, full = _compress("qwen2", tokenizer, sparsity=0.45)
-    _, strided = _compress("qwen2", tokenizer, sparsity=0.45, max_cache_gb=1e-9)
+    _, full = _compress("qwen2", tokenizer, sparsity=0.45, refit="none")
+    _, strided = _compress("qwen2", tokenizer, sparsity=0.45, refit="none", max_cache_gb=1e-9)
     assert [(m.position, m.kv_a, m.kv_b, m.ffn_a, m.ffn_b) for m in strided.merges] == \
         [(m.position, m.kv_a, m.kv_b, m.ffn_a, m.ffn_b) for m in full.merges]
     assert strided.layer_forwards > full.layer_forwards
+
+
+def test_refit_tokens_are_bounded_by_the_cache_budget(tokenizer):
+    """The dense states the refit needs at every boundary take at most half of --max-cache-gb:
+    past that the refit uses fewer calibration batches, and below 2 batches it refuses."""
+    model = tiny_model("llama")
+    batch_bytes = 2 * 32 * model.config.hidden_size * 4  # batch 2 x 32 tokens x hidden x fp32
+    two_batches = 2.5 * 2 * (6 + 1) * batch_bytes / 2**30  # room for 2 of the 4 batches at 7 boundaries
+    _, all_plan = _compress("llama", tokenizer, batch_size=2)
+    _, bounded = _compress("llama", tokenizer, batch_size=2, max_cache_gb=two_batches)
+    assert {m.refit["tokens"] for m in all_plan.merges} == {8 * 32}
+    assert {m.refit["tokens"] for m in bounded.merges} == {4 * 32}
+    with pytest.raises(ComeError, match="at least 2 calibration batches.*--max-cache-gb") as e:
+        _compress("llama", tokenizer, batch_size=2, max_cache_gb=two_batches / 2)
+    assert "\n" not in str(e.value)
+    _compress("llama", tokenizer, batch_size=2, max_cache_gb=two_batches / 2, refit="none")  # no dense states needed
 
 
 def test_bi_all_tokens_and_options(tokenizer):

@@ -16,6 +16,9 @@ from .config import CompressConfig
 from .errors import ComeError
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV
 
+PPL_WINDOWS_HELP = "Score only the first N perplexity windows (default all)."
+PPL_HELP = "wikitext2 | ptb | c4 (the papers' test texts) | boolq-passages | none | a local .txt/.jsonl."
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress LLMs by layer concatenation (CoMe).")
 err = Console(stderr=True)
 _debug = {"on": False}
@@ -140,9 +143,9 @@ def eval_(
     tasks: str = typer.Option(",".join(DEFAULT_TASKS), help="Comma-separated lm-eval tasks, or none."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N documents of each task."),
     batch_size: int = typer.Option(8, help="lm-eval requests per forward."),
-    ppl_data: str = typer.Option("wikitext2", help="wikitext2 (test split) | boolq-passages | none | a local .txt/.jsonl."),
+    ppl_data: str = typer.Option("wikitext2", help=PPL_HELP),
     seqlen: int = typer.Option(2048, help="Tokens per perplexity window."),
-    ppl_windows: Optional[int] = typer.Option(None, help="Score only the first N perplexity windows (default all)."),
+    ppl_windows: Optional[int] = typer.Option(None, help=PPL_WINDOWS_HELP),
     device: str = typer.Option("auto", help="cuda | cpu | auto (the whole model moves there)."),
     dtype: str = typer.Option("auto", help="bf16 | fp16 | fp32 | auto (as stored)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the results JSON here."),
@@ -236,7 +239,8 @@ def compare_(
     model: str = typer.Argument(..., help="Hub id, local HF directory, or .gguf file."),
     out: str = typer.Option(..., "--out", "-o", help="Report directory (report.md, report.json, plots)."),
     sparsity: float = typer.Option(0.3, help="Fraction of ALL params to remove, in (0, 0.9]."),
-    methods: str = typer.Option("come,shortgpt,laco,average", help="Comma list: come, shortgpt, replaceme, laco, average."),
+    methods: str = typer.Option("come,shortgpt,laco,average", help="Comma list of come, shortgpt, replaceme, laco, average; a row may override options: "
+                              "come:refit=none, shortgpt:refit=ls, come:pair-score=error."),
     calib: str = typer.Option("wikitext2", help="Calibration: wikitext2, c4, or a local .txt/.jsonl file."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
@@ -248,8 +252,9 @@ def compare_(
     tasks: str = typer.Option(",".join(DEFAULT_TASKS), help="Comma-separated lm-eval tasks, or none."),
     limit: Optional[int] = typer.Option(None, help="First N documents of each task."),
     eval_batch_size: int = typer.Option(8, help="lm-eval requests per forward."),
-    ppl_data: str = typer.Option("wikitext2", help="wikitext2 | boolq-passages | none | a local .txt/.jsonl."),
+    ppl_data: str = typer.Option("wikitext2", help=PPL_HELP),
     eval_seqlen: int = typer.Option(2048, help="Tokens per perplexity window."),
+    ppl_windows: Optional[int] = typer.Option(None, help=PPL_WINDOWS_HELP),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
 ) -> None:
     """Compress MODEL with each method (same calibration and seed), evaluate all and the dense model, write a report."""
@@ -263,20 +268,19 @@ def compare_(
     from .report import markdown_table
     from .tasks import parse_tasks
 
-    chosen = method_list(methods)
     task_list = parse_tasks(tasks)
     ppl = None if ppl_data == "none" else ppl_data
     cfg = CompressConfig(sparsity=sparsity, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                          pair_score=pair_score)
-    cfg.validate()
+    chosen = method_list(methods, cfg)
     check_output_dir(out, overwrite)
-    check_inputs(task_list, task_data, ppl, limit, eval_seqlen, eval_batch_size)
+    check_inputs(task_list, task_data, ppl, limit, eval_seqlen, eval_batch_size, ppl_windows)
     merge_budget(meta_model(load_config(model)), sparsity)
     tokenizer = load_tokenizer(model)
     ids = token_windows(read_text(calib), tokenizer, nsamples, seqlen, seed)
     lm, _ = load_model(model, dtype, tokenizer)
     eval_kwargs = {"tasks": task_list, "task_data": task_data, "limit": limit, "ppl_data": ppl, "seqlen": eval_seqlen,
-                   "batch_size": eval_batch_size}
+                   "batch_size": eval_batch_size, "ppl_windows": ppl_windows}
     rows = compare(lm, tokenizer, cfg, chosen, ids, Path(out), eval_kwargs, model_name=model, overwrite=overwrite)
     Console(file=sys.stdout).print(markdown_table(rows, list(rows[0]["tasks"])), soft_wrap=True)
     err.print(f"wrote {out}/report.md")
@@ -314,6 +318,10 @@ def distill_(
     layer_loss: str = typer.Option("kl", help="kl (through final norm + LM head) | mse (normalized, on hidden states)."),
     layer_weight: float = typer.Option(1.0, help="lambda: weight of the summed layer losses (sp)."),
     train: str = typer.Option("merged", help="merged (layers standing for > 1 original layer) | all."),
+    lora_r: int = typer.Option(0, help="LoRA rank: train only rank-r adapters on the trainable layers' projections, "
+                               "merged into the weights on save (0: full fine-tuning)."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA scale: update = alpha / r * B A (default 2r)."),
+    lora_dropout: float = typer.Option(0.0, help="Dropout on the LoRA adapters' input."),
     kl_chunk: int = typer.Option(2048, help="Tokens per KL chunk (full-vocab logits of one chunk at a time)."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute layer activations in backward (sp memory)."),
     device: str = typer.Option("auto", help="cuda | cpu | auto."),
@@ -321,7 +329,7 @@ def distill_(
     save_every: int = typer.Option(0, help="Checkpoint into OUT/checkpoints every N steps (0: never)."),
     eval_every: int = typer.Option(0, help="Held-out KL / perplexity every N steps (always at start and end)."),
     resume: bool = typer.Option(False, help="Continue from the latest OUT/checkpoints/step_N."),
-    seed: int = typer.Option(0, help="Data order."),
+    seed: int = typer.Option(0, help="Data order and LoRA init."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
 ) -> None:
     """Recover a compressed STUDENT by hierarchical distillation from its TEACHER (CoMe-sp / CoMe-mp)."""
@@ -339,7 +347,8 @@ def distill_(
     cfg = DistillConfig(mode=mode, data=data, eval_data=eval_data, eval_windows=eval_windows, steps=steps,
                         tokens=_count(tokens), seqlen=seqlen, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                         warmup=warmup, temperature=temperature, layer_loss=layer_loss, layer_weight=layer_weight,
-                        train=train, kl_chunk=kl_chunk, gradient_checkpointing=gradient_checkpointing, device=device,
+                        train=train, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        kl_chunk=kl_chunk, gradient_checkpointing=gradient_checkpointing, device=device,
                         dtype=dtype, save_every=save_every, eval_every=eval_every, checkpoint_dir=str(ckpt),
                         resume=resume, seed=seed)
     cfg.validate()

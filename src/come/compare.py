@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from torch import Tensor
 
-from .config import CompressConfig
+from .config import CompressConfig, Method
+from .errors import ComeError
 from .evaluate import AVERAGE_METRIC, evaluate
 from .pipeline import compress
 from .checkpoint import atomic_dir
@@ -30,19 +31,19 @@ def _scored(tasks: dict) -> dict:
     return out
 
 
-def compare(model, tokenizer, base: CompressConfig, methods: list[str], calib: Tensor, out: Path, eval_kwargs: dict,
+def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"], calib: Tensor, out: Path, eval_kwargs: dict,
             model_name: str = "", overwrite: bool = False) -> list[dict]:
     """Compress a copy of `model` with each method (same calibration ids), evaluate each
     and the dense model, and write the report into `out`. Returns the report rows."""
     rows: list[dict] = []
     plans: dict[str, Plan] = {}
-    for method in ["dense", *methods]:
+    for spec in [None, *methods]:
         t0 = time.perf_counter()
-        if method == "dense":
+        method = spec.label if spec else "dense"
+        if spec is None:
             lm, plan = model, None
         else:
-            lm, plan = compress(copy.deepcopy(model), tokenizer, replace(base, method=method, refit=None),
-                                calib=calib, model_name=model_name)
+            lm, plan = compress(copy.deepcopy(model), tokenizer, spec.config(base), calib=calib, model_name=model_name)
             plans[method] = plan
         seconds = time.perf_counter() - t0
         log.info("evaluating %s", method)
@@ -61,19 +62,63 @@ def compare(model, tokenizer, base: CompressConfig, methods: list[str], calib: T
     header = (f"Model {model_name or 'model'}; sparsity {base.sparsity} of all params; calibration "
               f"{calib.shape[0]} x {calib.shape[1]} tokens of {base.calib} (seed {base.seed}); "
               f"eval: {eval_kwargs.get('limit') or 'all'} docs per task, perplexity on {eval_kwargs.get('ppl_data')} "
-              f"(seqlen {eval_kwargs.get('seqlen')}).")
+              f"({eval_kwargs.get('ppl_windows') or 'all'} windows of {eval_kwargs.get('seqlen')} tokens).")
     with atomic_dir(out, overwrite) as tmp:
         write_report(tmp, rows, tasks, plans, header)
     return rows
 
 
-def method_list(text: str) -> list[str]:
-    from .config import Method
-    from .errors import ComeError
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of a comparison: a method plus option overrides, written `method[:key=value...]`
+    (e.g. `come:refit=none` for the paper's pure merge, `shortgpt:refit=ls`), so what the
+    refit buys and what the operator buys can sit in one table."""
 
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in methods if m not in Method.__args__]
-    if bad or not methods:
-        raise ComeError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(Method.__args__)}")
-    return methods
+    label: str
+    method: str
+    overrides: tuple[tuple[str, object], ...] = ()
 
+    def config(self, base: CompressConfig) -> CompressConfig:
+        """`base` with this row's method; refit back to the method's default unless overridden."""
+        return replace(base, **{"method": self.method, "refit": None, **dict(self.overrides)})
+
+
+def _coerce(key: str, value: str, default) -> object:
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false"):
+            raise ComeError(f"--methods: {key} takes true or false, got {value!r}")
+        return value.lower() == "true"
+    try:
+        return type(default)(value) if isinstance(default, (int, float)) else value
+    except ValueError:
+        raise ComeError(f"--methods: {key} takes a number, got {value!r}") from None
+
+
+def method_list(text: str, base: CompressConfig | None = None) -> list[MethodSpec]:
+    """Parse `--methods`; every row's full config is validated here, before any work."""
+    fixed = {"method", "sparsity", "calib", "nsamples", "seqlen", "seed", "protect"}  # shared by every row
+    known = {f.name for f in fields(CompressConfig)} - fixed
+    specs = []
+    for item in (m.strip() for m in text.split(",")):
+        if not item:
+            continue
+        method, *pairs = item.split(":")
+        if method not in Method.__args__:
+            raise ComeError(f"--methods: unknown method {method!r}; choose from {', '.join(Method.__args__)}")
+        overrides = []
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in known or not value:
+                raise ComeError(f"--methods: bad override {pair!r} in {item!r}; write method:option=value with a "
+                                "`come compress` option such as refit=none or pair-score=error")
+            default = getattr(CompressConfig(), key)
+            overrides.append((key, _coerce(key, value.strip(), default if default is not None else "")))
+        spec = MethodSpec(item, method, tuple(overrides))
+        spec.config(base or CompressConfig()).validate()
+        specs.append(spec)
+    if not specs:
+        raise ComeError("--methods: none given; choose from " + ", ".join(Method.__args__))
+    if len({s.label for s in specs}) != len(specs):
+        raise ComeError("--methods: a row is listed twice")
+    return specs

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, get_adapter
 from .errors import ComeError
 from .plan import Plan
+
+if TYPE_CHECKING:
+    from peft import LoraModel
 
 log = logging.getLogger("come")
 
@@ -70,6 +73,9 @@ class DistillConfig:
     layer_loss: LayerLoss = "kl"
     layer_weight: float = 1.0  # lambda
     train: Train = "merged"  # merged layers (groups of > 1 original layer) or every decoder layer
+    lora_r: int = 0  # > 0: train rank-r LoRA adapters on the trainable layers' projections (merged at the end); 0: full
+    lora_alpha: float | None = None  # LoRA update = alpha / r * B A; None: 2 r
+    lora_dropout: float = 0.0  # dropout on the LoRA adapters' input
     kl_chunk: int = 2048  # tokens per KL chunk
     gradient_checkpointing: bool = False
     device: str = "auto"
@@ -99,6 +105,18 @@ class DistillConfig:
             raise ComeError("--save-every and --eval-every must be >= 0")
         if (self.save_every or self.resume) and not self.checkpoint_dir:
             raise ComeError("checkpoints (--save-every, --resume) need a checkpoint directory")
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        """LoRA settings only mean something with a rank, so they are refused without one."""
+        if self.lora_r < 0:
+            raise ComeError(f"--lora-r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
+        if self.lora_r == 0 and (self.lora_alpha is not None or self.lora_dropout):
+            raise ComeError("--lora-alpha and --lora-dropout need --lora-r > 0")
+        if self.lora_alpha is not None and not 0 < self.lora_alpha < math.inf:
+            raise ComeError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ComeError(f"--lora-dropout is a probability in [0, 1), got {self.lora_dropout}")
 
     def total_steps(self, processes: int) -> int:
         return self.steps or math.ceil(self.tokens / (self.batch_size * self.grad_accum * processes * self.seqlen))
@@ -309,10 +327,14 @@ class _TrainState:
                 "layers": {k: layer.state_dict() for k, layer in self.layers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        try:  # other layers or tensors (--train, --lora-r changed) would fail deep inside torch
+            for k, layer in self.layers.items():
+                layer.load_state_dict(state["layers"][k])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError):
+            raise ComeError("the checkpoint was written with another --train or --lora-r: "
+                            "resume with the same settings, or start over without --resume") from None
         self.step, self.log = state["step"], state["log"]
-        for k, layer in self.layers.items():
-            layer.load_state_dict(state["layers"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
 
@@ -334,6 +356,27 @@ def _checkpoint(accelerator, state: _TrainState, directory: str) -> None:
 
 
 # ---- the loop ----------------------------------------------------------------------------------
+
+def _make_trainable(student: nn.Module, layers: list[nn.Module], cfg: DistillConfig) -> LoraModel | None:
+    """Full fine-tuning: every weight of `layers` trains; returns None. LoRA (lora_r > 0):
+    peft wraps the linear projections of `layers` only, in place (so every module path the
+    distiller holds stays valid), and only the adapters train; returns the peft LoraModel
+    that merges them back. The adapters' random init (on CPU) is seeded by cfg.seed: without
+    DDP nothing else would make them equal in every process."""
+    if not cfg.lora_r:
+        for layer in layers:
+            layer.requires_grad_(True)
+        return None
+    from peft import LoraConfig, LoraModel
+
+    inside = {id(m) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}
+    targets = [name for name, m in student.named_modules() if id(m) in inside]  # full names: no other layer matches
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return LoraModel(student, LoraConfig(r=cfg.lora_r, lora_alpha=alpha, lora_dropout=cfg.lora_dropout,
+                                             target_modules=targets), "default")
+
 
 def _activation_checkpointing(model: nn.Module, on: bool) -> None:
     """transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*."""
@@ -402,7 +445,9 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
 
     Both models move to the device (and to fp32 when computing in fp32); the trainable
     layers train in fp32 (master weights under bf16 autocast), and the student returns
-    to its stored dtype at the end, so untouched weights come back bit-identical.
+    to its stored dtype at the end, so untouched weights come back bit-identical. With
+    cfg.lora_r > 0 only LoRA adapters on those layers' projections train, and they are
+    merged into the weights before the return: same architecture, same parameter names.
     Returns the student and the log written as distill_log.json.
 
     Under `accelerate launch` / `torchrun` every process takes its own share of each batch
@@ -430,10 +475,11 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     teacher.eval()
     student.train()
     job = _Distiller(teacher, student, adapter, plan.groups, cfg, autocast)
-    layers = {k: adapter.decoder_layers(student)[k].float().requires_grad_(True) for k in job.trainable}
+    layers = {k: adapter.decoder_layers(student)[k].float() for k in job.trainable}
+    lora = _make_trainable(student, list(layers.values()), cfg)
     if cfg.gradient_checkpointing:
         _activation_checkpointing(student, True)
-    per_layer = [list(layer.parameters()) for layer in layers.values()]
+    per_layer = [[p for p in layer.parameters() if p.requires_grad] for layer in layers.values()]
     params = [p for group in per_layer for p in group]
 
     steps = cfg.total_steps(accelerator.num_processes)
@@ -467,6 +513,8 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
 
     if cfg.gradient_checkpointing:
         _activation_checkpointing(student, False)
+    if lora is not None:
+        lora.merge_and_unload()  # in place: W += alpha / r * B A (in fp32), the peft wrappers give way to plain Linears
     student.requires_grad_(False).to(stored)
     return student.eval(), state.log
 

@@ -27,7 +27,14 @@ AVERAGE_METRIC = {
     "arc_challenge": "acc_norm", "arc_easy": "acc_norm", "hellaswag": "acc_norm", "openbookqa": "acc_norm",
     "piqa": "acc_norm", "boolq": "acc", "winogrande": "acc",
 }
-PPL_SETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test")}
+# The pruning papers' perplexity texts (SparseGPT/Wanda protocol): dataset args, text field,
+# joiner, documents used (C4: the first 1100 documents of the first validation shard).
+PPL_SETS = {
+    "wikitext2": ({"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "test"}, "text", "\n\n", None),
+    "ptb": ({"path": "ptb_text_only", "name": "penn_treebank", "split": "test"}, "sentence", " ", None),
+    "c4": ({"path": "allenai/c4", "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
+            "split": "validation"}, "text", " ", 1100),
+}
 BOOLQ = SOURCES["boolq"].data + "/validation"
 
 
@@ -78,8 +85,8 @@ def boolq_passages(task_data: str | Path | None) -> str:
 
 
 def ppl_text(source: str, task_data: str | Path | None = None) -> str:
-    """Perplexity text: `wikitext2` (its TEST split, joined as in the papers), `boolq-passages`
-    (from the task-data dir), or a local .txt/.jsonl file."""
+    """Perplexity text: `wikitext2` / `ptb` (TEST splits) or `c4` (validation), joined as in
+    the papers; `boolq-passages` (from the task-data dir); or a local .txt/.jsonl file."""
     from .data import read_text
 
     if source == "boolq-passages":
@@ -87,9 +94,10 @@ def ppl_text(source: str, task_data: str | Path | None = None) -> str:
     if source in PPL_SETS and not Path(source).exists():
         import datasets
 
-        path, config, split = PPL_SETS[source]
+        args, field, joiner, docs = PPL_SETS[source]
         try:
-            return "\n\n".join(datasets.load_dataset(path, config, split=split)["text"])
+            ds = datasets.load_dataset(**args)
+            return joiner.join(ds[field] if docs is None else ds[:docs][field])
         except Exception as exc:  # network / hub errors surface as many types
             raise ComeError(f"could not load {source!r} ({type(exc).__name__}); offline? use --ppl-data "
                             "boolq-passages or a local text file") from exc
@@ -112,7 +120,7 @@ def check_inputs(tasks: Sequence[str], task_data: str | Path | None, ppl_data: s
     if ppl_data == "boolq-passages":
         _boolq_dir(task_data)
     if ppl_data not in (None, "boolq-passages", *PPL_SETS) and not Path(ppl_data).is_file():
-        raise ComeError(f"--ppl-data {ppl_data!r}: not a file and not one of wikitext2, boolq-passages, none")
+        raise ComeError(f"--ppl-data {ppl_data!r}: not a file and not one of {', '.join(PPL_SETS)}, boolq-passages, none")
 
 
 def average(tasks: dict[str, dict]) -> float | None:

@@ -82,19 +82,21 @@ class Profiler:
     and the error pair score) the DENSE model's hidden state at every original layer boundary."""
 
     def __init__(self, model, adapter: Adapter, runner: LayerRunner, cfg: CompressConfig, first_inputs: list[Tensor],
-                 stride: int, keep_dense: bool):
+                 stride: int, dense_batches: int):
         self.model, self.adapter, self.runner, self.cfg = model, adapter, runner, cfg
         n = len(adapter.decoder_layers(model))
         self.states: dict[int, list[Tensor]] = {0: first_inputs}
-        self.dense: dict[int, list[Tensor]] | None = {0: first_inputs} if keep_dense else None
+        # the dense states of the first `dense_batches` calibration batches only: the refit's
+        # tokens are bounded by the cache budget (zip() in collect_refit stops at the shortest)
+        self.dense_batches = dense_batches
+        self.dense: dict[int, list[Tensor]] | None = {0: first_inputs[:dense_batches]} if dense_batches else None
         self.stats: list[LayerStats | None] = [None] * n
         self.last_tok: list[Tensor | None] = [None] * (n + 1)
         self.pair_all: list[float | None] = [None] * max(n - 1, 0)
         self.stride = stride
         self.forwards = 0
-        n_batches = len(first_inputs)
-        n_hold = max(1, round(cfg.refit_holdout * n_batches))
-        self.held_out = [i >= n_batches - n_hold for i in range(n_batches)]
+        n_hold = max(1, round(cfg.refit_holdout * dense_batches))
+        self.held_out = [i >= dense_batches - n_hold for i in range(dense_batches)]
 
     def refresh(self) -> None:
         """Run every layer whose statistics or pair scores are missing, from the nearest cache."""
@@ -116,7 +118,7 @@ class Profiler:
             if (k + 1) % self.stride == 0:
                 self.states[k + 1] = out
             if first_pass and self.dense is not None:
-                self.dense[k + 1] = out
+                self.dense[k + 1] = out[:self.dense_batches]
             if prev is not None and self.pair_all[k - 1] is None:
                 self.pair_all[k - 1] = _mean_angular_all(prev, out)
             prev, h = h, out
@@ -281,6 +283,18 @@ class ErrorScores:
         return best
 
 
+def refit_batches(n_batches: int, batch_bytes: int, n_layers: int, max_cache_gb: float) -> int:
+    """How many calibration batches keep their dense state at every layer boundary (the
+    refit's targets): all of them if that fits in half of --max-cache-gb, else fewer, so
+    host memory stays bounded (a 7B at 128 x 2048 tokens would need 66 GiB for all)."""
+    fit = int(max_cache_gb * 2**30 / 2 // ((n_layers + 1) * batch_bytes))
+    if min(fit, n_batches) < 2:
+        raise ComeError(f"the refit needs the dense states of at least 2 calibration batches (one held out); "
+                        f"{n_batches} batch(es) exist and --max-cache-gb {max_cache_gb} holds {fit}: raise --nsamples "
+                        "or --max-cache-gb, lower --batch-size, or use --refit none")
+    return min(fit, n_batches)
+
+
 def prepare(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None, model_name: str, method: str,
             keep_dense: bool):
     """Shared set-up of every method: checks, calibration, embedding, the profiler, the Plan."""
@@ -293,16 +307,18 @@ def prepare(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | No
         from .data import load_calibration
 
         calib = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-    if keep_dense and math.ceil(calib.shape[0] / cfg.batch_size) < 2:
-        raise ComeError("the refit needs at least 2 calibration batches (one held out); "
-                        "raise --nsamples or lower --batch-size, or use --refit none")
+    n_batches = math.ceil(calib.shape[0] / cfg.batch_size)
+    batch_bytes = cfg.batch_size * calib.shape[1] * model.config.hidden_size * model.dtype.itemsize
+    dense_batches = refit_batches(n_batches, batch_bytes, n_layers, cfg.max_cache_gb) if keep_dense else 0
     model.eval()
     runner = LayerRunner(model, adapter, device, torch.device("cpu"))
     first = runner.embed(list(calib.split(cfg.batch_size)))
-    bytes_per_boundary = calib.numel() * model.config.hidden_size * first[0].element_size()
-    budget = cfg.max_cache_gb * 2**30 - (n_layers + 1) * bytes_per_boundary * keep_dense
-    stride = max(1, math.ceil((n_layers + 1) * bytes_per_boundary / max(budget, 1.0)))
-    prof = Profiler(model, adapter, runner, cfg, first, stride, keep_dense)
+    budget = cfg.max_cache_gb * 2**30 - (n_layers + 1) * batch_bytes * dense_batches
+    stride = max(1, math.ceil((n_layers + 1) * batch_bytes * n_batches / max(budget, 1.0)))
+    log.info("cache: layer inputs every %d layer(s)%s", stride,
+             f"; dense states of {dense_batches}/{n_batches} calibration batches for the refit "
+             f"({(n_layers + 1) * batch_bytes * dense_batches / 2**30:.2f} GiB)" if keep_dense else "")
+    prof = Profiler(model, adapter, runner, cfg, first, stride, dense_batches)
     plan = Plan(model=model_name, method=method, settings=cfg.to_dict(), num_layers_before=n_layers,
                 params_before=total, target_sparsity=cfg.sparsity, calibration_tokens=calib.numel(),
                 versions=library_versions())

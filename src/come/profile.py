@@ -158,7 +158,8 @@ class LayerRunner:
         else:
             hooks.append(down.register_forward_hook(lambda _m, _a, out: seen.__setitem__("f", out)))
         n_f = down.in_features if features == "channels" else down.out_features
-        eqs = (NormalEquations.empty(n_f, down.out_features), NormalEquations.empty(n_f, down.out_features))
+        eqs = (NormalEquations.empty(n_f, down.out_features, self.device),
+               NormalEquations.empty(n_f, down.out_features, self.device))
         try:
             with _on(layer, self.device):
                 for h, y, kw, hold in zip(inputs, targets, self.layer_kwargs, held_out):
