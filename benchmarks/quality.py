@@ -7,7 +7,9 @@ text of the calibration's domain and on an unseen text, params, layers, wall tim
 
 Prints a markdown table; ratios are against ShortGPT measured in the same run. Rows are
 `come compare --methods` specs (e.g. `shortgpt:refit=ls`, `come:refit=none`) or `dense`;
-`--task-data DIR --limit N` adds the zero-shot tasks (paper-style metric) and their average.
+`--task-data DIR --limit N` adds the zero-shot tasks (paper-style metric) and their average;
+`--distill come` adds a `come + sp` row (hierarchical distillation, sp mode, on the
+calibration windows; its time column is the distillation's).
 `--quick` runs a 4-layer cut of the model on little data (smoke test, < 1 min).
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from come import CompressConfig, compress
+from come import CompressConfig, DistillConfig, compress, distill
 from come.checkpoint import load_model
 from come.compare import method_list
 from come.data import read_text, token_windows
@@ -48,6 +50,9 @@ def main() -> int:
     ap.add_argument("--task-data", help="offline lm-eval data dir: adds the zero-shot tasks and their average")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     ap.add_argument("--limit", type=int, help="first N documents of each task")
+    ap.add_argument("--distill", default="", help="comma list of rows to also recover with `come distill --mode sp "
+                    "--layer-loss mse` on the calibration windows, each giving a '<row> + sp' row")
+    ap.add_argument("--distill-steps", type=int, default=50, help="optimizer steps of each distillation (batch 4)")
     ap.add_argument("--dtype", default="fp32", help="weights dtype on CPU (fp32: bf16 matmuls are slow there)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--quick", action="store_true")
@@ -66,14 +71,8 @@ def main() -> int:
     specs = {s.label: s for s in method_list(",".join(methods), base)} if methods else {}
     tasks = parse_tasks(a.tasks) if a.task_data else []
     rows = []
-    for name in names:
-        t0 = time.perf_counter()
-        if name == "dense":
-            model, layers, params = dense, dense.config.num_hidden_layers, sum(p.numel() for p in dense.parameters())
-        else:
-            model, plan = compress(copy.deepcopy(dense), tok, specs[name].config(base), calib=calib)
-            layers, params = plan.num_layers_after, plan.params_after
-        secs = time.perf_counter() - t0
+
+    def add_row(name: str, model, layers: int, params: int, secs: float) -> None:
         row = {"method": name, "heldout_ppl": perplexity(model, heldout, 8), "unseen_ppl": perplexity(model, unseen, 8),
                "params_M": params / 1e6, "layers": layers, "compress_s": secs}
         if tasks:
@@ -82,6 +81,22 @@ def main() -> int:
                        average=res["average"])
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+
+    to_distill = {r.strip() for r in a.distill.split(",") if r.strip()}
+    for name in names:
+        t0 = time.perf_counter()
+        if name == "dense":
+            add_row(name, dense, dense.config.num_hidden_layers, sum(p.numel() for p in dense.parameters()), 0.0)
+            continue
+        model, plan = compress(copy.deepcopy(dense), tok, specs[name].config(base), calib=calib)
+        add_row(name, model, plan.num_layers_after, plan.params_after, time.perf_counter() - t0)
+        if name in to_distill:
+            t0 = time.perf_counter()
+            dcfg = DistillConfig(mode="sp", steps=a.distill_steps, seqlen=a.seqlen, batch_size=4, layer_loss="mse",
+                                 device="cpu", eval_windows=min(8, len(heldout)))
+            with torch.enable_grad():  # main() runs under no_grad
+                student, _ = distill(dense, model, tok, plan, dcfg, windows=(calib, heldout[: dcfg.eval_windows]))
+            add_row(f"{name} + sp", student, plan.num_layers_after, plan.params_after, time.perf_counter() - t0)
     ref = next((r for r in rows if r["method"] == "shortgpt"), None)
     print(f"\n{Path(a.model).name}, sparsity {a.sparsity}, calibration {a.nsamples} x {a.seqlen} tokens of {Path(a.calib).name}; "
           f"ppl over {a.eval_windows} windows of {a.seqlen}\n")

@@ -37,8 +37,11 @@ def test_inference_quick():
 @pytest.mark.real
 def test_quality_quick(smollm2_dir, text_file):
     out = _run(str(BENCH / "quality.py"), "--model", str(smollm2_dir), "--calib", str(text_file), "--heldout",
-               str(text_file), "--unseen", str(text_file), "--quick", "--rows", "dense,shortgpt,come")
+               str(text_file), "--unseen", str(text_file), "--quick", "--rows", "dense,shortgpt,come", "--distill", "come", "--distill-steps", "2")
     assert "| shortgpt |" in out and "x ShortGPT" in out
+    rows = _table(out)
+    assert list(rows) == ["dense", "shortgpt", "come", "come + sp"]
+    assert rows["come + sp"][3:5] == rows["come"][3:5]  # same params and layers: distillation only trains
 
 
 def test_memory_quick(tmp_path):
