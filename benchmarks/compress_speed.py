@@ -13,9 +13,11 @@ import argparse
 import copy
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
 
 from come import CompressConfig, compress
 
@@ -25,6 +27,27 @@ def llama_1b():
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                    num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_llama(num_hidden_layers: int = 8) -> nn.Module:
+    """The toy LLaMA every script's --quick uses (seconds, no download)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256,
+                                   num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def load(a: argparse.Namespace) -> tuple[nn.Module, str]:
+    """(model on CPU, its name) from --quick, --random-llama-1b or --model (memory.add_model_args)."""
+    if a.quick:
+        return tiny_llama(), "tiny LLaMA (8 layers, hidden 128)"
+    if a.random_llama_1b:
+        return llama_1b(), "random LLaMA 1.1B"
+    if not a.model:
+        raise SystemExit("give --model DIR, --random-llama-1b or --quick")
+    from come.checkpoint import load_model
+
+    return load_model(a.model)[0], Path(a.model).name
 
 
 def main() -> int:
@@ -37,16 +60,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny random model, seconds")
     a = ap.parse_args()
     if a.quick:
-        cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-                                       num_attention_heads=4, num_key_value_heads=2)
-        model, name, a.nsamples, a.seqlen = transformers.AutoModelForCausalLM.from_config(cfg).eval(), "tiny", 8, 64
-    elif a.random_llama_1b:
-        model, name = llama_1b(), "random LLaMA 1.1B"
-    else:
-        from come.checkpoint import load_model
-
-        model, _ = load_model(a.model)
-        name = a.model
+        a.nsamples, a.seqlen = 8, 64
+    model, name = load(a)
     vocab = model.config.vocab_size
     calib = torch.randint(0, vocab, (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
     n_layers = model.config.num_hidden_layers

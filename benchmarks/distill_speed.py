@@ -29,7 +29,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from come import CompressConfig, DistillConfig, compress, distill
 from come.adapters import get_adapter
 from inference import _sync
-from memory import add_model_args, load
+from compress_speed import load
+from memory import add_model_args
 
 FLOPS = ("model FLOPs per token, matmul weights only (2 per weight forward, 2 more for the activation gradient "
          "and 2 for the weight gradient where they are needed; attention scores and the KL chunks' recomputation "

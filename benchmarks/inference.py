@@ -15,6 +15,8 @@ import time
 import torch
 import transformers
 
+from compress_speed import tiny_llama
+
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -60,10 +62,7 @@ def main() -> int:
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     if a.quick:
-        cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-                                       num_attention_heads=4, num_key_value_heads=2)
-        dense = transformers.AutoModelForCausalLM.from_config(cfg)
-        small = transformers.AutoModelForCausalLM.from_config(cfg.__class__(**{**cfg.to_dict(), "num_hidden_layers": 6}))
+        dense, small = tiny_llama(), tiny_llama(num_hidden_layers=6)
         a.prompt, a.new, a.repeats = 32, 8, 2
     else:
         load = transformers.AutoModelForCausalLM.from_pretrained

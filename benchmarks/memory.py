@@ -25,13 +25,11 @@ from pathlib import Path
 
 import psutil
 import torch
-import transformers
-from torch import nn
 
 from come import CompressConfig, compress
 from come.adapters import get_adapter
-from come.pipeline import refit_batches
-from compress_speed import llama_1b
+from come.pipeline import cache_layout
+from compress_speed import load
 
 ROWS = {"come (+ refit)": {}, "come --refit none": {"refit": "none"}, "shortgpt": {"method": "shortgpt"}}
 MERGE_LAYERS = 3  # float64 copies of layers in a come merge: the pair (_read_pair) and the merged layer
@@ -44,33 +42,12 @@ GPU_FORMULA = ("T·e·(2h + 4q + 2kv + 4·d_ff) [hidden in, out; queries, attent
                "only], T = B x S = batch x seqlen tokens, e = element bytes, q / kv = query / key-value width")
 
 
-def tiny_llama() -> nn.Module:
-    """The 8-layer toy LLaMA the other scripts' --quick uses (seconds, no download)."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
-
-
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """The options naming a model and a device, the same in every script that imports `load`."""
     ap.add_argument("--model", help="local HF dir (e.g. ~/.cache/come/smollm2-135m)")
     ap.add_argument("--random-llama-1b", action="store_true", help="TinyLlama-1.1B's shape, random weights")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny random LLaMA, seconds")
-
-
-def load(a: argparse.Namespace) -> tuple[nn.Module, str]:
-    """(model on CPU, its name) as the options in add_model_args say."""
-    if a.quick:
-        return tiny_llama(), "tiny LLaMA (8 layers, hidden 128)"
-    if a.random_llama_1b:
-        return llama_1b(), "random LLaMA 1.1B"
-    if not a.model:
-        raise SystemExit("give --model DIR, --random-llama-1b or --quick")
-    from come.checkpoint import load_model
-
-    return load_model(a.model)[0], Path(a.model).name
 
 
 def _bytes(tensors) -> int:
@@ -164,9 +141,7 @@ def host_prediction(r: dict) -> dict[str, int]:
     n, per = r["n_layers"], r["nsamples"] * r["seqlen"] * r["hidden"] * r["elem_bytes"]
     n_batches = math.ceil(r["nsamples"] / r["batch_size"])
     batch = r["batch_size"] * r["seqlen"] * r["hidden"] * r["elem_bytes"]
-    dense = refit_batches(n_batches, batch, n, r["max_cache_gb"]) if r["refit"] == "ls" else 0
-    budget = r["max_cache_gb"] * 2**30 - (n + 1) * batch * dense  # the stride prepare() picks
-    stride = max(1, math.ceil((n + 1) * per / max(budget, 1.0)))
+    dense, stride = cache_layout(n, n_batches, batch, r["max_cache_gb"], r["refit"] == "ls")  # as prepare() picks
     cache, bounds = cache_bytes(n, stride, r["merge_positions"], per, min(dense * batch, per))
     parts = {"runtime": r["base_rss"], "model": r["model_bytes"], "cache": cache,
              "refit": REFIT_SOLVE * r["d_ff"] ** 2 * (dense > 0 and r["device"] == "cpu"),

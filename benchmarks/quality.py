@@ -28,7 +28,7 @@ from come import CompressConfig, DistillConfig, compress, distill
 from come.checkpoint import load_model
 from come.compare import method_list
 from come.data import read_text, token_windows
-from come.evaluate import AVERAGE_METRIC, eval_windows, evaluate, perplexity
+from come.evaluate import eval_windows, evaluate, paper_score, perplexity
 from come.tasks import DEFAULT_TASKS, parse_tasks
 
 # Each row is a `come compare` method spec (method[:option=value...]) or "dense".
@@ -77,7 +77,7 @@ def main() -> int:
                "params_M": params / 1e6, "layers": layers, "compress_s": secs}
         if tasks:
             res = evaluate(model, tok, tasks, a.task_data, a.limit, ppl_data=None)
-            row.update(tasks={t: r.get(AVERAGE_METRIC.get(t, "acc")) for t, r in res["tasks"].items()},
+            row.update(tasks={t: paper_score(t, r) for t, r in res["tasks"].items()},
                        average=res["average"])
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)

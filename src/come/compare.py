@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .config import CompressConfig, Method
 from .errors import ComeError
-from .evaluate import AVERAGE_METRIC, evaluate
+from .evaluate import evaluate, paper_score
 from .pipeline import compress
 from .checkpoint import atomic_dir
 from .plan import Plan
@@ -24,11 +24,7 @@ log = logging.getLogger("come")
 
 def _scored(tasks: dict) -> dict:
     """Add the paper-style `score` (acc_norm or acc, as in the average) to each task."""
-    out = {}
-    for task, r in tasks.items():
-        value = r.get(AVERAGE_METRIC.get(task, "acc"))
-        out[task] = {**r, "score": r.get("acc") if value is None else value}
-    return out
+    return {task: {**r, "score": paper_score(task, r)} for task, r in tasks.items()}
 
 
 def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"], calib: Tensor, out: Path, eval_kwargs: dict,

@@ -123,18 +123,20 @@ def check_inputs(tasks: Sequence[str], task_data: str | Path | None, ppl_data: s
         raise ComeError(f"--ppl-data {ppl_data!r}: not a file and not one of {', '.join(PPL_SETS)}, boolq-passages, none")
 
 
+def paper_score(task: str, result: dict) -> float | None:
+    """The metric a task counts with in the paper-style average (AVERAGE_METRIC; acc when
+    that metric is missing or the task is not listed)."""
+    value = result.get(AVERAGE_METRIC.get(task, "acc"))
+    return result.get("acc") if value is None else value
+
+
 def average(tasks: dict[str, dict]) -> float | None:
     """Paper-style mean over the tasks run: acc_norm (length-normalised log-likelihood, the
     fair score when answers are several tokens of different lengths) for arc_challenge,
     arc_easy, hellaswag, openbookqa and piqa; acc for boolq (one-word yes/no answers) and
     winogrande (the harness scores one shared continuation, so it has no acc_norm). Any
     other task counts with acc."""
-    values = []
-    for task, r in tasks.items():
-        value = r.get(AVERAGE_METRIC.get(task, "acc"))
-        value = r.get("acc") if value is None else value
-        if value is not None:
-            values.append(value)
+    values = [v for task, r in tasks.items() if (v := paper_score(task, r)) is not None]
     return sum(values) / len(values) if values else None
 
 

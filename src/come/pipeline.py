@@ -88,7 +88,6 @@ class Profiler:
         self.states: dict[int, list[Tensor]] = {0: first_inputs}
         # the dense states of the first `dense_batches` calibration batches only: the refit's
         # tokens are bounded by the cache budget (zip() in collect_refit stops at the shortest)
-        self.dense_batches = dense_batches
         self.dense: dict[int, list[Tensor]] | None = {0: first_inputs[:dense_batches]} if dense_batches else None
         self.stats: list[LayerStats | None] = [None] * n
         self.last_tok: list[Tensor | None] = [None] * (n + 1)
@@ -118,7 +117,7 @@ class Profiler:
             if (k + 1) % self.stride == 0:
                 self.states[k + 1] = out
             if first_pass and self.dense is not None:
-                self.dense[k + 1] = out[:self.dense_batches]
+                self.dense[k + 1] = out[:len(self.dense[0])]
             if prev is not None and self.pair_all[k - 1] is None:
                 self.pair_all[k - 1] = _mean_angular_all(prev, out)
             prev, h = h, out
@@ -295,6 +294,16 @@ def refit_batches(n_batches: int, batch_bytes: int, n_layers: int, max_cache_gb:
     return min(fit, n_batches)
 
 
+def cache_layout(n_layers: int, n_batches: int, batch_bytes: int, max_cache_gb: float,
+                 keep_dense: bool) -> tuple[int, int]:
+    """(dense batches kept for the refit, stride of the cached layer inputs) within
+    --max-cache-gb: the dense states first (refit_batches), the layer inputs in the rest."""
+    dense_batches = refit_batches(n_batches, batch_bytes, n_layers, max_cache_gb) if keep_dense else 0
+    boundary = (n_layers + 1) * batch_bytes
+    budget = max_cache_gb * 2**30 - boundary * dense_batches
+    return dense_batches, max(1, math.ceil(boundary * n_batches / max(budget, 1.0)))
+
+
 def prepare(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None, model_name: str, method: str,
             keep_dense: bool):
     """Shared set-up of every method: checks, calibration, embedding, the profiler, the Plan."""
@@ -309,12 +318,10 @@ def prepare(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | No
         calib = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     n_batches = math.ceil(calib.shape[0] / cfg.batch_size)
     batch_bytes = cfg.batch_size * calib.shape[1] * model.config.hidden_size * model.dtype.itemsize
-    dense_batches = refit_batches(n_batches, batch_bytes, n_layers, cfg.max_cache_gb) if keep_dense else 0
+    dense_batches, stride = cache_layout(n_layers, n_batches, batch_bytes, cfg.max_cache_gb, keep_dense)
     model.eval()
     runner = LayerRunner(model, adapter, device, torch.device("cpu"))
     first = runner.embed(list(calib.split(cfg.batch_size)))
-    budget = cfg.max_cache_gb * 2**30 - (n_layers + 1) * batch_bytes * dense_batches
-    stride = max(1, math.ceil((n_layers + 1) * batch_bytes * n_batches / max(budget, 1.0)))
     log.info("cache: layer inputs every %d layer(s)%s", stride,
              f"; dense states of {dense_batches}/{n_batches} calibration batches for the refit "
              f"({(n_layers + 1) * batch_bytes * dense_batches / 2**30:.2f} GiB)" if keep_dense else "")
