@@ -28,7 +28,8 @@ from come import CompressConfig, DistillConfig, compress, distill
 from come.checkpoint import load_model
 from come.compare import method_list
 from come.data import read_text, token_windows
-from come.evaluate import eval_windows, evaluate, paper_score, perplexity
+from come.evaluate import eval_windows, evaluate, paired_delta, paper_score, perplexity
+from come.report import delta_cell
 from come.tasks import DEFAULT_TASKS, parse_tasks
 
 # Each row is a `come compare` method spec (method[:option=value...]) or "dense".
@@ -78,7 +79,7 @@ def main() -> int:
         if tasks:
             res = evaluate(model, tok, tasks, a.task_data, a.limit, ppl_data=None)
             row.update(tasks={t: paper_score(t, r) for t, r in res["tasks"].items()},
-                       average=res["average"])
+                       average=res["average"], per_task=res["tasks"])
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
 
@@ -98,14 +99,22 @@ def main() -> int:
                 student, _ = distill(dense, model, tok, plan, dcfg, windows=(calib, heldout[: dcfg.eval_windows]))
             add_row(f"{name} + sp", student, plan.num_layers_after, plan.params_after, time.perf_counter() - t0)
     ref = next((r for r in rows if r["method"] == "shortgpt"), None)
+    pair_ref = (ref or next((r for r in rows if r["method"] != "dense"), None)) if tasks else None
+    for r in rows:
+        paired = paired_delta(r["per_task"], pair_ref["per_task"]) if pair_ref and r is not pair_ref else None
+        r["delta"] = {"vs": pair_ref["method"], "average": paired[0], "se": paired[1]} if paired else None
     print(f"\n{Path(a.model).name}, sparsity {a.sparsity}, calibration {a.nsamples} x {a.seqlen} tokens of {Path(a.calib).name}; "
           f"ppl over {a.eval_windows} windows of {a.seqlen}\n")
-    acc_head = "".join(f" {t} |" for t in tasks) + " average acc |" if tasks else ""
+    base_avg = next((r["average"] for r in rows if r["method"] == "dense"), None) if tasks else None
+    acc_head = "".join(f" {t} |" for t in tasks) + " average acc |" + (" retention % |" if base_avg else "") if tasks else ""
+    acc_head += f" vs {pair_ref['method']} (± paired SE) |" if pair_ref else ""
     print(f"| method | held-out ppl | unseen ppl | x ShortGPT (held-out / unseen) |{acc_head} params | layers | time (s) |")
-    print("|---|---|---|---|" + "---|" * (len(tasks) + bool(tasks)) + "---|---|---|")
+    print("|---|---|---|---|" + "---|" * (len(tasks) + bool(tasks) + bool(base_avg) + bool(pair_ref)) + "---|---|---|")
     for r in rows:
         ratio = f"{ref['heldout_ppl'] / r['heldout_ppl']:.2f}x / {ref['unseen_ppl'] / r['unseen_ppl']:.2f}x" if ref else ""
         accs = "".join(f" {r['tasks'][t]:.3f} |" for t in tasks) + f" {r['average']:.3f} |" if tasks else ""
+        accs += f" {100 * r['average'] / base_avg:.1f} |" if base_avg else ""
+        accs += f" {delta_cell(r['delta'])} |" if pair_ref else ""
         print(f"| {r['method']} | {r['heldout_ppl']:.1f} | {r['unseen_ppl']:.1f} | {ratio} |{accs} {r['params_M']:.1f}M | "
               f"{r['layers']} | {r['compress_s']:.0f} |")
     if a.json:

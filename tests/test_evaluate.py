@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from come.cli import app
 from come.errors import ComeError
-from come.evaluate import average, eval_windows, evaluate, perplexity, ppl_text, retention
+from come.evaluate import average, eval_windows, evaluate, paired_delta, perplexity, ppl_text, retention
 from come.tasks import parse_tasks, resolve_split, run_tasks, write_task_yamls
 
 evaluate_mod = importlib.import_module("come.evaluate")  # `come.evaluate` the attribute is the function
@@ -123,6 +123,25 @@ def test_offline_task_run_on_tiny_model(task_dir, tokenizer, caplog):
     assert 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
     assert (r["split"], r["usual_split"]) == ("validation", "test")
     assert "no 'test' split" in caplog.text
+    for metric in ("acc", "acc_norm"):  # one score per document, averaging to the harness's figure
+        per_doc = r["per_doc"][metric]
+        assert len(per_doc) == r["n"] and set(per_doc) <= {0.0, 1.0}
+        assert sum(per_doc) / len(per_doc) == pytest.approx(r[metric])
+
+
+def test_paired_delta_is_the_gap_of_averages_with_a_paired_error():
+    a = {"arc_easy": {"acc": 0.5, "acc_norm": 0.75, "per_doc": {"acc": [1, 0, 1, 0], "acc_norm": [1, 1, 1, 0]}},
+         "winogrande": {"acc": 0.5, "acc_norm": None, "per_doc": {"acc": [1, 1, 0, 0]}}}
+    b = {"arc_easy": {"acc": 0.5, "acc_norm": 0.5, "per_doc": {"acc": [0, 1, 1, 0], "acc_norm": [1, 0, 1, 0]}},
+         "winogrande": {"acc": 0.25, "acc_norm": None, "per_doc": {"acc": [1, 0, 0, 0]}}}
+    delta, se = paired_delta(a, b)
+    assert delta == pytest.approx(average(a) - average(b))  # acc_norm for ARC, acc for WinoGrande
+    # per-task differences: ARC acc_norm [0, 1, 0, 0], WinoGrande acc [0, 1, 0, 0]: var 0.25 each over 4 docs
+    assert se == pytest.approx(math.sqrt(0.25 / 4 + 0.25 / 4) / 2)
+    assert paired_delta(a, a) == (0.0, 0.0)
+    shorter = {**b, "winogrande": {**b["winogrande"], "per_doc": {"acc": [1, 0, 0]}}}
+    assert paired_delta(a, shorter) is None  # other documents: no pairing
+    assert paired_delta(a, {t: {k: v for k, v in r.items() if k != "per_doc"} for t, r in b.items()}) is None
 
 
 def test_missing_task_data_is_one_line_error(task_dir, model_dir):
@@ -144,7 +163,7 @@ def test_cli_json_and_retention(task_dir, model_dir, text_file, tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())
     task = results["tasks"]["arc_easy"]
-    assert set(task) == {"acc", "acc_norm", "n", "split", "usual_split"} and task["n"] == len(ARC_ROWS)
+    assert set(task) == {"acc", "acc_norm", "n", "split", "usual_split", "per_doc"} and task["n"] == len(ARC_ROWS)
     assert results["average"] == task["acc_norm"]
     assert results["perplexity"] > 1 and results["settings"]["seqlen"] == 64
     assert "arc_easy" in result.output and "validation (no test)" in result.output
@@ -192,3 +211,22 @@ def test_smollm2_offline_matches_lm_eval_cli(smollm2_dir, tmp_path):
     for task in tasks:
         assert ours[task]["acc"] == pytest.approx(theirs[task]["acc,none"], abs=1e-9)
         assert ours[task]["acc_norm"] == pytest.approx(theirs[task]["acc_norm,none"], abs=1e-9)
+
+
+def test_compare_sets_each_row_against_the_first_method(task_dir, model_dir, text_file, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["compare", str(model_dir), "--out", str(out), "--sparsity", "0.3",
+                                      "--methods", "shortgpt,come", "--calib", str(text_file), "--nsamples", "8",
+                                      "--seqlen", "32", "--device", "cpu", "--task-data", str(task_dir),
+                                      "--tasks", "arc_easy", "--ppl-data", "none"])
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert rows["shortgpt"]["delta"] is None
+    for name in ("dense", "come"):
+        delta = rows[name]["delta"]
+        assert delta["vs"] == "shortgpt"
+        assert (delta["average"], delta["se"]) == paired_delta(rows[name]["tasks"], rows["shortgpt"]["tasks"])
+        assert delta["average"] == pytest.approx(rows[name]["average"] - rows["shortgpt"]["average"])
+    md = (out / "report.md").read_text()
+    assert "vs shortgpt (± paired SE)" in md
+    assert f"{rows['come']['delta']['average']:+.3f} ± {rows['come']['delta']['se']:.3f}" in md

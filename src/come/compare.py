@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .config import CompressConfig, Method
 from .errors import ComeError
-from .evaluate import evaluate, paper_score
+from .evaluate import evaluate, paired_delta, paper_score
 from .pipeline import compress
 from .checkpoint import atomic_dir
 from .plan import Plan
@@ -52,8 +52,11 @@ def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"],
                      "achieved_sparsity": plan.achieved_sparsity if plan else 0.0})
         del lm
     dense_avg = rows[0]["average"]
+    ref = rows[1] if len(rows) > 2 else None  # the first method listed: what the others are set against
     for r in rows:
         r["retention_pct"] = 100.0 * r["average"] / dense_avg if dense_avg and r["average"] is not None else None
+        paired = paired_delta(r["tasks"], ref["tasks"]) if ref is not None and r is not ref else None
+        r["delta"] = {"vs": ref["method"], "average": paired[0], "se": paired[1]} if paired else None
     tasks = list(rows[0]["tasks"])
     header = (f"Model {model_name or 'model'}; sparsity {base.sparsity} of all params; calibration "
               f"{calib.shape[0]} x {calib.shape[1]} tokens of {base.calib} (seed {base.seed}); "

@@ -12,14 +12,24 @@ def _fmt(x, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def delta_cell(delta: dict | None) -> str:
+    """'+0.012 ± 0.006' (a paired difference of averages), '-' when there is none."""
+    return "-" if not delta else f"{delta['average']:+.3f} ± {delta['se']:.3f}"
+
+
 def markdown_table(rows: list[dict], tasks: list[str]) -> str:
-    """Rows = methods; columns = tasks (paper-style metric), average, retention, ppl, size, time."""
-    head = ["method", *tasks, "average", "retention %", "perplexity", "params", "layers", "time (s)"]
+    """Rows = methods; columns = tasks (paper-style metric), average, the paired difference
+    of the average against the first method (when per-document scores exist), retention,
+    ppl, size, time."""
+    vs = next((r["delta"]["vs"] for r in rows if r.get("delta")), None)
+    head = ["method", *tasks, "average", *([f"vs {vs} (± paired SE)"] if vs else []), "retention %", "perplexity",
+            "params", "layers", "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        delta = [delta_cell(r.get("delta"))] if vs else []
         cells = [r["method"], *(_fmt(r["tasks"].get(t, {}).get("score")) for t in tasks), _fmt(r.get("average")),
-                 _fmt(r.get("retention_pct"), ".1f"), _fmt(r.get("perplexity"), ".2f"), f"{r['params'] / 1e6:.1f}M",
-                 str(r["layers"]), _fmt(r.get("compress_s"), ".0f")]
+                 *delta, _fmt(r.get("retention_pct"), ".1f"), _fmt(r.get("perplexity"), ".2f"),
+                 f"{r['params'] / 1e6:.1f}M", str(r["layers"]), _fmt(r.get("compress_s"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -30,6 +40,8 @@ def write_report(out: Path, rows: list[dict], tasks: list[str], plans: dict[str,
     (out / "report.json").write_text(json.dumps({"header": header, "tasks": tasks, "rows": rows}, indent=1))
     md = [f"# come compare\n\n{header}\n", markdown_table(rows, tasks), "",
           "Task scores: acc_norm for ARC, HellaSwag, OpenBookQA, PIQA; acc for BoolQ, WinoGrande (paper-style).",
+          "'vs' column: this row's average minus the first method's, per document on the same documents, with "
+          "the standard error of that paired difference (a gap under ~2 SE is noise).",
           "", "![accuracy](accuracy.png)", "![merge map](merge_map.png)", "![pair scores](pair_scores.png)"]
     (out / "report.md").write_text("\n".join(md) + "\n")
     _plots(out, rows, tasks, plans)

@@ -137,7 +137,9 @@ def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None =
 
     task_data None: the stock tasks, data from the Hub. Otherwise offline from that
     directory. Returns task -> {"acc", "acc_norm" (None if the task has none), "n", "split",
-    "usual_split"}: the harness's own figures on the first `limit` documents.
+    "usual_split", "per_doc"}: the harness's own figures on the first `limit` documents;
+    per_doc holds each metric per document in doc order, so two models scored on the same
+    documents can be compared pairwise (evaluate.paired_delta).
     """
     import tempfile
 
@@ -165,7 +167,7 @@ def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None =
         finally:
             hf_log.setLevel(level)
         out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                              log_samples=False, bootstrap_iters=0)
+                              log_samples=True, bootstrap_iters=0)
     results = {}
     for task in tasks:
         metrics, config = out["results"][task], out["configs"][task]
@@ -176,5 +178,12 @@ def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None =
             "n": out["n-samples"][task]["effective"],
             "split": split,
             "usual_split": splits.get(task, (split, split))[1],
+            "per_doc": _per_doc(out["samples"][task]),
         }
     return results
+
+
+def _per_doc(samples: list[dict]) -> dict[str, list[float]]:
+    """metric -> its value on each document, in doc order (the harness logs one sample per doc)."""
+    samples = sorted(samples, key=lambda s: s["doc_id"])
+    return {m: [float(s[m]) for s in samples] for m in ("acc", "acc_norm") if samples and m in samples[0]}
