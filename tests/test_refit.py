@@ -118,6 +118,22 @@ def test_error_pair_score_may_choose_degenerate_splits(tokenizer):
     assert all(m.pair_score == min(s for s in m.pair_scores) for m in plan.merges)
 
 
+def test_merge_error_scores_the_merge_before_its_refit(tokenizer):
+    """merge-error ranks pairs by the unfitted merge's error (what `error` gives with no
+    refit) and still refits the chosen merge; `error` ranks by the error after the refit."""
+    calib = _calib(tokenizer)
+    kw = dict(sparsity=0.3, device="cpu", batch_size=4)
+    runs = {name: compress(tiny_model("llama"), tokenizer, CompressConfig(**kw, **opts), calib=calib)[1]
+            for name, opts in {"raw": dict(pair_score="error", refit="none"), "merge": dict(pair_score="merge-error"),
+                               "fitted": dict(pair_score="error")}.items()}
+    first = {name: plan.merges[0] for name, plan in runs.items()}
+    assert first["merge"].pair_scores == pytest.approx(first["raw"].pair_scores)
+    assert (first["merge"].position, first["merge"].r_a) == (first["raw"].position, first["raw"].r_a)
+    assert all(m.refit is not None for m in runs["merge"].merges)
+    assert all(f <= r + 1e-12 for f, r in zip(first["fitted"].pair_scores, first["raw"].pair_scores))
+    assert any(f < r for f, r in zip(first["fitted"].pair_scores, first["raw"].pair_scores))
+
+
 def test_replaceme_map_recovers_an_exactly_linear_block(tokenizer):
     """Target layer = the same layer with its FFN output passed through a linear map M:
     the block is exactly linear in the MLP output, so the fitted map is M and the folded

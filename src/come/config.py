@@ -7,7 +7,7 @@ from typing import Literal
 
 from .errors import ComeError
 
-PairScore = Literal["angular", "bi-all-tokens", "error"]
+PairScore = Literal["angular", "bi-all-tokens", "error", "merge-error"]
 Split = Literal["bi", "joint"]
 Method = Literal["come", "shortgpt", "replaceme", "laco", "average"]
 Refit = Literal["ls", "none"]
@@ -57,9 +57,9 @@ class CompressConfig:
             raise ComeError("--head-score must be channel or exact")
         if self.batch_size < 1:
             raise ComeError("--batch-size must be >= 1")
-        if self.pair_score == "error" and self.method in ("laco", "average"):
-            raise ComeError("--pair-score error scores concatenation merges; use angular or bi-all-tokens with "
-                            f"--method {self.method}")
+        if self.pair_score in ("error", "merge-error") and self.method in ("laco", "average"):
+            raise ComeError(f"--pair-score {self.pair_score} scores concatenation merges; use angular or "
+                            f"bi-all-tokens with --method {self.method}")
         if not 0.0 < self.refit_holdout < 1.0:
             raise ComeError(f"--refit-holdout must be in (0, 1), got {self.refit_holdout}")
         if not 0.0 <= self.min_max < 1.0:

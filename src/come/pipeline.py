@@ -160,18 +160,22 @@ class Profiler:
         """Layer k changed: cached inputs of the layers after it no longer hold."""
         self.states = {j: h for j, h in self.states.items() if j <= k}
 
-    def refit(self, k: int, group: list[int], inputs: str, features: str = "channels", layer: nn.Module | None = None):
+    def refit(self, k: int, group: list[int], inputs: str, features: str = "channels", layer: nn.Module | None = None,
+              solve: bool = True):
         """Refit current layer k's down projection to reproduce the dense output of `group`.
 
         inputs="compressed": the states entering layer k in the current model (corrects the
         error accumulated upstream); "dense": the dense model's states entering the group.
-        Returns the RefitResult; the caller decides what to write.
+        Returns the RefitResult; the caller decides what to write. solve=False: only the
+        held-out error of the layer as it is (no solves).
         """
         layer = layer if layer is not None else self.adapter.decoder_layers(self.model)[k]
         x = self.inputs_at(k) if inputs == "compressed" else self.dense[group[0]]
         train, hold = self.runner.collect_refit(layer, x, self.dense[group[-1] + 1], self.held_out, features)
         self.forwards += 1
         w0 = self.adapter.ffn_output_proj(layer).weight.detach()
+        if not solve:
+            return fit(train, hold, w0, lambdas=())
         return fit(train, hold, w0) if features == "channels" else fit_map(train, hold, w0)
 
 
@@ -242,6 +246,9 @@ class ErrorScores:
     dense stream, of its ACTUAL merged layer (refit if --refit ls) against the dense group's
     output, on the dense group's input. Degenerate splits (all units of one side = drop the
     other) compete, so come can only match or beat drop + refit on the same layers.
+    `--pair-score merge-error`: the same error of the merge itself, before any refit (the
+    refit still follows the choice): a refit fitted on the calibration can make a merge look
+    cheap on calibration-domain text only, the unfitted merge cannot.
     Dense inputs and targets make a pair's cost independent of merges elsewhere: only pairs
     touching the newly merged layer are re-scored."""
 
@@ -275,8 +282,9 @@ class ErrorScores:
             choice = choose_units(a, b, sa, sb, self.shape, cfg, len(group), r_a)
             prof.adapter.write_layer(scratch, concat_merge(a, b, self.shape, choice.kv_a, choice.kv_b, choice.ffn_a,
                                                            choice.ffn_b, choice.r_a, cfg.norm))
-            res = prof.refit(k, group, "dense", layer=scratch)
-            err = res.err_after if cfg.refit == "ls" else res.err_before
+            fitted = cfg.refit == "ls" and cfg.pair_score == "error"
+            res = prof.refit(k, group, "dense", layer=scratch, solve=fitted)
+            err = res.err_after if fitted else res.err_before
             if best is None or err < best[0]:
                 best = (err, choice)
         return best
@@ -360,13 +368,13 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
 
         return compress_baseline(model, tokenizer, cfg, calib, model_name)
     t0 = time.perf_counter()
-    keep_dense = cfg.refit == "ls" or cfg.pair_score == "error"
+    keep_dense = cfg.refit == "ls" or cfg.pair_score in ("error", "merge-error")
     adapter, prof, plan, n_merges = prepare(model, tokenizer, cfg, calib, model_name, cfg.method, keep_dense)
     shape = adapter.attn_shape(model.config)
     groups = [[i] for i in range(plan.num_layers_before)]
     originals = ([adapter.read_layer(layer) for layer in adapter.decoder_layers(model)]
                  if cfg.method == "laco" else None)
-    errors = ErrorScores(prof, shape, cfg) if cfg.pair_score == "error" else None
+    errors = ErrorScores(prof, shape, cfg) if cfg.pair_score in ("error", "merge-error") else None
 
     for step in tqdm(range(n_merges), desc="merging", unit="merge"):
         prof.refresh()
