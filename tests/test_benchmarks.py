@@ -75,3 +75,23 @@ def test_distill_speed_quick():
     # distillation also runs the teacher: more model FLOPs per token than plain fine-tuning
     assert float(table["distill sp"][2]) > float(table["plain fine-tuning"][2])
     assert "MFU = " not in out and "plain = 2·Ls" in out
+
+
+def test_paired_across_runs(tmp_path):
+    def row(method, arc, wino):
+        per_task = {"arc_easy": {"acc": None, "acc_norm": sum(arc) / 4, "per_doc": {"acc_norm": arc}},
+                    "winogrande": {"acc": sum(wino) / 4, "acc_norm": None, "per_doc": {"acc": wino}}}
+        return {"method": method, "average": (sum(arc) + sum(wino)) / 8, "per_task": per_task}
+
+    (tmp_path / "a.json").write_text(json.dumps([row("shortgpt", [1, 0, 1, 0], [1, 0, 0, 0]),
+                                                 row("come", [1, 1, 1, 0], [1, 1, 0, 0])]))
+    (tmp_path / "b.json").write_text(json.dumps([row("come", [0, 0, 0, 0], [0, 0, 0, 0]),  # a.json's come wins
+                                                 row("come:x=y", [1, 0, 1, 0], [1, 0, 0, 0]), {"method": "no tasks"}]))
+    table = _table(_run(str(BENCH / "paired.py"), str(tmp_path / "a.json"), str(tmp_path / "b.json")))
+    assert list(table) == ["shortgpt", "come", "come:x=y"]
+    assert table["shortgpt"] == ["0.375", "-"]
+    assert table["come"] == ["0.625", "+0.250 ± 0.177"]  # two tasks, each diff [0,1,0,0]: sqrt(2 * 0.25/4) / 2
+    assert table["come:x=y"] == ["0.375", "+0.000 ± 0.000"]
+    bad = subprocess.run([sys.executable, str(BENCH / "paired.py"), str(tmp_path / "b.json")], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "--ref 'shortgpt'" in bad.stderr
