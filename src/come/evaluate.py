@@ -123,11 +123,15 @@ def check_inputs(tasks: Sequence[str], task_data: str | Path | None, ppl_data: s
         raise ComeError(f"--ppl-data {ppl_data!r}: not a file and not one of {', '.join(PPL_SETS)}, boolq-passages, none")
 
 
-def paper_score(task: str, result: dict) -> float | None:
+def paper_metric(task: str, result: dict) -> str:
     """The metric a task counts with in the paper-style average (AVERAGE_METRIC; acc when
     that metric is missing or the task is not listed)."""
-    value = result.get(AVERAGE_METRIC.get(task, "acc"))
-    return result.get("acc") if value is None else value
+    metric = AVERAGE_METRIC.get(task, "acc")
+    return metric if result.get(metric) is not None else "acc"
+
+
+def paper_score(task: str, result: dict) -> float | None:
+    return result.get(paper_metric(task, result))
 
 
 def average(tasks: dict[str, dict]) -> float | None:
@@ -150,8 +154,7 @@ def paired_delta(a: dict[str, dict], b: dict[str, dict]) -> tuple[float, float] 
         rb = b.get(task)
         if rb is None or paper_score(task, ra) is None:
             continue
-        metric = AVERAGE_METRIC.get(task, "acc")
-        metric = metric if ra.get("acc_norm") is not None or metric == "acc" else "acc"
+        metric = paper_metric(task, ra)
         xa, xb = ra.get("per_doc", {}).get(metric), rb.get("per_doc", {}).get(metric)
         if not xa or not xb or len(xa) != len(xb):
             return None

@@ -278,11 +278,11 @@ class ErrorScores:
         group = groups[k] + groups[k + 1]
         scratch = copy.deepcopy(prof.adapter.decoder_layers(prof.model)[k])
         best = None
+        fitted = cfg.refit == "ls" and cfg.pair_score == "error"
         for r_a in (None, 1.0, 0.0):
             choice = choose_units(a, b, sa, sb, self.shape, cfg, len(group), r_a)
             prof.adapter.write_layer(scratch, concat_merge(a, b, self.shape, choice.kv_a, choice.kv_b, choice.ffn_a,
                                                            choice.ffn_b, choice.r_a, cfg.norm))
-            fitted = cfg.refit == "ls" and cfg.pair_score == "error"
             res = prof.refit(k, group, "dense", layer=scratch, solve=fitted)
             err = res.err_after if fitted else res.err_before
             if best is None or err < best[0]:
