@@ -51,6 +51,8 @@ def main() -> int:
     ap.add_argument("--task-data", help="offline lm-eval data dir: adds the zero-shot tasks and their average")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     ap.add_argument("--limit", type=int, help="first N documents of each task")
+    ap.add_argument("--skip", type=int, default=0, help="start at document N of each task (validate a choice on "
+                    "documents other than the reported ones)")
     ap.add_argument("--distill", default="", help="comma list of rows to also recover with `come distill --mode sp "
                     "--layer-loss mse` on the calibration windows, each giving a '<row> + sp' row")
     ap.add_argument("--distill-steps", type=int, default=50, help="optimizer steps of each distillation (batch 4)")
@@ -77,7 +79,7 @@ def main() -> int:
         row = {"method": name, "heldout_ppl": perplexity(model, heldout, 8), "unseen_ppl": perplexity(model, unseen, 8),
                "params_M": params / 1e6, "layers": layers, "compress_s": secs}
         if tasks:
-            res = evaluate(model, tok, tasks, a.task_data, a.limit, ppl_data=None)
+            res = evaluate(model, tok, tasks, a.task_data, a.limit, ppl_data=None, skip=a.skip)
             row.update(tasks={t: paper_score(t, r) for t, r in res["tasks"].items()},
                        average=res["average"], per_task=res["tasks"])
         rows.append(row)

@@ -129,6 +129,22 @@ def test_offline_task_run_on_tiny_model(task_dir, tokenizer, caplog):
         assert sum(per_doc) / len(per_doc) == pytest.approx(r[metric])
 
 
+def test_skip_scores_the_later_documents_of_a_full_run(task_dir, tokenizer):
+    """Documents [2, 5) scored alone are those documents of the full run, and a --skip past a
+    task's end is a one-line error, not an empty score."""
+    model = tiny_model("llama", seed=2)
+    full = run_tasks(model, tokenizer, ["arc_easy"], task_dir, batch_size=4)["arc_easy"]
+    assert len(set(full["per_doc"]["acc"][2:5])) == 2  # a mixed pattern, so a shifted window would differ
+    part = run_tasks(model, tokenizer, ["arc_easy"], task_dir, limit=3, batch_size=4, skip=2)["arc_easy"]
+    assert part["n"] == 3
+    for metric in ("acc", "acc_norm"):
+        assert part["per_doc"][metric] == full["per_doc"][metric][2:5]
+    tail = run_tasks(model, tokenizer, ["arc_easy"], task_dir, batch_size=4, skip=4)["arc_easy"]
+    assert tail["n"] == 2 and tail["per_doc"]["acc"] == full["per_doc"]["acc"][4:]
+    with pytest.raises(ComeError, match="--skip 6 leaves no documents of arc_easy"):
+        run_tasks(model, tokenizer, ["arc_easy"], task_dir, skip=6)
+
+
 def test_paired_delta_is_the_gap_of_averages_with_a_paired_error():
     a = {"arc_easy": {"acc": 0.5, "acc_norm": 0.75, "per_doc": {"acc": [1, 0, 1, 0], "acc_norm": [1, 1, 1, 0]}},
          "winogrande": {"acc": 0.5, "acc_norm": None, "per_doc": {"acc": [1, 1, 0, 0]}}}

@@ -142,6 +142,7 @@ def eval_(
                                             "(datasets.save_to_disk); nothing then reaches the network."),
     tasks: str = typer.Option(",".join(DEFAULT_TASKS), help="Comma-separated lm-eval tasks, or none."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N documents of each task."),
+    skip: int = typer.Option(0, help="Start at document N of each task (choose settings on other documents than you report)."),
     batch_size: int = typer.Option(8, help="lm-eval requests per forward."),
     ppl_data: str = typer.Option("wikitext2", help=PPL_HELP),
     seqlen: int = typer.Option(2048, help="Tokens per perplexity window."),
@@ -161,7 +162,7 @@ def eval_(
 
     names = parse_tasks(tasks)
     ppl = None if ppl_data == "none" else ppl_data
-    check_inputs(names, task_data, ppl, limit, seqlen, batch_size, ppl_windows)
+    check_inputs(names, task_data, ppl, limit, seqlen, batch_size, ppl_windows, skip)
     dense = None
     if baseline and baseline.endswith(".json"):
         try:
@@ -170,7 +171,7 @@ def eval_(
             raise ComeError(f"cannot read --baseline results {baseline}: {exc}") from None
     with hf_offline() if task_data else contextlib.nullcontext():
         options = dict(tasks=names, task_data=task_data, limit=limit, ppl_data=ppl, seqlen=seqlen,
-                       batch_size=batch_size, ppl_windows=ppl_windows)
+                       batch_size=batch_size, ppl_windows=ppl_windows, skip=skip)
         results = _evaluate_model(model, device, dtype, options)
         if baseline and dense is None:
             dense = _evaluate_model(baseline, device, dtype, options)

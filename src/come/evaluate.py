@@ -106,12 +106,12 @@ def ppl_text(source: str, task_data: str | Path | None = None) -> str:
 
 def check_inputs(tasks: Sequence[str], task_data: str | Path | None, ppl_data: str | None,
                  limit: int | None = None, seqlen: int = 2048, batch_size: int = 8,
-                 ppl_windows: int | None = None) -> None:
+                 ppl_windows: int | None = None, skip: int = 0) -> None:
     """Fail fast, before any weights load: numbers in range, every task's local data and the
     perplexity file present."""
-    if seqlen < 2 or batch_size < 1 or min(limit or 1, ppl_windows or 1) < 1:
-        raise ComeError(f"need --seqlen >= 2, --batch-size >= 1, --limit and --ppl-windows >= 1 "
-                        f"(got {seqlen}, {batch_size}, {limit}, {ppl_windows})")
+    if seqlen < 2 or batch_size < 1 or min(limit or 1, ppl_windows or 1) < 1 or skip < 0:
+        raise ComeError(f"need --seqlen >= 2, --batch-size >= 1, --limit and --ppl-windows >= 1, --skip >= 0 "
+                        f"(got {seqlen}, {batch_size}, {limit}, {ppl_windows}, {skip})")
     if task_data is not None:
         if not Path(task_data).is_dir():
             raise ComeError(f"--task-data {task_data} is not a directory")
@@ -168,26 +168,26 @@ def paired_delta(a: dict[str, dict], b: dict[str, dict]) -> tuple[float, float] 
 
 def evaluate(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, task_data: str | Path | None = None,
              limit: int | None = None, ppl_data: str | None = "wikitext2", seqlen: int = 2048,
-             batch_size: int = 8, ppl_windows: int | None = None) -> dict:
+             batch_size: int = 8, ppl_windows: int | None = None, skip: int = 0) -> dict:
     """Zero-shot `tasks` (lm-eval, offline from `task_data` when given) and perplexity on
     `ppl_data` (None or "none": skipped) of a loaded model, on the device it is on.
 
-    `limit`: the first N documents of each task; `ppl_windows`: the first N perplexity windows
+    `limit`: N documents of each task, after the first `skip` (default: the first N); `ppl_windows`: the first N perplexity windows
     (default all: the papers' protocol; a cap keeps CPU runs short). Returns the dict in this module's
     docstring; "average" is over the tasks run, with AVERAGE_METRIC's metric per task.
     """
     start = time.perf_counter()
     tasks, ppl_data = list(tasks), None if ppl_data == "none" else ppl_data
-    check_inputs(tasks, task_data, ppl_data, limit, seqlen, batch_size, ppl_windows)
+    check_inputs(tasks, task_data, ppl_data, limit, seqlen, batch_size, ppl_windows, skip)
     with hf_offline() if task_data else contextlib.nullcontext():
         windows = eval_windows(ppl_text(ppl_data, task_data), tokenizer, seqlen)[:ppl_windows] if ppl_data else None
-        scores = run_tasks(model, tokenizer, tasks, task_data, limit, batch_size) if tasks else {}
+        scores = run_tasks(model, tokenizer, tasks, task_data, limit, batch_size, skip) if tasks else {}
     ppl = perplexity(model, windows) if windows is not None else None
     return {
         "tasks": scores,
         "average": average(scores),
         "perplexity": ppl,
-        "settings": {"limit": limit, "ppl_data": ppl_data, "seqlen": seqlen, "ppl_windows": ppl_windows,
+        "settings": {"limit": limit, "skip": skip, "ppl_data": ppl_data, "seqlen": seqlen, "ppl_windows": ppl_windows,
                      "ppl_tokens": windows.numel() if windows is not None else 0,
                      "task_data": str(task_data) if task_data else None,
                      "wall_time_s": round(time.perf_counter() - start, 1)},
@@ -200,7 +200,7 @@ def retention(results: dict, dense: dict) -> dict:
     def pct(a, b):
         return None if a is None or not b else 100.0 * a / b
 
-    for key in ("limit", "ppl_data", "seqlen", "ppl_windows"):
+    for key in ("limit", "skip", "ppl_data", "seqlen", "ppl_windows"):
         if results.get("settings", {}).get(key) != dense.get("settings", {}).get(key):
             log.warning("baseline was run with a different %s; retention compares unlike runs", key)
     tasks = {}

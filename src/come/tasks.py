@@ -132,14 +132,15 @@ def hf_offline() -> Iterator[None]:
 
 
 def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None = None,
-              limit: int | None = None, batch_size: int = 8) -> dict[str, dict]:
+              limit: int | None = None, batch_size: int = 8, skip: int = 0) -> dict[str, dict]:
     """Zero-shot `tasks` on the loaded model (wrapped in lm-eval's HFLM, on its device).
 
     task_data None: the stock tasks, data from the Hub. Otherwise offline from that
     directory. Returns task -> {"acc", "acc_norm" (None if the task has none), "n", "split",
-    "usual_split", "per_doc"}: the harness's own figures on the first `limit` documents;
-    per_doc holds each metric per document in doc order, so two models scored on the same
-    documents can be compared pairwise (evaluate.paired_delta).
+    "usual_split", "per_doc"}: the harness's own figures on documents [skip, skip + limit)
+    (the first `limit` by default); per_doc holds each metric per document in doc order, so
+    two models scored on the same documents can be compared pairwise (evaluate.paired_delta).
+    `skip` lets a choice be made on documents other than the ones a table reports.
     """
     import tempfile
 
@@ -166,8 +167,9 @@ def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None =
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         finally:
             hf_log.setLevel(level)
-        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                              log_samples=True, bootstrap_iters=0)
+        window = dict(limit=limit) if not skip else dict(samples=_doc_window(tasks, manager, skip, limit))
+        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, log_samples=True,
+                              bootstrap_iters=0, **window)
     results = {}
     for task in tasks:
         metrics, config = out["results"][task], out["configs"][task]
@@ -181,6 +183,16 @@ def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None =
             "per_doc": _per_doc(out["samples"][task]),
         }
     return results
+
+
+def _doc_window(tasks: list[str], manager, skip: int, limit: int | None) -> dict[str, list[int]]:
+    """task -> the document ids [skip, skip + limit), cut at the task's size; a task with no
+    document past `skip` is a ComeError (it would silently score nothing)."""
+    sizes = {name: len(task.eval_docs) for name, task in manager.load(list(tasks))["tasks"].items()}
+    short = [f"{t} ({sizes[t]})" for t in tasks if sizes[t] <= skip]
+    if short:
+        raise ComeError(f"--skip {skip} leaves no documents of {', '.join(short)}; lower --skip")
+    return {t: list(range(skip, sizes[t] if limit is None else min(sizes[t], skip + limit))) for t in tasks}
 
 
 def _per_doc(samples: list[dict]) -> dict[str, list[float]]:
