@@ -26,7 +26,7 @@ def _table(out: str) -> dict[str, list[str]]:
 
 def test_compress_speed_quick():
     out = _run(str(BENCH / "compress_speed.py"), "--quick")
-    assert "x floor" in out and "naive re-profile" in out and "faster" in out
+    assert "x floor" in out and "naive re-profile" in out and "faster" in out and "calibration passes" in out
 
 
 def test_inference_quick():

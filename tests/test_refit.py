@@ -65,9 +65,16 @@ def test_refit_never_raises_heldout_error(seed):
 def test_refit_bad_input():
     with pytest.raises(ComeError, match="at least"):
         fit(_eq(torch.randn(5, 3), torch.randn(5, 2)), _eq(torch.randn(5, 3), torch.randn(5, 2)), torch.zeros(2, 3))
-    eq = NormalEquations.empty(3, 2)
-    with pytest.raises(ComeError, match="non-finite"):
-        eq.add(torch.tensor([[float("nan"), 0.0, 1.0]]), torch.zeros(1, 2), torch.zeros(1, 2))
+    nan, inf = float("nan"), float("inf")
+    bad = [(torch.tensor([[nan, 0.0, 1.0]]), torch.zeros(1, 2)),  # NaN feature
+           (torch.tensor([[inf, 0.0, 1.0]]), torch.zeros(1, 2)),  # inf feature
+           (torch.zeros(1, 3), torch.tensor([[nan, 0.0]])),  # NaN target on all-zero features
+           (torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.0, inf]]))]  # inf target
+    for feats, target in bad:
+        eq = NormalEquations.empty(3, 2)
+        with pytest.raises(ComeError, match="non-finite"):
+            eq.add(feats, target, torch.zeros(1, 2))
+        assert eq.n == 0 and eq.ff.abs().sum() == 0  # nothing half-accumulated
 
 
 def test_layer_refit_to_its_own_output_keeps_its_weights(tokenizer):

@@ -47,13 +47,16 @@ class NormalEquations:
         # per-batch products in float32 (fast; a batch is a few thousand rows), sums in float64
         f = feats.reshape(-1, feats.shape[-1]).float()
         t = target.reshape(-1, target.shape[-1]).float()
-        if not (torch.isfinite(f).all() and torch.isfinite(t).all()):
+        ff, ft = f.T @ f, f.T @ t
+        # a NaN / inf in f or t always reaches these products (diag(ff) sums f^2; NaN * 0 is NaN),
+        # so checking them, f x f and f x d, is as safe as checking tokens x f and far cheaper
+        if not (torch.isfinite(ff).all() and torch.isfinite(ft).all()):
             raise ComeError("non-finite activations while accumulating the refit; "
                             "use --dtype fp32 or --refit none")
-        self.ff += (f.T @ f).to(self.ff.device, torch.float64)
-        self.ft += (f.T @ t).to(self.ft.device, torch.float64)
-        self.tt += float(t.double().pow(2).sum())
-        self.yy += float(y.double().pow(2).sum())
+        self.ff += ff.to(self.ff.device, torch.float64)
+        self.ft += ft.to(self.ft.device, torch.float64)
+        self.tt += float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+        self.yy += float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
         self.n += f.shape[0]
 
     def __add__(self, other: "NormalEquations") -> "NormalEquations":
