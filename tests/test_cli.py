@@ -9,7 +9,7 @@ import transformers
 from typer.testing import CliRunner
 
 from come.cli import app
-from come.plan import PLAN_FILE
+from come.plan import PLAN_FILE, load_plan
 
 
 runner = CliRunner()
@@ -39,6 +39,18 @@ def test_cli_compress_writes_stock_checkpoint(model_dir, text_file, tmp_path):
     assert _run(*_compress_args(model_dir, text_file, out, "--overwrite")).exit_code == 0
 
 
+def test_official_restores_the_authors_choices(model_dir, text_file, tmp_path):
+    """Default: our decisions (joint split, exact norm folding, refit); --official: the authors'
+    code (BI split, averaged norms, no refit), recorded in the Plan."""
+    want = {"": ("joint", "fold", "ls"), "--official": ("bi", "average", "none")}
+    for flag, settings in want.items():
+        out = tmp_path / f"out{flag}"
+        result = _run(*_compress_args(model_dir, text_file, out, "--sparsity", 0.15, *([flag] if flag else [])))
+        assert result.exit_code == 0, result.output
+        cfg = load_plan(out / PLAN_FILE).settings
+        assert (cfg["split"], cfg["norm"], cfg["refit"]) == settings
+
+
 def _assert_clean_error(result, pattern: str, out: Path):
     assert result.exit_code == 2, result.output
     assert pattern in result.output
@@ -63,6 +75,7 @@ def test_bad_inputs_are_one_line_errors(model_dir, text_file, tmp_path):
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2)).save_pretrained(gpt2)
     _assert_clean_error(_run(*_compress_args(gpt2, text_file, out)), "unsupported architecture", out)
     _assert_clean_error(_run(*_compress_args(model_dir, text_file, out, "--pair-score", "magic")), "--pair-score", out)
+    _assert_clean_error(_run(*_compress_args(model_dir, text_file, out, "--skew", 2)), "add --split bi", out)
 
 
 def test_interrupted_write_leaves_nothing(model_dir, text_file, tmp_path, monkeypatch):

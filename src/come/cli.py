@@ -76,16 +76,16 @@ def compress(
     device: str = typer.Option("auto", help="cuda | cpu | auto (layers visit it one at a time)."),
     dtype: str = typer.Option("auto", help="bf16 | fp16 | fp32 | auto (as stored)."),
     pair_score: str = typer.Option("angular", help="angular (last token, OFFICIAL) | bi-all-tokens | error | merge-error."),
-    split: str = typer.Option("bi", help="bi (OFFICIAL share from block influence) | joint (top-N of both)."),
-    skew: float = typer.Option(1.0, help="Exponent p of the split rule."),
-    min_max: float = typer.Option(0.0, help="Raise the larger side's share to at least this."),
+    split: str = typer.Option("joint", help="joint (top-N units of both layers) | bi (OFFICIAL share from block influence)."),
+    skew: float = typer.Option(1.0, help="Exponent p of the bi split rule."),
+    min_max: float = typer.Option(0.0, help="bi split: raise the larger side's share to at least this."),
     norm: str = typer.Option("fold", help="fold (exact) | average (OFFICIAL)."),
     head_score: str = typer.Option("channel", help="channel (sum of channel scores) | exact."),
     no_repeat: bool = typer.Option(False, help="Never merge an already merged layer again."),
     protect: str = typer.Option("", help="Comma-separated original layers never merged."),
     max_cache_gb: float = typer.Option(32.0, help="Host memory for cached calibration activations."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
-    official: bool = typer.Option(False, help="The authors' choices: --norm average --refit none."),
+    official: bool = typer.Option(False, help="The authors' choices: --norm average --refit none --split bi."),
 ) -> None:
     """Compress MODEL to --sparsity with progressive concatenation merges; write a stock HF checkpoint."""
     from .checkpoint import check_output_dir, load_config, load_model, load_tokenizer, meta_model, save_checkpoint
@@ -98,7 +98,7 @@ def compress(
                          min_max=min_max, norm=norm, head_score=head_score, no_repeat=no_repeat,
                          protect=_int_list(protect), max_cache_gb=max_cache_gb)
     if official:
-        cfg.norm, cfg.refit = "average", "none"
+        cfg.norm, cfg.refit, cfg.split = "average", "none", "bi"
     cfg.validate()
     check_output_dir(out, overwrite)
     merge_budget(meta_model(load_config(model)), sparsity)
@@ -241,7 +241,7 @@ def compare_(
     out: str = typer.Option(..., "--out", "-o", help="Report directory (report.md, report.json, plots)."),
     sparsity: float = typer.Option(0.3, help="Fraction of ALL params to remove, in (0, 0.9]."),
     methods: str = typer.Option("come,shortgpt,laco,average", help="Comma list of come, shortgpt, replaceme, laco, average; a row may override options: "
-                              "come:refit=none, shortgpt:refit=ls, come:pair-score=error."),
+                              "come:refit=none:split=bi (the paper's pure merge), shortgpt:refit=ls, come:pair-score=error."),
     calib: str = typer.Option("wikitext2", help="Calibration: wikitext2, c4, or a local .txt/.jsonl file."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),

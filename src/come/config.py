@@ -28,9 +28,9 @@ class CompressConfig:
     batch_size: int = 4
     device: str = "auto"  # cuda | cpu | auto; layers visit it one at a time
     pair_score: PairScore = "angular"  # last-token angular distance (OFFICIAL)
-    split: Split = "bi"  # share from the two layers' block influence (OFFICIAL)
-    skew: float = 1.0  # exponent p of the split rule
-    min_max: float = 0.0
+    split: Split = "joint"  # DECISION: top units of both layers (BENCHMARKS.md); "bi" = OFFICIAL share from BI
+    skew: float = 1.0  # exponent p of the bi split rule
+    min_max: float = 0.0  # the bi split's floor on the larger share
     norm: Literal["fold", "average"] = "fold"  # DECISION: exact folding; "average" = OFFICIAL
     head_score: Literal["channel", "exact"] = "channel"
     no_repeat: bool = False
@@ -64,6 +64,9 @@ class CompressConfig:
             raise ComeError(f"--refit-holdout must be in (0, 1), got {self.refit_holdout}")
         if not 0.0 <= self.min_max < 1.0:
             raise ComeError(f"--min-max must be in [0, 1), got {self.min_max}")
+        if self.split == "joint" and (self.skew != 1.0 or self.min_max != 0.0):
+            raise ComeError("--skew and --min-max shape the bi split rule; add --split bi (the default, joint, "
+                            "ranks both layers' units together)")
 
     def to_dict(self) -> dict:
         return asdict(self)
