@@ -6,7 +6,7 @@ text of the calibration's domain and on an unseen text, params, layers, wall tim
         --calib calib.txt --heldout heldout.txt --unseen /usr/share/common-licenses/GPL-2
 
 Prints a markdown table; ratios are against ShortGPT measured in the same run. Rows are
-`come compare --methods` specs (e.g. `shortgpt:refit=ls`, `come:refit=none:split=bi`) or `dense`;
+`come compare --methods` specs (e.g. `shortgpt:refit=ls`, `come:refit=none:split=bi:pair_score=angular`) or `dense`;
 `--task-data DIR --limit N` adds the zero-shot tasks (paper-style metric) and their average;
 `--distill come` adds a `come + sp` row (hierarchical distillation, sp mode, on the
 calibration windows; its time column is the distillation's).
@@ -33,7 +33,8 @@ from come.report import delta_cell
 from come.tasks import DEFAULT_TASKS, parse_tasks
 
 # Each row is a `come compare` method spec (method[:option=value...]) or "dense".
-ROWS = ("dense,shortgpt,shortgpt:refit=ls,replaceme:select=angle,replaceme:select=bi,come:refit=none:split=bi,come,come:split=bi,"
+ROWS = ("dense,shortgpt,shortgpt:refit=ls,replaceme:select=angle,replaceme:select=bi,come:refit=none:split=bi:pair_score=angular,come,"
+        "come:split=bi:pair_score=angular,"
         "come:refit_input=dense,come:pair_score=error,laco,average")
 
 

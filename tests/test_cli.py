@@ -40,15 +40,16 @@ def test_cli_compress_writes_stock_checkpoint(model_dir, text_file, tmp_path):
 
 
 def test_official_restores_the_authors_choices(model_dir, text_file, tmp_path):
-    """Default: our decisions (joint split, exact norm folding, refit); --official: the authors'
-    code (BI split, averaged norms, no refit), recorded in the Plan."""
-    want = {"": ("joint", "fold", "ls"), "--official": ("bi", "average", "none")}
+    """Default: our decisions (joint split, exact norm folding, refit, all-token pair score);
+    --official: the authors' code (BI split, averaged norms, no refit, last-token angular
+    pair score), recorded in the Plan."""
+    want = {"": ("joint", "fold", "ls", "bi-all-tokens"), "--official": ("bi", "average", "none", "angular")}
     for flag, settings in want.items():
         out = tmp_path / f"out{flag}"
         result = _run(*_compress_args(model_dir, text_file, out, "--sparsity", 0.15, *([flag] if flag else [])))
         assert result.exit_code == 0, result.output
         cfg = load_plan(out / PLAN_FILE).settings
-        assert (cfg["split"], cfg["norm"], cfg["refit"]) == settings
+        assert (cfg["split"], cfg["norm"], cfg["refit"], cfg["pair_score"]) == settings
 
 
 def _assert_clean_error(result, pattern: str, out: Path):

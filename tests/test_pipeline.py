@@ -56,18 +56,22 @@ def test_compress_every_family(family, tokenizer, tmp_path):
     assert load_plan(out).groups == plan.groups
 
 
-def test_only_layers_after_the_merge_are_rerun(tokenizer):
-    model, plan = _compress("llama", tokenizer, sparsity=0.3, protect=[0], refit="none")  # away from the input
+@pytest.mark.parametrize("pair_score,back", [("angular", 0), ("bi-all-tokens", 1)])
+def test_only_layers_after_the_merge_are_rerun(tokenizer, pair_score, back):
+    """After a merge at l, layers from l on re-run (from l - 1 for the all-token pair score,
+    whose pair (l - 1, l) reads layer l - 1's input and layer l's output)."""
+    kw = dict(sparsity=0.3, protect=[0], pair_score=pair_score)  # protect 0: merges away from the input
+    model, plan = _compress("llama", tokenizer, refit="none", **kw)
     assert all(m.position >= 1 for m in plan.merges)
     expected = 6  # first pass: every layer
     n = 6
     for m in plan.merges[:-1]:
         n -= 1
-        expected += n - m.position  # re-run from the merged layer to the end
+        expected += n - (m.position - back)  # re-run from the merged layer (or the one before) to the end
     assert plan.layer_forwards == expected
     naive = sum(6 - i for i in range(len(plan.merges)))
     assert plan.layer_forwards < naive
-    _, refit_plan = _compress("llama", tokenizer, sparsity=0.3, protect=[0])
+    _, refit_plan = _compress("llama", tokenizer, **kw)
     assert refit_plan.layer_forwards == expected + len(plan.merges)  # one refit pass per merge
 
 

@@ -75,7 +75,8 @@ def compress(
     batch_size: int = typer.Option(4, help="Calibration windows per forward."),
     device: str = typer.Option("auto", help="cuda | cpu | auto (layers visit it one at a time)."),
     dtype: str = typer.Option("auto", help="bf16 | fp16 | fp32 | auto (as stored)."),
-    pair_score: str = typer.Option("angular", help="angular (last token, OFFICIAL) | bi-all-tokens | error | merge-error."),
+    pair_score: Optional[str] = typer.Option(None, help="bi-all-tokens (default for come) | angular (last token, OFFICIAL; "
+                                             "default for laco, average) | error | merge-error."),
     split: str = typer.Option("joint", help="joint (top-N units of both layers) | bi (OFFICIAL share from block influence)."),
     skew: float = typer.Option(1.0, help="Exponent p of the bi split rule."),
     min_max: float = typer.Option(0.0, help="bi split: raise the larger side's share to at least this."),
@@ -85,7 +86,7 @@ def compress(
     protect: str = typer.Option("", help="Comma-separated original layers never merged."),
     max_cache_gb: float = typer.Option(32.0, help="Host memory for cached calibration activations."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
-    official: bool = typer.Option(False, help="The authors' choices: --norm average --refit none --split bi."),
+    official: bool = typer.Option(False, help="The authors' choices: --norm average --refit none --split bi --pair-score angular."),
 ) -> None:
     """Compress MODEL to --sparsity with progressive concatenation merges; write a stock HF checkpoint."""
     from .checkpoint import check_output_dir, load_config, load_model, load_tokenizer, meta_model, save_checkpoint
@@ -98,7 +99,7 @@ def compress(
                          min_max=min_max, norm=norm, head_score=head_score, no_repeat=no_repeat,
                          protect=_int_list(protect), max_cache_gb=max_cache_gb)
     if official:
-        cfg.norm, cfg.refit, cfg.split = "average", "none", "bi"
+        cfg.norm, cfg.refit, cfg.split, cfg.pair_score = "average", "none", "bi", "angular"
     cfg.validate()
     check_output_dir(out, overwrite)
     merge_budget(meta_model(load_config(model)), sparsity)
@@ -241,12 +242,13 @@ def compare_(
     out: str = typer.Option(..., "--out", "-o", help="Report directory (report.md, report.json, plots)."),
     sparsity: float = typer.Option(0.3, help="Fraction of ALL params to remove, in (0, 0.9]."),
     methods: str = typer.Option("come,shortgpt,laco,average", help="Comma list of come, shortgpt, replaceme, laco, average; a row may override options: "
-                              "come:refit=none:split=bi (the paper's pure merge), shortgpt:refit=ls, come:pair-score=error."),
+                              "come:refit=none:split=bi:pair-score=angular (the paper's pure merge), shortgpt:refit=ls."),
     calib: str = typer.Option("wikitext2", help="Calibration: wikitext2, c4, or a local .txt/.jsonl file."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
     seed: int = typer.Option(0),
-    pair_score: str = typer.Option("angular", help="come's pair score: angular | bi-all-tokens | error | merge-error."),
+    pair_score: Optional[str] = typer.Option(None, help="Pair score of every row: angular | bi-all-tokens | error | "
+                                             "merge-error (default: each method's own, as in compress)."),
     device: str = typer.Option("auto", help="cuda | cpu | auto."),
     dtype: str = typer.Option("auto", help="bf16 | fp16 | fp32 | auto."),
     task_data: Optional[str] = typer.Option(None, envvar=TASK_DATA_ENV, help="Offline task data directory."),

@@ -70,7 +70,7 @@ def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"],
 @dataclass(frozen=True)
 class MethodSpec:
     """One row of a comparison: a method plus option overrides, written `method[:key=value...]`
-    (e.g. `come:refit=none:split=bi` for the paper's pure merge, `shortgpt:refit=ls`), so what the
+    (e.g. `come:refit=none:split=bi:pair_score=angular` for the paper's pure merge, `shortgpt:refit=ls`), so what the
     refit buys and what the operator buys can sit in one table."""
 
     label: str

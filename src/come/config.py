@@ -27,7 +27,7 @@ class CompressConfig:
     seed: int = 0
     batch_size: int = 4
     device: str = "auto"  # cuda | cpu | auto; layers visit it one at a time
-    pair_score: PairScore = "angular"  # last-token angular distance (OFFICIAL)
+    pair_score: PairScore | None = None  # None: "bi-all-tokens" for come (DECISION, BENCHMARKS.md), "angular" else
     split: Split = "joint"  # DECISION: top units of both layers (BENCHMARKS.md); "bi" = OFFICIAL share from BI
     skew: float = 1.0  # exponent p of the bi split rule
     min_max: float = 0.0  # the bi split's floor on the larger share
@@ -44,6 +44,8 @@ class CompressConfig:
     def validate(self) -> None:
         if self.refit is None:
             self.refit = "ls" if self.method == "come" else "none"
+        if self.pair_score is None:  # angular = last-token angular distance (OFFICIAL)
+            self.pair_score = "bi-all-tokens" if self.method == "come" else "angular"
         if not 0.0 < self.sparsity <= 0.9:
             raise ComeError(f"--sparsity must be in (0, 0.9], got {self.sparsity}")
         choices = {"pair_score": PairScore, "split": Split, "method": Method, "refit": Refit,
