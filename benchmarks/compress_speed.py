@@ -91,8 +91,8 @@ def main() -> int:
         print(f"| {label} | {secs:.1f} | {secs / floor:.2f} | {fwd} | {after} |")
     extra = rows[1][1] - rows[0][1]
     print(f"\nrefit adds {extra / rows[0][1]:+.0%} to the cached run = {extra / floor:.2f} calibration passes "
-          f"(of which the ridge solves: {solve_s / floor:.2f} passes, {solve_s:.1f}s; the rest is the refit's "
-          "layer passes and Gram accumulation)")
+          f"(of which the ridge solves: {solve_s / floor:.2f} passes, {solve_s:.1f}s; the rest: the refit's "
+          "layer passes and Gram accumulation, plus any difference in merge path or machine load between the runs)")
     if not a.no_naive:
         print(f"cached vs naive (no refit): {rows[-1][1] / rows[0][1]:.2f}x faster")
     return 0

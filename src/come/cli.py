@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from functools import wraps
 from typing import Optional
 
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from .config import CompressConfig
+from .config import OFFICIAL, CompressConfig
 from .errors import ComeError
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV
 
@@ -86,7 +87,8 @@ def compress(
     protect: str = typer.Option("", help="Comma-separated original layers never merged."),
     max_cache_gb: float = typer.Option(32.0, help="Host memory for cached calibration activations."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
-    official: bool = typer.Option(False, help="The authors' choices: --norm average --refit none --split bi --pair-score angular."),
+    official: bool = typer.Option(False, help="The authors' choices: " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in OFFICIAL.items()) + "."),
 ) -> None:
     """Compress MODEL to --sparsity with progressive concatenation merges; write a stock HF checkpoint."""
     from .checkpoint import check_output_dir, load_config, load_model, load_tokenizer, meta_model, save_checkpoint
@@ -99,7 +101,7 @@ def compress(
                          min_max=min_max, norm=norm, head_score=head_score, no_repeat=no_repeat,
                          protect=_int_list(protect), max_cache_gb=max_cache_gb)
     if official:
-        cfg.norm, cfg.refit, cfg.split, cfg.pair_score = "average", "none", "bi", "angular"
+        cfg = replace(cfg, **OFFICIAL)
     cfg.validate()
     check_output_dir(out, overwrite)
     merge_budget(meta_model(load_config(model)), sparsity)

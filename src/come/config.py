@@ -15,6 +15,10 @@ RefitInput = Literal["dense", "compressed"]
 Select = Literal["angle", "bi"]
 
 
+# The authors' code's choices where our defaults differ (`come compress --official`).
+OFFICIAL = {"norm": "average", "refit": "none", "split": "bi", "pair_score": "angular"}
+
+
 @dataclass
 class CompressConfig:
     """Settings of `come compress` (method.md: OFFICIAL defaults unless marked DECISION)."""
