@@ -166,17 +166,22 @@ class Profiler:
 
         inputs="compressed": the states entering layer k in the current model (corrects the
         error accumulated upstream); "dense": the dense model's states entering the group.
-        Returns the RefitResult; the caller decides what to write. solve=False: only the
-        held-out error of the layer as it is (no solves).
+        Returns the RefitResult (its `seconds`: this whole step, so a run can report what the
+        refit cost it); the caller decides what to write. solve=False: only the held-out
+        error of the layer as it is (no solves).
         """
+        t0 = time.perf_counter()
         layer = layer if layer is not None else self.adapter.decoder_layers(self.model)[k]
         x = self.inputs_at(k) if inputs == "compressed" else self.dense[group[0]]
         train, hold = self.runner.collect_refit(layer, x, self.dense[group[-1] + 1], self.held_out, features)
         self.forwards += 1
         w0 = self.adapter.ffn_output_proj(layer).weight.detach()
         if not solve:
-            return fit(train, hold, w0, lambdas=())
-        return fit(train, hold, w0) if features == "channels" else fit_map(train, hold, w0)
+            res = fit(train, hold, w0, lambdas=())
+        else:
+            res = fit(train, hold, w0) if features == "channels" else fit_map(train, hold, w0)
+        res.seconds = time.perf_counter() - t0
+        return res
 
 
 def _mean_angular_all(h_in: list[Tensor], h_out: list[Tensor]) -> float:

@@ -91,12 +91,14 @@ class RefitResult:
     lam: float | None
     err_before: float  # held-out squared error / ||y||^2 with W0
     err_after: float  # the same with the chosen weight
-    seconds: float
+    solve_seconds: float  # the lam grid and the final solve
     tokens: int
+    seconds: float = 0.0  # the whole refit step (Profiler.refit: its layer pass and accumulation too)
 
     def record(self) -> dict:
         return {"kept": self.kept, "lam": self.lam, "heldout_err_before": self.err_before,
-                "heldout_err_after": self.err_after, "seconds": round(self.seconds, 3), "tokens": self.tokens}
+                "heldout_err_after": self.err_after, "seconds": round(self.seconds, 3),
+                "solve_seconds": round(self.solve_seconds, 3), "tokens": self.tokens}
 
 
 def fit(train: NormalEquations, hold: NormalEquations, w0: Tensor, lambdas=LAMBDAS) -> RefitResult:
@@ -114,9 +116,11 @@ def fit(train: NormalEquations, hold: NormalEquations, w0: Tensor, lambdas=LAMBD
         if err < best_err:
             best_lam, best_err = lam, err
     if best_lam is None:
-        return RefitResult(w0, False, None, before, before, time.perf_counter() - t0, train.n + hold.n)
-    weight = ridge_solve(train + hold, w0, best_lam)
-    return RefitResult(weight, True, best_lam, before, best_err, time.perf_counter() - t0, train.n + hold.n)
+        weight, kept, best_err = w0, False, before
+    else:
+        weight, kept = ridge_solve(train + hold, w0, best_lam), True
+    secs = time.perf_counter() - t0
+    return RefitResult(weight, kept, best_lam, before, best_err, secs, train.n + hold.n, secs)
 
 
 def fit_map(train: NormalEquations, hold: NormalEquations, w0: Tensor, lambdas=LAMBDAS) -> RefitResult:
