@@ -167,8 +167,10 @@ def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None =
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         finally:
             hf_log.setLevel(level)
-        window = dict(limit=limit) if not skip else dict(samples=_doc_window(tasks, manager, skip, limit))
-        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, log_samples=True,
+        # loaded once: the window needs each task's size, and the harness takes the Task objects
+        loaded = manager.load(list(tasks))["tasks"]
+        window = dict(limit=limit) if not skip else dict(samples=_doc_window(tasks, loaded, skip, limit))
+        out = simple_evaluate(model=lm, tasks=[loaded[t] for t in tasks], task_manager=manager, log_samples=True,
                               bootstrap_iters=0, **window)
     results = {}
     for task in tasks:
@@ -185,10 +187,11 @@ def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None =
     return results
 
 
-def _doc_window(tasks: list[str], manager, skip: int, limit: int | None) -> dict[str, list[int]]:
-    """task -> the document ids [skip, skip + limit), cut at the task's size; a task with no
-    document past `skip` is a ComeError (it would silently score nothing)."""
-    sizes = {name: len(task.eval_docs) for name, task in manager.load(list(tasks))["tasks"].items()}
+def _doc_window(tasks: list[str], loaded: dict, skip: int, limit: int | None) -> dict[str, list[int]]:
+    """task -> the document ids [skip, skip + limit), cut at the task's size (`loaded`: name ->
+    lm-eval Task); a task with no document past `skip` is a ComeError (it would silently
+    score nothing)."""
+    sizes = {name: len(task.eval_docs) for name, task in loaded.items()}
     short = [f"{t} ({sizes[t]})" for t in tasks if sizes[t] <= skip]
     if short:
         raise ComeError(f"--skip {skip} leaves no documents of {', '.join(short)}; lower --skip")
