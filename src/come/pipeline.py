@@ -24,7 +24,7 @@ from .merge import concat_merge, linear_combination, rdsc_coefficients
 from .plan import MergeRecord, Plan, library_versions
 from .profile import LayerRunner, LayerStats
 from .refit import fit, fit_map
-from .selection import choose_pair, joint_split, skip_scores, split_counts, split_ratio
+from .selection import choose_pair, joint_split, skip_scores, split_counts, split_ratio, token_cosines
 from .sensitivity import channel_sensitivity, exact_head_sensitivity, head_sensitivity, kv_group_sensitivity, top_units
 
 log = logging.getLogger("come")
@@ -188,7 +188,7 @@ def _mean_angular_all(h_in: list[Tensor], h_out: list[Tensor]) -> float:
     """1 - mean over ALL tokens of cos(in, out): the block influence of a layer run."""
     total, n = 0.0, 0
     for a, b in zip(h_in, h_out):
-        total += float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).sum())
+        total += float(token_cosines(a, b).sum(dtype=torch.float64))
         n += a.shape[0] * a.shape[1]
     return 1.0 - total / n
 

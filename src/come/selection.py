@@ -17,6 +17,14 @@ def angular_distance(a: Tensor, b: Tensor) -> Tensor:
     return torch.arccos(cos.clamp(0.0, 1.0)) / math.pi
 
 
+def token_cosines(a: Tensor, b: Tensor) -> Tensor:
+    """Per-token cos(a, b) over the last dim, in float32 at least: enough for a block
+    influence (1 - mean cos, often ~0.01) when summed in float64, and no float64 copy of
+    every calibration batch (bf16 states are upcast: its 3 digits would not do)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return torch.nn.functional.cosine_similarity(a.to(dtype), b.to(dtype), dim=-1)
+
+
 def skip_scores(last_token_states: list[Tensor]) -> list[float]:
     """OFFICIAL pair score. `last_token_states[k]` is the last-token hidden state entering
     layer k for every calibration sample ([n_samples, hidden]; the final entry is the
