@@ -1,8 +1,7 @@
 """The progressive loop: profile -> choose pair -> merge, until the target sparsity.
 
 Calibration hidden states are cached at layer inputs, so after a merge at position l
-only layers >= l (l-1 for the all-token pair score) are re-run: the official code
-re-runs the whole model at every step.
+only layers >= l are re-run: the official code re-runs the whole model at every step.
 """
 
 from __future__ import annotations
@@ -100,13 +99,18 @@ class Profiler:
     def refresh(self) -> None:
         """Run every layer whose statistics or pair scores are missing, from the nearest cache."""
         layers = self.adapter.decoder_layers(self.model)
+        all_tokens = self.cfg.pair_score == "bi-all-tokens"
         need = [k for k, s in enumerate(self.stats) if s is None]
-        need += [k for k, p in enumerate(self.pair_all) if p is None and self.cfg.pair_score == "bi-all-tokens"]
+        # pair (j, j + 1) is scored when layer j + 1 runs, from layer j's input: after a merge
+        # at l, layer l - 1 need not re-run when its input is cached
+        need += [j + 1 for j, p in enumerate(self.pair_all) if p is None and all_tokens]
         if not need:
             return
         first_pass = all(s is None for s in self.stats)
         start = max(k for k in self.states if k <= min(need))
-        h, prev = self.states[start], None
+        if all_tokens and start > 0 and self.pair_all[start - 1] is None and start - 1 not in self.states:
+            start = max(k for k in self.states if k < start)  # that input is not cached: run from before it
+        h, prev = self.states[start], self.states.get(start - 1)
         for k in tqdm(range(start, len(layers)), desc="profiling layers", leave=False, unit="layer"):
             out, st = self.runner.run(layers[k], h, self.stats[k] is None, self.cfg.head_score)
             self.forwards += 1
