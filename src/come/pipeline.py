@@ -122,7 +122,7 @@ class Profiler:
                 self.states[k + 1] = out
             if first_pass and self.dense is not None:
                 self.dense[k + 1] = out[:len(self.dense[0])]
-            if prev is not None and self.pair_all[k - 1] is None:
+            if all_tokens and prev is not None and self.pair_all[k - 1] is None:  # only that score reads it
                 self.pair_all[k - 1] = _mean_angular_all(prev, out)
             prev, h = h, out
 
