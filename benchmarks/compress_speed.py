@@ -16,41 +16,11 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 
 import torch
-import transformers
-from torch import nn
 
 from come import CompressConfig, compress
-
-
-def llama_1b():
-    """TinyLlama-1.1B's shape (22 layers, hidden 2048, 32q/4kv, FFN 5632), random weights."""
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                   num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
-
-
-def tiny_llama(num_hidden_layers: int = 8) -> nn.Module:
-    """The toy LLaMA every script's --quick uses (seconds, no download)."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256,
-                                   num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
-
-
-def load(a: argparse.Namespace) -> tuple[nn.Module, str]:
-    """(model on CPU, its name) from --quick, --random-llama-1b or --model (memory.add_model_args)."""
-    if a.quick:
-        return tiny_llama(), "tiny LLaMA (8 layers, hidden 128)"
-    if a.random_llama_1b:
-        return llama_1b(), "random LLaMA 1.1B"
-    if not a.model:
-        raise SystemExit("give --model DIR, --random-llama-1b or --quick")
-    from come.checkpoint import load_model
-
-    return load_model(a.model)[0], Path(a.model).name
+from _common import add_model_args, load
 
 
 def _spread(times: list[float]) -> str:
@@ -60,12 +30,10 @@ def _spread(times: list[float]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF dir")
-    ap.add_argument("--random-llama-1b", action="store_true")
+    add_model_args(ap, device=False)  # the rows run on the CPU
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--quick", action="store_true", help="tiny random model, seconds")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive re-profile row (the slowest)")
     ap.add_argument("--repeats", type=int, default=1, help="run every row N times, interleaved; report the fastest")
     a = ap.parse_args()

@@ -28,9 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from come import CompressConfig, DistillConfig, compress, distill
 from come.adapters import get_adapter
-from inference import _sync
-from compress_speed import load
-from memory import add_model_args
+from _common import add_model_args, load, sync
 
 FLOPS = ("model FLOPs per token, matmul weights only (2 per weight forward, 2 more for the activation gradient "
          "and 2 for the weight gradient where they are needed; attention scores and the KL chunks' recomputation "
@@ -49,7 +47,7 @@ def step_times(device: str):
     stamps: list[float] = []
 
     def tick(*_):
-        _sync(device)
+        sync(device)
         stamps.append(time.perf_counter())
 
     handle = register_optimizer_step_post_hook(tick)

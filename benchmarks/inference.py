@@ -15,12 +15,7 @@ import time
 import torch
 import transformers
 
-from compress_speed import tiny_llama
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from _common import sync, tiny_llama
 
 
 @torch.no_grad()
@@ -31,16 +26,16 @@ def measure(model, batch: int, prompt: int, new: int, repeats: int, device: str)
     pre, dec = [], []
     for i in range(repeats + 1):  # the first run warms up
         cache = transformers.DynamicCache(config=model.config)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(new):
             out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         if i:
             pre.append(batch * prompt / (t1 - t0))

@@ -28,8 +28,8 @@ import torch
 
 from come import CompressConfig, compress
 from come.adapters import get_adapter
-from come.pipeline import cache_layout
-from compress_speed import load
+from come.activation_cache import cache_layout
+from _common import add_model_args, load
 
 ROWS = {"come (+ refit)": {}, "come --refit none": {"refit": "none"}, "shortgpt": {"method": "shortgpt"}}
 MERGE_LAYERS = 3  # float64 copies of layers in a come merge: the pair (_read_pair) and the merged layer
@@ -40,14 +40,6 @@ GPU_FORMULA = ("T·e·(2h + 4q + 2kv + 4·d_ff) [hidden in, out; queries, attent
                "the query heads; keys, values; gate, up, act(gate), product] + T·8·(2·d_ff + 2q + 2h) [the statistics "
                "hooks' float64 |a|, |z|, cos(in, out) copies] + 2·B·heads·S²·e [scores, softmax: eager attention "
                "only], T = B x S = batch x seqlen tokens, e = element bytes, q / kv = query / key-value width")
-
-
-def add_model_args(ap: argparse.ArgumentParser) -> None:
-    """The options naming a model and a device, the same in every script that imports `load`."""
-    ap.add_argument("--model", help="local HF dir (e.g. ~/.cache/come/smollm2-135m)")
-    ap.add_argument("--random-llama-1b", action="store_true", help="TinyLlama-1.1B's shape, random weights")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny random LLaMA, seconds")
 
 
 def _bytes(tensors) -> int:
@@ -104,17 +96,19 @@ def child(a: argparse.Namespace) -> dict:
     report.update(
         seconds=time.perf_counter() - t0, peak_rss=_peak_rss(),
         gpu_peak=torch.cuda.max_memory_allocated() if a.device == "cuda" else None,
-        method=ccfg.method, refit=ccfg.refit, max_cache_gb=ccfg.max_cache_gb, layers_after=plan.num_layers_after,
+        # the settings the run resolved (refit=None means the method's default)
+        method=plan.settings["method"], refit=plan.settings["refit"], max_cache_gb=plan.settings["max_cache_gb"],
+        layers_after=plan.num_layers_after,
         merge_positions=[m.position for m in plan.merges])
     return report
 
 
 def cache_bytes(n_layers: int, stride: int, merges: list[int], per: int, shared: int) -> tuple[int, int]:
-    """(peak bytes of the state cache, boundaries held then) in the Profiler.
+    """(peak bytes of the state cache, boundaries held then) in the ActivationCache.
 
     It caches the current model's layer inputs every `stride` boundaries, `per` bytes each
-    (pipeline.prepare), and, with the refit, the dense model's state at EVERY boundary for
-    the first calibration batches only, `shared` bytes each (pipeline.refit_batches). The
+    (preparation.prepare), and, with the refit, the dense model's state at EVERY boundary for
+    the first calibration batches only, `shared` bytes each (activation_cache.refit_batches). The
     first pass's boundaries hold the same tensors for those batches; a merge at position p
     makes the layers after p be re-profiled into new tensors. `merges`: each merge's
     position; no re-profile follows the last one."""

@@ -27,8 +27,8 @@ import torch
 from come import CompressConfig, DistillConfig, compress, distill
 from come.checkpoint import load_model
 from come.compare import method_list
-from come.data import read_text, token_windows
-from come.evaluate import eval_windows, evaluate, paired_delta, paper_score, perplexity
+from come.data import eval_windows, read_text, token_windows
+from come.evaluate import evaluate, paired_delta, paper_score, perplexity
 from come.report import delta_cell
 from come.tasks import DEFAULT_TASKS, parse_tasks
 

@@ -72,6 +72,15 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: on a shared, loaded CPU two spinning intra-op threads are ~50x slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param

@@ -1,7 +1,9 @@
-"""Every benchmark script runs in --quick mode and prints its ratio table."""
+"""Every benchmark script runs in --quick mode and prints its ratio table; the scripts share
+helpers only through benchmarks/_common.py, never by importing one another."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -22,6 +24,33 @@ def _table(out: str) -> dict[str, list[str]]:
     """The printed markdown table's body: first cell -> the other cells."""
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
     return {r[0]: r[1:] for r in rows[1:]}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Top-level names of the modules `path` imports, anywhere in it (functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_benchmarks_import_only_common():
+    scripts = {p.stem: p for p in BENCH.glob("*.py")}
+    assert "_common" in scripts and {"compress_speed", "memory", "distill_speed", "inference"} <= set(scripts)
+    for name, path in scripts.items():
+        siblings = _imported_modules(path) & (set(scripts) - {"_common"})
+        assert not siblings, f"benchmarks/{name}.py imports benchmark script(s) {sorted(siblings)}: use _common.py"
+    assert "_common" in _imported_modules(BENCH / "distill_speed.py")  # the check sees the scripts' imports
+
+
+def test_compress_speed_model_flags():
+    """compress_speed takes the shared model options but, running on the CPU only, no --device."""
+    out = _run(str(BENCH / "compress_speed.py"), "--help")
+    assert all(flag in out for flag in ("--model", "--random-llama-1b", "--quick", "--no-naive", "--repeats"))
+    assert "--device" not in out
 
 
 def test_compress_speed_quick():

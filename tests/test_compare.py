@@ -50,9 +50,7 @@ def test_method_overrides_parse_and_validate():
     from come.errors import ComeError
 
     specs = method_list("come, come:refit=none, shortgpt:refit=ls:max-cache-gb=2, come:no_repeat=true")
-    cfgs = [s.config(CompressConfig(refit="ls")) for s in specs]
-    for c in cfgs:
-        c.validate()
+    cfgs = [s.config(CompressConfig(refit="ls")).resolved() for s in specs]
     assert [s.label for s in specs] == ["come", "come:refit=none", "shortgpt:refit=ls:max-cache-gb=2",
                                         "come:no_repeat=true"]
     assert [c.refit for c in cfgs] == ["ls", "none", "ls", "ls"]  # a method's own default unless overridden

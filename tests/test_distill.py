@@ -4,6 +4,7 @@ what it should, resumes exactly, refuses mismatched inputs, and runs from the CL
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 
@@ -19,7 +20,9 @@ from come import CompressConfig, ComeError, compress
 from come.checkpoint import save_checkpoint
 from come.cli import app
 from come.data import token_windows
-from come.distill import DistillConfig, distill, head_terms
+from come.distill import distill
+from come.distill_config import DistillConfig
+from come.distill_losses import head_terms
 
 distill_mod = importlib.import_module("come.distill")  # the module; `come.distill` is the API function
 
@@ -28,13 +31,7 @@ from conftest import corpus, tiny_model
 SMALL = dict(seqlen=32, batch_size=4, eval_windows=8, device="cpu", warmup=0.1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: on a shared, loaded CPU two spinning intra-op threads are ~50x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +95,13 @@ def test_resume_continues_exactly(pair, tokenizer, tmp_path, monkeypatch, lora_r
                lora_dropout=0.1 if lora_r else 0.0)
     whole, whole_log = _run(pair, tokenizer, checkpoint_dir=str(tmp_path / "a"), **cfg)
 
-    real = distill_mod._checkpoint
+    real = distill_mod.write_checkpoint
 
     def crash(*args):
         real(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill_mod, "_checkpoint", crash)
+    monkeypatch.setattr(distill_mod, "write_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
         _run(pair, tokenizer, checkpoint_dir=str(tmp_path / "b"), **cfg)
     monkeypatch.undo()
@@ -170,6 +167,17 @@ def test_bad_lora_settings_are_one_line_errors(lora, message):
     with pytest.raises(ComeError, match=message) as exc:
         DistillConfig(**lora).validate()
     assert "\n" not in str(exc.value)
+
+
+def test_settings_refuse_a_bad_choice_read_only_and_show_token_counts_as_typed():
+    cfg = DistillConfig(layer_loss="l1")
+    before = dataclasses.asdict(cfg)
+    with pytest.raises(ComeError, match=r"^--layer-loss must be one of kl, mse, got 'l1'$"):
+        cfg.validate()
+    assert dataclasses.asdict(cfg) == before
+    tokens = {f.name: f for f in dataclasses.fields(DistillConfig)}["tokens"].metadata
+    assert tokens["show"](20_000_000) == "20M" and tokens["parse"]("20M") == 20_000_000
+    assert tokens["show"](1500) == "1500"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import transformers
 from come import CompressConfig, ComeError, compress, load_plan
 from come.checkpoint import save_checkpoint
 from come.data import token_windows
-from come.pipeline import count_params, merges_needed
+from come.budget import count_params, merges_needed
 
 from conftest import corpus, tiny_model
 

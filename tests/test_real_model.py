@@ -9,8 +9,8 @@ import transformers
 
 from come import CompressConfig, compress
 from come.checkpoint import load_model, save_checkpoint
-from come.data import token_windows
-from come.evaluate import eval_windows, perplexity
+from come.data import eval_windows, token_windows
+from come.evaluate import perplexity
 
 from conftest import corpus
 

@@ -13,12 +13,18 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from .config import OFFICIAL, CompressConfig
+from .cli_options import with_options
+from .config import OFFICIAL, CompressConfig, EvalConfig, LoadOptions
+from .distill_config import DistillConfig
 from .errors import ComeError
-from .tasks import DEFAULT_TASKS, TASK_DATA_ENV
 
-PPL_WINDOWS_HELP = "Score only the first N perplexity windows (default all)."
-PPL_HELP = "wikitext2 | ptb | c4 (the papers' test texts) | boolq-passages | none | a local .txt/.jsonl."
+MODEL_ARG = typer.Argument(..., metavar="MODEL", help="Hub id, local HF directory, or .gguf file.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace a non-empty --out.")
+
+
+def _out_dir(what: str):
+    return typer.Option(..., "--out", "-o", help=f"Output directory ({what}).")
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress LLMs by layer concatenation (CoMe).")
 err = Console(stderr=True)
@@ -51,64 +57,34 @@ def one_line_errors(fn):
     return wrapper
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ComeError(f"expected comma-separated layer indices, got {text!r}") from None
-
-
 @app.command()
 @one_line_errors
+@with_options(cfg=CompressConfig, load=LoadOptions)
 def compress(
-    model: str = typer.Argument(..., help="Hub id, local HF directory, or .gguf file."),
-    out: str = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
-    sparsity: float = typer.Option(0.3, help="Fraction of ALL params to remove, in (0, 0.9]."),
-    method: str = typer.Option("come", help="come | shortgpt | replaceme | laco | average (peers on the same plumbing)."),
-    refit: Optional[str] = typer.Option(None, help="ls | none; default ls for come, none for the peers."),
-    refit_holdout: float = typer.Option(0.1, help="Calibration share that picks the ridge / vetoes a refit."),
-    refit_input: str = typer.Option("compressed", help="compressed | dense: the refit's input states."),
-    select: str = typer.Option("angle", help="replaceme: angle (published block) | bi (ShortGPT's layers)."),
-    calib: str = typer.Option("wikitext2", help="wikitext2, c4, or a local .txt/.jsonl file."),
-    nsamples: int = typer.Option(128, help="Calibration windows."),
-    seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
-    seed: int = typer.Option(0),
-    batch_size: int = typer.Option(4, help="Calibration windows per forward."),
-    device: str = typer.Option("auto", help="cuda | cpu | auto (layers visit it one at a time)."),
-    dtype: str = typer.Option("auto", help="bf16 | fp16 | fp32 | auto (as stored)."),
-    pair_score: Optional[str] = typer.Option(None, help="bi-all-tokens (default for come) | angular (last token, OFFICIAL; "
-                                             "default for laco, average) | error | merge-error."),
-    split: str = typer.Option("joint", help="joint (top-N units of both layers) | bi (OFFICIAL share from block influence)."),
-    skew: float = typer.Option(1.0, help="Exponent p of the bi split rule."),
-    min_max: float = typer.Option(0.0, help="bi split: raise the larger side's share to at least this."),
-    norm: str = typer.Option("fold", help="fold (exact) | average (OFFICIAL)."),
-    head_score: str = typer.Option("channel", help="channel (sum of channel scores) | exact."),
-    no_repeat: bool = typer.Option(False, help="Never merge an already merged layer again."),
-    protect: str = typer.Option("", help="Comma-separated original layers never merged."),
-    max_cache_gb: float = typer.Option(32.0, help="Host memory for cached calibration activations."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
-    official: bool = typer.Option(False, help="The authors' choices: " + " ".join(
+    model: str = MODEL_ARG,
+    out: str = _out_dir("written atomically"),
+    overwrite: bool = OVERWRITE,
+    official: bool = typer.Option(False, "--official", help="The authors' choices: " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in OFFICIAL.items()) + "."),
+    *,
+    cfg: CompressConfig,
+    load: LoadOptions,
 ) -> None:
     """Compress MODEL to --sparsity with progressive concatenation merges; write a stock HF checkpoint."""
     from .checkpoint import check_output_dir, load_config, load_model, load_tokenizer, meta_model, save_checkpoint
+    from .budget import merge_budget
+    from .compression import compress as run_compress
     from .data import read_text, token_windows
-    from .pipeline import compress as run_compress, merge_budget
 
-    cfg = CompressConfig(sparsity=sparsity, method=method, refit=refit, refit_holdout=refit_holdout,
-                         refit_input=refit_input, select=select, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                         batch_size=batch_size, device=device, pair_score=pair_score, split=split, skew=skew,
-                         min_max=min_max, norm=norm, head_score=head_score, no_repeat=no_repeat,
-                         protect=_int_list(protect), max_cache_gb=max_cache_gb)
     if official:
         cfg = replace(cfg, **OFFICIAL)
-    cfg.validate()
+    cfg = cfg.resolved()
     check_output_dir(out, overwrite)
-    merge_budget(meta_model(load_config(model)), sparsity)
-    text = read_text(calib)
+    merge_budget(meta_model(load_config(model)), cfg.sparsity)
+    text = read_text(cfg.calib)
     tokenizer = load_tokenizer(model)
-    ids = token_windows(text, tokenizer, nsamples, seqlen, seed)
-    lm, _ = load_model(model, dtype, tokenizer)
+    ids = token_windows(text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    lm, _ = load_model(model, load.dtype, tokenizer)
     lm, plan = run_compress(lm, tokenizer, cfg, calib=ids, model_name=model)
     path = save_checkpoint(lm, tokenizer, plan, out, overwrite)
     print_summary(plan)
@@ -139,45 +115,35 @@ def print_summary(plan) -> None:
 
 @app.command("eval")
 @one_line_errors
+@with_options(evaluation=EvalConfig, load=LoadOptions)
 def eval_(
-    model: str = typer.Argument(..., help="Hub id, local HF directory, or .gguf file."),
-    task_data: Optional[str] = typer.Option(None, envvar=TASK_DATA_ENV, help="Offline task data: DIR/<dataset>/<config|none>/<split>/ "
-                                            "(datasets.save_to_disk); nothing then reaches the network."),
-    tasks: str = typer.Option(",".join(DEFAULT_TASKS), help="Comma-separated lm-eval tasks, or none."),
-    limit: Optional[int] = typer.Option(None, help="Score only the first N documents of each task."),
-    skip: int = typer.Option(0, help="Start at document N of each task (choose settings on other documents than you report)."),
-    batch_size: int = typer.Option(8, help="lm-eval requests per forward."),
-    ppl_data: str = typer.Option("wikitext2", help=PPL_HELP),
-    seqlen: int = typer.Option(2048, help="Tokens per perplexity window."),
-    ppl_windows: Optional[int] = typer.Option(None, help=PPL_WINDOWS_HELP),
+    model: str = MODEL_ARG,
     device: str = typer.Option("auto", help="cuda | cpu | auto (the whole model moves there)."),
-    dtype: str = typer.Option("auto", help="bf16 | fp16 | fp32 | auto (as stored)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the results JSON here."),
     baseline: Optional[str] = typer.Option(None, help="Dense model (evaluated the same way) or its results JSON: adds retention."),
+    *,
+    evaluation: EvalConfig,
+    load: LoadOptions,
 ) -> None:
     """Zero-shot tasks (lm-eval) and perplexity of MODEL; with --baseline, each metric as % of the dense one."""
     import contextlib
     import json
     from pathlib import Path
 
-    from .evaluate import check_inputs, retention
-    from .tasks import hf_offline, parse_tasks
+    from .evaluate import retention
+    from .tasks import hf_offline
 
-    names = parse_tasks(tasks)
-    ppl = None if ppl_data == "none" else ppl_data
-    check_inputs(names, task_data, ppl, limit, seqlen, batch_size, ppl_windows, skip)
+    evaluation.check()
     dense = None
     if baseline and baseline.endswith(".json"):
         try:
             dense = json.loads(Path(baseline).read_text())
         except (OSError, ValueError) as exc:
             raise ComeError(f"cannot read --baseline results {baseline}: {exc}") from None
-    with hf_offline() if task_data else contextlib.nullcontext():
-        options = dict(tasks=names, task_data=task_data, limit=limit, ppl_data=ppl, seqlen=seqlen,
-                       batch_size=batch_size, ppl_windows=ppl_windows, skip=skip)
-        results = _evaluate_model(model, device, dtype, options)
+    with hf_offline() if evaluation.task_data else contextlib.nullcontext():
+        results = _evaluate_model(model, device, load.dtype, evaluation)
         if baseline and dense is None:
-            dense = _evaluate_model(baseline, device, dtype, options)
+            dense = _evaluate_model(baseline, device, load.dtype, evaluation)
     if dense is not None:
         results["retention"] = retention(results, dense)
     print_eval(model, results)
@@ -186,7 +152,7 @@ def eval_(
         err.print(f"wrote {out}")
 
 
-def _evaluate_model(name: str, device: str, dtype: str, options: dict) -> dict:
+def _evaluate_model(name: str, device: str, dtype: str, evaluation: EvalConfig) -> dict:
     """Load one model, move it to the device, evaluate it, let it go (so a baseline never
     shares memory with it)."""
     import torch
@@ -200,7 +166,7 @@ def _evaluate_model(name: str, device: str, dtype: str, options: dict) -> dict:
         lm.to(target)
     except (RuntimeError, ValueError) as exc:
         raise ComeError(f"cannot use --device {device}: {str(exc).splitlines()[0]}") from None
-    results = evaluate(lm, tokenizer, **options)
+    results = evaluate(lm, tokenizer, **evaluation.evaluate_kwargs())
     results["settings"]["model"] = name
     return results
 
@@ -239,103 +205,51 @@ def print_eval(model: str, results: dict) -> None:
 
 @app.command("compare")
 @one_line_errors
+@with_options(cfg=(CompressConfig, "", ("method",)), evaluation=(EvalConfig, "eval-", ()), load=LoadOptions)
 def compare_(
-    model: str = typer.Argument(..., help="Hub id, local HF directory, or .gguf file."),
-    out: str = typer.Option(..., "--out", "-o", help="Report directory (report.md, report.json, plots)."),
-    sparsity: float = typer.Option(0.3, help="Fraction of ALL params to remove, in (0, 0.9]."),
-    methods: str = typer.Option("come,shortgpt,laco,average", help="Comma list of come, shortgpt, replaceme, laco, average; a row may override options: "
-                              "come:refit=none:split=bi:pair-score=angular (the paper's pure merge), shortgpt:refit=ls."),
-    calib: str = typer.Option("wikitext2", help="Calibration: wikitext2, c4, or a local .txt/.jsonl file."),
-    nsamples: int = typer.Option(128, help="Calibration windows."),
-    seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
-    seed: int = typer.Option(0),
-    pair_score: Optional[str] = typer.Option(None, help="Pair score of every row: angular | bi-all-tokens | error | "
-                                             "merge-error (default: each method's own, as in compress)."),
-    device: str = typer.Option("auto", help="cuda | cpu | auto."),
-    dtype: str = typer.Option("auto", help="bf16 | fp16 | fp32 | auto."),
-    task_data: Optional[str] = typer.Option(None, envvar=TASK_DATA_ENV, help="Offline task data directory."),
-    tasks: str = typer.Option(",".join(DEFAULT_TASKS), help="Comma-separated lm-eval tasks, or none."),
-    limit: Optional[int] = typer.Option(None, help="First N documents of each task."),
-    eval_batch_size: int = typer.Option(8, help="lm-eval requests per forward."),
-    ppl_data: str = typer.Option("wikitext2", help=PPL_HELP),
-    eval_seqlen: int = typer.Option(2048, help="Tokens per perplexity window."),
-    ppl_windows: Optional[int] = typer.Option(None, help=PPL_WINDOWS_HELP),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    model: str = MODEL_ARG,
+    out: str = _out_dir("report.md, report.json, plots"),
+    overwrite: bool = OVERWRITE,
+    methods: Optional[str] = typer.Option(None, help="Comma list of methods (default: every method but replaceme); "
+                                          "a row may override any compress option: come:refit=none:split=bi:"
+                                          "pair-score=angular (the paper's pure merge), shortgpt:refit=ls."),
+    *,
+    cfg: CompressConfig,
+    evaluation: EvalConfig,
+    load: LoadOptions,
 ) -> None:
     """Compress MODEL with each method (same calibration and seed), evaluate all and the dense model, write a report."""
     from pathlib import Path
 
+    from .budget import merge_budget
     from .checkpoint import check_output_dir, load_config, load_model, load_tokenizer, meta_model
-    from .compare import compare, method_list
+    from .compare import compare, default_methods, method_list
     from .data import read_text, token_windows
-    from .evaluate import check_inputs
-    from .pipeline import merge_budget
     from .report import markdown_table
-    from .tasks import parse_tasks
 
-    task_list = parse_tasks(tasks)
-    ppl = None if ppl_data == "none" else ppl_data
-    cfg = CompressConfig(sparsity=sparsity, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                         pair_score=pair_score)
-    chosen = method_list(methods, cfg)
+    chosen = method_list(methods or default_methods(), cfg)
     check_output_dir(out, overwrite)
-    check_inputs(task_list, task_data, ppl, limit, eval_seqlen, eval_batch_size, ppl_windows)
-    merge_budget(meta_model(load_config(model)), sparsity)
+    evaluation.check()
+    merge_budget(meta_model(load_config(model)), cfg.sparsity)
     tokenizer = load_tokenizer(model)
-    ids = token_windows(read_text(calib), tokenizer, nsamples, seqlen, seed)
-    lm, _ = load_model(model, dtype, tokenizer)
-    eval_kwargs = {"tasks": task_list, "task_data": task_data, "limit": limit, "ppl_data": ppl, "seqlen": eval_seqlen,
-                   "batch_size": eval_batch_size, "ppl_windows": ppl_windows}
-    rows = compare(lm, tokenizer, cfg, chosen, ids, Path(out), eval_kwargs, model_name=model, overwrite=overwrite)
+    ids = token_windows(read_text(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    lm, _ = load_model(model, load.dtype, tokenizer)
+    rows = compare(lm, tokenizer, cfg, chosen, ids, Path(out), evaluation, model_name=model, overwrite=overwrite)
     Console(file=sys.stdout).print(markdown_table(rows, list(rows[0]["tasks"])), soft_wrap=True)
     err.print(f"wrote {out}/report.md")
 
 
-def _count(text: str) -> int:
-    """'20M' -> 20_000_000 (K, M, B suffixes; plain integers too)."""
-    scale = {"K": 10**3, "M": 10**6, "B": 10**9}
-    t = text.strip().upper()
-    try:
-        return int(float(t[:-1]) * scale[t[-1]]) if t and t[-1] in scale else int(t)
-    except ValueError:
-        raise ComeError(f"--tokens must be a count such as 20M, 500K or 1000000, got {text!r}") from None
-
-
 @app.command("distill")
 @one_line_errors
+@with_options(cfg=DistillConfig)
 def distill_(
-    teacher: str = typer.Option(..., help="The original model: Hub id or local HF directory."),
+    teacher: str = typer.Option(..., help="The original model: Hub id, local HF directory, or .gguf file."),
     student: str = typer.Option(..., help="A `come compress` output directory."),
-    out: str = typer.Option(..., "--out", "-o", help="Output directory (checkpoints/ inside; result written atomically)."),
+    out: str = _out_dir("checkpoints/ inside; result written atomically"),
     plan: Optional[str] = typer.Option(None, help="come_plan.json, when the student directory has none."),
-    mode: str = typer.Option("sp", help="sp: all trainable layers at once, full loss | mp: each layer alone on the teacher's activations."),
-    data: str = typer.Option("wikitext2", help="Training text: wikitext2, c4, or a local .txt/.jsonl file."),
-    eval_data: Optional[str] = typer.Option(None, help="Held-out text; default: the last --eval-windows windows of --data."),
-    eval_windows: int = typer.Option(16, help="Held-out windows for KL / perplexity."),
-    tokens: str = typer.Option("20M", help="Training tokens (all processes), e.g. 20M; ignored with --steps."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --tokens)."),
-    seqlen: int = typer.Option(2048, help="Tokens per window."),
-    batch_size: int = typer.Option(4, help="Windows per micro-batch and process."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW)."),
-    warmup: float = typer.Option(0.03, help="Share of steps in linear warmup, then cosine decay."),
-    temperature: float = typer.Option(1.0, help="Softmax temperature of every KL term."),
-    layer_loss: str = typer.Option("kl", help="kl (through final norm + LM head) | mse (normalized, on hidden states)."),
-    layer_weight: float = typer.Option(1.0, help="lambda: weight of the summed layer losses (sp)."),
-    train: str = typer.Option("merged", help="merged (layers standing for > 1 original layer) | all."),
-    lora_r: int = typer.Option(0, help="LoRA rank: train only rank-r adapters on the trainable layers' projections, "
-                               "merged into the weights on save (0: full fine-tuning)."),
-    lora_alpha: Optional[float] = typer.Option(None, help="LoRA scale: update = alpha / r * B A (default 2r)."),
-    lora_dropout: float = typer.Option(0.0, help="Dropout on the LoRA adapters' input."),
-    kl_chunk: int = typer.Option(2048, help="Tokens per KL chunk (full-vocab logits of one chunk at a time)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Recompute layer activations in backward (sp memory)."),
-    device: str = typer.Option("auto", help="cuda | cpu | auto."),
-    dtype: str = typer.Option("auto", help="Compute precision: auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32."),
-    save_every: int = typer.Option(0, help="Checkpoint into OUT/checkpoints every N steps (0: never)."),
-    eval_every: int = typer.Option(0, help="Held-out KL / perplexity every N steps (always at start and end)."),
-    resume: bool = typer.Option(False, help="Continue from the latest OUT/checkpoints/step_N."),
-    seed: int = typer.Option(0, help="Data order and LoRA init."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+    overwrite: bool = OVERWRITE,
+    *,
+    cfg: DistillConfig,
 ) -> None:
     """Recover a compressed STUDENT by hierarchical distillation from its TEACHER (CoMe-sp / CoMe-mp)."""
     import shutil
@@ -344,19 +258,16 @@ def distill_(
     from accelerate import PartialState
 
     from .checkpoint import check_output_dir, load_config, load_model, load_tokenizer
-    from .distill import CHECKPOINTS, DistillConfig, check_pair, check_tokenizers, latest_checkpoint, load_windows, write_output
+    from .data import training_windows
+    from .distill import check_pair, check_tokenizers
     from .distill import distill as run_distill
     from .plan import load_plan
+    from .train_state import CHECKPOINTS, latest_checkpoint, write_output
 
     ckpt = Path(out) / CHECKPOINTS
-    cfg = DistillConfig(mode=mode, data=data, eval_data=eval_data, eval_windows=eval_windows, steps=steps,
-                        tokens=_count(tokens), seqlen=seqlen, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                        warmup=warmup, temperature=temperature, layer_loss=layer_loss, layer_weight=layer_weight,
-                        train=train, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        kl_chunk=kl_chunk, gradient_checkpointing=gradient_checkpointing, device=device,
-                        dtype=dtype, save_every=save_every, eval_every=eval_every, checkpoint_dir=str(ckpt),
-                        resume=resume, seed=seed)
+    cfg = replace(cfg, checkpoint_dir=str(ckpt))
     cfg.validate()
+    resume = cfg.resume
     if resume:
         latest_checkpoint(ckpt)
     else:
@@ -365,7 +276,7 @@ def distill_(
     check_pair(load_config(teacher), load_config(student), the_plan)
     tokenizer = load_tokenizer(student)
     check_tokenizers(load_tokenizer(teacher), tokenizer)
-    windows = load_windows(cfg, tokenizer)
+    windows = training_windows(cfg, tokenizer)
     if not resume:
         shutil.rmtree(ckpt, ignore_errors=True)
     t_model, _ = load_model(teacher, tokenizer=tokenizer)
@@ -374,7 +285,7 @@ def distill_(
     if PartialState().is_main_process:
         write_output(s_model, tokenizer, the_plan, log, out)
         first, last = log["eval"][0], log["eval"][-1]
-        table = Table(title=f"come distill ({mode}): {student}")
+        table = Table(title=f"come distill ({cfg.mode}): {student}")
         for col in ("", "before", "after"):
             table.add_column(col)
         table.add_row("held-out KL to teacher", f"{first['kl']:.4f}", f"{last['kl']:.4f}")

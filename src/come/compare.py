@@ -6,18 +6,22 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import Tensor
 
-from .config import CompressConfig, Method
+from .checkpoint import atomic_dir
+from .compression import compress
+from .config import CompressConfig, EvalConfig
 from .errors import ComeError
 from .evaluate import evaluate, paired_delta, paper_score
-from .pipeline import compress
-from .checkpoint import atomic_dir
+from .methods import REGISTRY, method_names
+from .options import override
 from .plan import Plan
 from .report import write_report
+
+SHARED = ("method", "sparsity", "calib", "nsamples", "seqlen", "seed", "protect")  # the same in every row
 
 log = logging.getLogger("come")
 
@@ -27,10 +31,11 @@ def _scored(tasks: dict) -> dict:
     return {task: {**r, "score": paper_score(task, r)} for task, r in tasks.items()}
 
 
-def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"], calib: Tensor, out: Path, eval_kwargs: dict,
-            model_name: str = "", overwrite: bool = False) -> list[dict]:
+def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"], calib: Tensor, out: Path,
+            evaluation: EvalConfig, model_name: str = "", overwrite: bool = False) -> list[dict]:
     """Compress a copy of `model` with each method (same calibration ids), evaluate each
     and the dense model, and write the report into `out`. Returns the report rows."""
+    eval_kwargs = evaluation.evaluate_kwargs()
     rows: list[dict] = []
     plans: dict[str, Plan] = {}
     for spec in [None, *methods]:
@@ -60,8 +65,8 @@ def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"],
     tasks = list(rows[0]["tasks"])
     header = (f"Model {model_name or 'model'}; sparsity {base.sparsity} of all params; calibration "
               f"{calib.shape[0]} x {calib.shape[1]} tokens of {base.calib} (seed {base.seed}); "
-              f"eval: {eval_kwargs.get('limit') or 'all'} docs per task, perplexity on {eval_kwargs.get('ppl_data')} "
-              f"({eval_kwargs.get('ppl_windows') or 'all'} windows of {eval_kwargs.get('seqlen')} tokens).")
+              f"eval: {evaluation.limit or 'all'} docs per task, perplexity on {eval_kwargs['ppl_data']} "
+              f"({evaluation.ppl_windows or 'all'} windows of {evaluation.seqlen} tokens).")
     with atomic_dir(out, overwrite) as tmp:
         write_report(tmp, rows, tasks, plans, header)
     return rows
@@ -78,46 +83,37 @@ class MethodSpec:
     overrides: tuple[tuple[str, object], ...] = ()
 
     def config(self, base: CompressConfig) -> CompressConfig:
-        """`base` with this row's method; refit back to the method's default unless overridden."""
-        return replace(base, **{"method": self.method, "refit": None, **dict(self.overrides)})
+        """`base` with this row's method and overrides (unset refit / pair score: the method's own)."""
+        return replace(base, **{"method": self.method, **dict(self.overrides)})
 
 
-def _coerce(key: str, value: str, default) -> object:
-    if isinstance(default, bool):
-        if value.lower() not in ("true", "false"):
-            raise ComeError(f"--methods: {key} takes true or false, got {value!r}")
-        return value.lower() == "true"
-    try:
-        return type(default)(value) if isinstance(default, (int, float)) else value
-    except ValueError:
-        raise ComeError(f"--methods: {key} takes a number, got {value!r}") from None
+def default_methods() -> str:
+    """`--methods` when not given: every registered method marked for the default comparison."""
+    return ",".join(n for n in method_names() if REGISTRY[n].compared_by_default)
 
 
 def method_list(text: str, base: CompressConfig | None = None) -> list[MethodSpec]:
-    """Parse `--methods`; every row's full config is validated here, before any work."""
-    fixed = {"method", "sparsity", "calib", "nsamples", "seqlen", "seed", "protect"}  # shared by every row
-    known = {f.name for f in fields(CompressConfig)} - fixed
+    """Parse `--methods`; every row's full config is resolved here, before any work. Overrides
+    are parsed like the command line parses the same option."""
     specs = []
     for item in (m.strip() for m in text.split(",")):
         if not item:
             continue
         method, *pairs = item.split(":")
-        if method not in Method.__args__:
-            raise ComeError(f"--methods: unknown method {method!r}; choose from {', '.join(Method.__args__)}")
+        if method not in REGISTRY:
+            raise ComeError(f"--methods: unknown method {method!r}; choose from {', '.join(method_names())}")
         overrides = []
         for pair in pairs:
             key, _, value = pair.partition("=")
-            key = key.strip().replace("-", "_")
-            if key not in known or not value:
+            if not value:
                 raise ComeError(f"--methods: bad override {pair!r} in {item!r}; write method:option=value with a "
                                 "`come compress` option such as refit=none or pair-score=error")
-            default = getattr(CompressConfig(), key)
-            overrides.append((key, _coerce(key, value.strip(), default if default is not None else "")))
+            overrides.append(override(CompressConfig, key, value.strip(), "--methods", SHARED))
         spec = MethodSpec(item, method, tuple(overrides))
-        spec.config(base or CompressConfig()).validate()
+        spec.config(base or CompressConfig()).resolved()
         specs.append(spec)
     if not specs:
-        raise ComeError("--methods: none given; choose from " + ", ".join(Method.__args__))
+        raise ComeError("--methods: none given; choose from " + ", ".join(method_names()))
     if len({s.label for s in specs}) != len(specs):
         raise ComeError("--methods: a row is listed twice")
     return specs

@@ -1,78 +1,147 @@
-"""One options object per command, shared by the CLI and the Python API and saved in the Plan."""
+"""The options objects of `compress` and of evaluation: one per command, shared by the CLI
+(generated from these fields, cli_options.py) and the Python API, saved in the Plan."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, replace
+from typing import ClassVar, Literal
 
 from .errors import ComeError
+from .methods import REGISTRY, get_method, method_names
+from .options import check_choices, int_list, option
+from .tasks import DEFAULT_TASKS, TASK_DATA_ENV
 
 PairScore = Literal["angular", "bi-all-tokens", "error", "merge-error"]
 Split = Literal["bi", "joint"]
-Method = Literal["come", "shortgpt", "replaceme", "laco", "average"]
 Refit = Literal["ls", "none"]
 RefitInput = Literal["dense", "compressed"]
 Select = Literal["angle", "bi"]
-
+Norm = Literal["fold", "average"]
+HeadScore = Literal["channel", "exact"]
 
 # The authors' code's choices where our defaults differ (`come compress --official`).
 OFFICIAL = {"norm": "average", "refit": "none", "split": "bi", "pair_score": "angular"}
+
+
+def _method_help() -> str:
+    return "; ".join(f"{n}: {REGISTRY[n].summary}" for n in method_names())
 
 
 @dataclass
 class CompressConfig:
     """Settings of `come compress` (method.md: OFFICIAL defaults unless marked DECISION)."""
 
-    sparsity: float = 0.3  # removed params / ALL params (embeddings and head included)
-    method: Method = "come"  # come = concatenation merge; shortgpt / replaceme = peers on the same plumbing
-    calib: str = "wikitext2"  # named dataset or local .txt/.jsonl
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    batch_size: int = 4
-    device: str = "auto"  # cuda | cpu | auto; layers visit it one at a time
-    pair_score: PairScore | None = None  # None: "bi-all-tokens" for come (DECISION, BENCHMARKS.md), "angular" else
-    split: Split = "joint"  # DECISION: top units of both layers (BENCHMARKS.md); "bi" = OFFICIAL share from BI
-    skew: float = 1.0  # exponent p of the bi split rule
-    min_max: float = 0.0  # the bi split's floor on the larger share
-    norm: Literal["fold", "average"] = "fold"  # DECISION: exact folding; "average" = OFFICIAL
-    head_score: Literal["channel", "exact"] = "channel"
-    no_repeat: bool = False
-    protect: list[int] = field(default_factory=list)  # original layers never merged
-    max_cache_gb: float = 32.0  # host memory for cached calibration hidden states
-    refit: Refit | None = None  # None: "ls" for come (DECISION, ours), "none" for shortgpt (the peer as published)
-    refit_holdout: float = 0.1  # calibration share that picks the ridge and vetoes bad refits
-    refit_input: RefitInput = "compressed"  # refit on the compressed model's inputs or the dense ones
-    select: Select = "angle"  # replaceme: published last-token angle block, or ShortGPT's BI layers
+    cli_panel: ClassVar[str] = "Compression"
 
-    def validate(self) -> None:
-        if self.refit is None:
-            self.refit = "ls" if self.method == "come" else "none"
-        if self.pair_score is None:  # angular = last-token angular distance (OFFICIAL)
-            self.pair_score = "bi-all-tokens" if self.method == "come" else "angular"
-        if not 0.0 < self.sparsity <= 0.9:
-            raise ComeError(f"--sparsity must be in (0, 0.9], got {self.sparsity}")
-        choices = {"pair_score": PairScore, "split": Split, "method": Method, "refit": Refit,
-                   "refit_input": RefitInput, "select": Select}
-        for name, lit in choices.items():
-            if getattr(self, name) not in lit.__args__:
-                raise ComeError(f"--{name.replace('_', '-')} must be one of {', '.join(lit.__args__)}")
-        if self.norm not in ("fold", "average"):
-            raise ComeError("--norm must be fold or average")
-        if self.head_score not in ("channel", "exact"):
-            raise ComeError("--head-score must be channel or exact")
-        if self.batch_size < 1:
+    sparsity: float = option(0.3, "Fraction of ALL params (embeddings and head included) to remove, in (0, 0.9]; every "
+                                     "merge removes one layer, so the achieved figure is the first one >= this, "
+                                     "reported exactly.")
+    method: str = option("come", lambda: "The method (peers on the same plumbing): " + _method_help() + ".",
+                         choices=method_names)
+    calib: str = option("wikitext2", "Calibration text: wikitext2, c4 (via `datasets`), or a local .txt / .jsonl "
+                                     "({\"text\": ...} per line) file.")
+    nsamples: int = option(128, "Calibration windows: nsamples non-overlapping random windows of seqlen tokens.")
+    seqlen: int = option(2048, "Tokens per calibration window.")
+    seed: int = option(0, "Seed of the calibration windows.")
+    batch_size: int = option(4, "Calibration windows per forward.")
+    device: str = option("auto", "cuda | cpu | auto (layers visit it one at a time).")
+    pair_score: PairScore | None = option(
+        None, "Which adjacent pair merges next. bi-all-tokens (DECISION, come's default, BENCHMARKS.md): mean angular "
+              "distance between the state entering layer l and the one leaving l+1 over ALL calibration tokens; "
+              "angular (OFFICIAL; laco's and average's default): the same on the last token of each sample; error: "
+              "held-out error of the actual merged + refit layer against the dense group; merge-error: the same "
+              "before the refit. Default: the method's own.", choices=PairScore.__args__)
+    split: Split = option("joint", "joint (DECISION, BENCHMARKS.md): top-N of both layers' units ranked together by "
+                                   "sensitivity; bi (OFFICIAL): side A's share r = normalize(normalize(BI)^p).", choices=Split.__args__)
+    skew: float = option(1.0, "Exponent p of the bi split rule (needs --split bi).")
+    min_max: float = option(0.0, "bi split: raise the larger share to at least m^(1/(k-1)), k = original layers in "
+                                 "the pair (needs --split bi).")
+    norm: Norm = option("fold", "fold: norm weights folded into q/k/v and gate/up (exact, DECISION); average: "
+                                   "the mean of the two norms (OFFICIAL).", choices=Norm.__args__)
+    head_score: HeadScore = option("channel", "channel: a head's score is the sum of its channels' scores; exact: "
+                                                      "E_t of the head's own output L1 norm.", choices=HeadScore.__args__)
+    no_repeat: bool = option(False, "Never merge an already merged layer again.")
+    protect: list[int] = option(help="Comma-separated original layers never merged.", parse=int_list,
+                                show=lambda v: ",".join(map(str, v)), default_factory=list)
+    max_cache_gb: float = option(32.0, "Host memory for cached calibration activations (README: Memory).")
+    refit: Refit | None = option(None, "ls: closed-form refit of each merged / kept layer (DECISION); none: the paper. "
+                                       "Default: the method's own (ls for come, none for the peers).", choices=Refit.__args__)
+    refit_holdout: float = option(0.1, "Calibration share that picks the ridge and vetoes a refit.")
+    refit_input: RefitInput = option("compressed", "The refit's inputs: the compressed model's states (corrects upstream "
+                                                  "error) or the dense model's.",
+                                     choices=RefitInput.__args__)
+    select: Select = option("angle", "replaceme: angle (published block) | bi (ShortGPT's layers).",
+                            choices=Select.__args__)
+
+    def resolved(self) -> "CompressConfig":
+        """A checked copy with the method's defaults filled in (refit, pair score); `self`
+        is left as it is. One line naming the problem and the fix on bad settings."""
+        method = get_method(self.method)
+        cfg = replace(self, refit=self.refit or method.default_refit,
+                      pair_score=self.pair_score or method.default_pair_score)
+        if not 0.0 < cfg.sparsity <= 0.9:
+            raise ComeError(f"--sparsity must be in (0, 0.9], got {cfg.sparsity}")
+        check_choices(cfg)
+        if cfg.batch_size < 1:
             raise ComeError("--batch-size must be >= 1")
-        if self.pair_score in ("error", "merge-error") and self.method in ("laco", "average"):
-            raise ComeError(f"--pair-score {self.pair_score} scores concatenation merges; use angular or "
-                            f"bi-all-tokens with --method {self.method}")
-        if not 0.0 < self.refit_holdout < 1.0:
-            raise ComeError(f"--refit-holdout must be in (0, 1), got {self.refit_holdout}")
-        if not 0.0 <= self.min_max < 1.0:
-            raise ComeError(f"--min-max must be in [0, 1), got {self.min_max}")
-        if self.split == "joint" and (self.skew != 1.0 or self.min_max != 0.0):
+        method.check(cfg)
+        if not 0.0 < cfg.refit_holdout < 1.0:
+            raise ComeError(f"--refit-holdout must be in (0, 1), got {cfg.refit_holdout}")
+        if not 0.0 <= cfg.min_max < 1.0:
+            raise ComeError(f"--min-max must be in [0, 1), got {cfg.min_max}")
+        if cfg.split == "joint" and (cfg.skew != 1.0 or cfg.min_max != 0.0):
             raise ComeError("--skew and --min-max shape the bi split rule; add --split bi (the default, joint, "
                             "ranks both layers' units together)")
+        return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of an evaluation (`come eval`, each row of `come compare`, the report)."""
+
+    cli_panel: ClassVar[str] = "Evaluation"
+
+    tasks: str = option(",".join(DEFAULT_TASKS), "Comma-separated lm-eval tasks, or none.")
+    task_data: str | None = option(None, "Offline task data: DIR/<dataset>/<config|none>/<split>/ "
+                                         "(datasets.save_to_disk); nothing then reaches the network.",
+                                   envvar=TASK_DATA_ENV)
+    limit: int | None = option(None, "Score only the first N documents of each task.")
+    skip: int = option(0, "Start at document N of each task (choose settings on other documents than you report).")
+    batch_size: int = option(8, "lm-eval requests per forward.")
+    ppl_data: str = option("wikitext2", "wikitext2 | ptb | c4 (the papers' test texts) | boolq-passages | none | "
+                                        "a local .txt/.jsonl.")
+    seqlen: int = option(2048, "Tokens per perplexity window.")
+    ppl_windows: int | None = option(None, "Score only the first N perplexity windows (default all).")
+
+    def task_list(self) -> list[str]:
+        from .tasks import parse_tasks
+
+        return parse_tasks(self.tasks)
+
+    def evaluate_kwargs(self) -> dict:
+        """The keyword arguments of `evaluate()` these settings stand for."""
+        return {"tasks": self.task_list(), "task_data": self.task_data, "limit": self.limit,
+                "ppl_data": None if self.ppl_data == "none" else self.ppl_data, "seqlen": self.seqlen,
+                "batch_size": self.batch_size, "ppl_windows": self.ppl_windows, "skip": self.skip}
+
+    def check(self) -> None:
+        """Every evaluation input checked before any model loads (one line on a problem)."""
+        from .evaluate import check_inputs
+
+        kw = self.evaluate_kwargs()
+        check_inputs(kw["tasks"], self.task_data, kw["ppl_data"], self.limit, self.seqlen, self.batch_size,
+                     self.ppl_windows, self.skip)
+
+
+@dataclass
+class LoadOptions:
+    """How a model is loaded (not saved in the Plan: the output is stock either way)."""
+
+    cli_panel: ClassVar[str] = "Loading"
+
+    dtype: str = option("auto", "bf16 | fp16 | fp32 | auto (as stored).", choices=("bf16", "fp16", "fp32", "auto"))
+
+

@@ -1,14 +1,18 @@
-"""Calibration and evaluation text: named datasets or local files, cut into token windows."""
+"""Calibration, evaluation and training text: named datasets or local files, cut into token windows."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .errors import ComeError
+
+if TYPE_CHECKING:
+    from .distill_config import DistillConfig
 
 NAMED = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train"),
@@ -83,3 +87,35 @@ def token_windows(text: str, tokenizer, nsamples: int, seqlen: int, seed: int) -
 def load_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> Tensor:
     """[nsamples, seqlen] token ids for calibration."""
     return token_windows(read_text(source), tokenizer, nsamples, seqlen, seed)
+
+
+def eval_windows(text: str, tokenizer, seqlen: int) -> Tensor:
+    """The whole text as consecutive non-overlapping windows of `seqlen` tokens
+    (the tail shorter than a window is dropped, as in the papers' protocol)."""
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    n = len(ids) // seqlen
+    if n == 0:
+        raise ComeError(f"perplexity text has {len(ids)} tokens, fewer than one --seqlen window of {seqlen}")
+    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
+
+
+def training_windows(cfg: DistillConfig, tokenizer) -> tuple[Tensor, Tensor]:
+    """(training windows, held-out windows) of `come distill`: consecutive non-overlapping
+    windows of seqlen tokens; without --eval-data the held-out ones are the last of --data,
+    never trained on. The CLI calls it before loading weights, so bad data fails fast."""
+    train = eval_windows(read_text(cfg.data), tokenizer, cfg.seqlen)
+    if cfg.eval_data is not None:
+        return train, eval_windows(read_text(cfg.eval_data), tokenizer, cfg.seqlen)[: cfg.eval_windows]
+    if len(train) <= cfg.eval_windows:
+        raise ComeError(f"--data has {len(train)} windows of {cfg.seqlen} tokens, not more than --eval-windows "
+                        f"{cfg.eval_windows} held out: give more text, lower --seqlen / --eval-windows, or pass --eval-data")
+    return train[: -cfg.eval_windows], train[-cfg.eval_windows:]
+
+
+def shuffled_batch(windows: Tensor, first: int, size: int, seed: int) -> Tensor:
+    """Samples first..first+size-1 of an endless stream of seeded per-epoch shuffles: the
+    batch depends only on its position, so a resumed run sees exactly the same data."""
+    n = len(windows)
+    idx = [int(torch.randperm(n, generator=torch.Generator().manual_seed(seed + j // n))[j % n])
+           for j in range(first, first + size)]
+    return windows[idx]

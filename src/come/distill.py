@@ -14,115 +14,35 @@ The layer loss is a KL through the (frozen) final norm + LM head (default) or a
 normalized MSE on hidden states. KL is computed in fp32, chunk by chunk over tokens,
 each chunk under activation checkpointing, so full-vocabulary logits never exist for
 more than one chunk (torchtune's chunked forward KL, one step further).
+
+This module is the loop; the settings live in distill_config, the losses in
+distill_losses, checkpoints and the written result in train_state, LoRA in trainable,
+the token windows in data.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter
+from .data import shuffled_batch, training_windows
+from .distill_config import DistillConfig
+from .distill_losses import head_terms, normalized_mse
 from .errors import ComeError
 from .plan import Plan
-
-if TYPE_CHECKING:
-    from peft import LoraModel
+from .profile import resolve_device
+from .train_state import TrainState, latest_checkpoint, write_checkpoint
+from .trainable import activation_checkpointing, make_trainable
 
 log = logging.getLogger("come")
-
-Mode = Literal["sp", "mp"]
-LayerLoss = Literal["kl", "mse"]
-Train = Literal["merged", "all"]
-Precision = Literal["auto", "bf16", "fp32"]
-LOG_FILE = "distill_log.json"
-CHECKPOINTS = "checkpoints"
-
-
-@dataclass
-class DistillConfig:
-    """Settings of `come distill` (shared by the CLI and the Python API, saved in distill_log.json)."""
-
-    mode: Mode = "sp"
-    data: str = "wikitext2"  # named dataset or local .txt/.jsonl: training text
-    eval_data: str | None = None  # held-out text; None: the last eval_windows windows of `data`, never trained on
-    eval_windows: int = 16
-    steps: int | None = None  # optimizer steps; None: derived from `tokens`
-    tokens: int = 20_000_000  # training tokens (all processes together) when `steps` is None
-    seqlen: int = 2048
-    batch_size: int = 4  # windows per micro-batch and process
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup: float = 0.03  # share of the steps spent in linear warmup before the cosine decay
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # per trainable layer in mp (layers stay independent), global in sp
-    temperature: float = 1.0
-    layer_loss: LayerLoss = "kl"
-    layer_weight: float = 1.0  # lambda
-    train: Train = "merged"  # merged layers (groups of > 1 original layer) or every decoder layer
-    lora_r: int = 0  # > 0: train rank-r LoRA adapters on the trainable layers' projections (merged at the end); 0: full
-    lora_alpha: float | None = None  # LoRA update = alpha / r * B A; None: 2 r
-    lora_dropout: float = 0.0  # dropout on the LoRA adapters' input
-    kl_chunk: int = 2048  # tokens per KL chunk
-    gradient_checkpointing: bool = False
-    device: str = "auto"
-    dtype: Precision = "auto"  # compute precision: auto = bf16 autocast on CUDA, fp32 on CPU
-    save_every: int = 0  # checkpoint every N steps into checkpoint_dir (0: never)
-    eval_every: int = 0  # held-out KL / perplexity every N steps (always at the start and the end)
-    checkpoint_dir: str | None = None
-    resume: bool = False  # continue from the latest checkpoint in checkpoint_dir
-    seed: int = 0
-
-    def validate(self) -> None:
-        for name, lit in {"mode": Mode, "layer_loss": LayerLoss, "train": Train, "dtype": Precision}.items():
-            if getattr(self, name) not in lit.__args__:
-                raise ComeError(f"--{name.replace('_', '-')} must be one of {', '.join(lit.__args__)}, "
-                                f"got {getattr(self, name)!r}")
-        ints = {"seqlen": 2, "batch_size": 1, "grad_accum": 1, "eval_windows": 1, "kl_chunk": 1, "tokens": 1}
-        for name, low in ints.items():
-            if getattr(self, name) < low:
-                raise ComeError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ComeError(f"--steps must be >= 1, got {self.steps}")
-        if self.lr <= 0 or self.temperature <= 0 or self.max_grad_norm <= 0 or self.layer_weight < 0:
-            raise ComeError("--lr, --temperature and the gradient clip must be > 0, --layer-weight >= 0")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ComeError(f"--warmup is a share of the steps in [0, 1), got {self.warmup}")
-        if self.save_every < 0 or self.eval_every < 0:
-            raise ComeError("--save-every and --eval-every must be >= 0")
-        if (self.save_every or self.resume) and not self.checkpoint_dir:
-            raise ComeError("checkpoints (--save-every, --resume) need a checkpoint directory")
-        self._validate_lora()
-
-    def _validate_lora(self) -> None:
-        """LoRA settings only mean something with a rank, so they are refused without one."""
-        if self.lora_r < 0:
-            raise ComeError(f"--lora-r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
-        if self.lora_r == 0 and (self.lora_alpha is not None or self.lora_dropout):
-            raise ComeError("--lora-alpha and --lora-dropout need --lora-r > 0")
-        if self.lora_alpha is not None and not 0 < self.lora_alpha < math.inf:
-            raise ComeError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ComeError(f"--lora-dropout is a probability in [0, 1), got {self.lora_dropout}")
-
-    def total_steps(self, processes: int) -> int:
-        return self.steps or math.ceil(self.tokens / (self.batch_size * self.grad_accum * processes * self.seqlen))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def check_pair(teacher_config, student_config, plan: Plan) -> None:
@@ -144,42 +64,6 @@ def check_tokenizers(teacher_tokenizer, student_tokenizer) -> None:
     """Distilling logits needs one vocabulary: same token ids for the same strings."""
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise ComeError("teacher and student tokenizers differ: --teacher must be the model the student was compressed from")
-
-
-# ---- losses ----------------------------------------------------------------------------------
-
-def _chunk_terms(head_t: nn.Module, head_s: nn.Module, temperature: float, h_t: Tensor, h_s: Tensor,
-                 targets: Tensor | None) -> Tensor:
-    """[sum of KL(teacher || student), sum of the student's NLL on `targets`] over one chunk, in fp32."""
-    with torch.no_grad():
-        log_t = F.log_softmax(head_t(h_t).float() / temperature, dim=-1)
-    logits_s = head_s(h_s).float()
-    kl = F.kl_div(F.log_softmax(logits_s / temperature, dim=-1), log_t, log_target=True, reduction="sum")
-    nll = F.cross_entropy(logits_s, targets, reduction="sum", ignore_index=-100) if targets is not None else kl.new_zeros(())
-    return torch.stack([kl, nll])
-
-
-def head_terms(head_t: nn.Module, head_s: nn.Module, h_t: Tensor, h_s: Tensor, temperature: float = 1.0,
-               chunk: int = 2048, targets: Tensor | None = None) -> Tensor:
-    """[KL sum, NLL sum] of the two heads' distributions on hidden states [..., hidden].
-
-    Chunked over tokens; with gradients each chunk is checkpointed (logits recomputed in
-    backward), so one chunk of full-vocabulary logits is the memory peak."""
-    fn = partial(_chunk_terms, head_t, head_s, temperature)
-    h_t, h_s = h_t.flatten(0, -2), h_s.flatten(0, -2)
-    flat_targets = targets.flatten() if targets is not None else None
-    total = h_s.new_zeros(2, dtype=torch.float32)
-    for start in range(0, h_s.shape[0], chunk):
-        part = slice(start, start + chunk)
-        args = (h_t[part], h_s[part], flat_targets[part] if flat_targets is not None else None)
-        total = total + (checkpoint(fn, *args, use_reentrant=False) if h_s.requires_grad else fn(*args))
-    return total
-
-
-def normalized_mse(h_t: Tensor, h_s: Tensor) -> Tensor:
-    """||h_s - h_t||^2 / ||h_t||^2 in fp32: scale-free across layers whose norms grow with depth."""
-    h_t, h_s = h_t.float(), h_s.float()
-    return (h_s - h_t).pow(2).sum() / h_t.pow(2).sum().clamp_min(1e-12)
 
 
 # ---- running the models ------------------------------------------------------------------------
@@ -286,111 +170,12 @@ class _Distiller:
         return next(self.student.parameters()).device
 
 
-# ---- data ------------------------------------------------------------------------------------
-
-def load_windows(cfg: DistillConfig, tokenizer) -> tuple[Tensor, Tensor]:
-    """(training windows, held-out windows): consecutive non-overlapping windows of seqlen
-    tokens. The CLI calls it before loading weights, so bad data fails fast."""
-    from .data import read_text
-    from .evaluate import eval_windows
-
-    train = eval_windows(read_text(cfg.data), tokenizer, cfg.seqlen)
-    if cfg.eval_data is not None:
-        return train, eval_windows(read_text(cfg.eval_data), tokenizer, cfg.seqlen)[: cfg.eval_windows]
-    if len(train) <= cfg.eval_windows:
-        raise ComeError(f"--data has {len(train)} windows of {cfg.seqlen} tokens, not more than --eval-windows "
-                        f"{cfg.eval_windows} held out: give more text, lower --seqlen / --eval-windows, or pass --eval-data")
-    return train[: -cfg.eval_windows], train[-cfg.eval_windows:]
-
-
-def _batch(windows: Tensor, first: int, size: int, seed: int) -> Tensor:
-    """Samples first..first+size-1 of an endless stream of seeded per-epoch shuffles: the
-    batch depends only on its position, so a resumed run sees exactly the same data."""
-    n = len(windows)
-    idx = [int(torch.randperm(n, generator=torch.Generator().manual_seed(seed + j // n))[j % n])
-           for j in range(first, first + size)]
-    return windows[idx]
-
-
-# ---- state -----------------------------------------------------------------------------------
-
-class _TrainState:
-    """What a checkpoint holds: the trainable layers, optimizer, schedule, step and log.
-    Registered with accelerate, so save_state / load_state carry it (with the RNG states)."""
-
-    def __init__(self, layers: dict[int, nn.Module], optimizer, scheduler, log: dict):
-        self.layers, self.optimizer, self.scheduler, self.log, self.step = layers, optimizer, scheduler, log, 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "log": self.log, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "layers": {k: layer.state_dict() for k, layer in self.layers.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        try:  # other layers or tensors (--train, --lora-r changed) would fail deep inside torch
-            for k, layer in self.layers.items():
-                layer.load_state_dict(state["layers"][k])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError):
-            raise ComeError("the checkpoint was written with another --train or --lora-r: "
-                            "resume with the same settings, or start over without --resume") from None
-        self.step, self.log = state["step"], state["log"]
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-def latest_checkpoint(directory: str | Path) -> Path:
-    found = sorted(Path(directory).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    if not found:
-        raise ComeError(f"--resume: no checkpoint in {directory}; run without --resume")
-    return found[-1]
-
-
-def _checkpoint(accelerator, state: _TrainState, directory: str) -> None:
-    """Write checkpoint step_N and keep only it (each one holds the whole training state)."""
-    path = Path(directory) / f"step_{state.step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        for old in Path(directory).glob("step_*"):
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
-
-
 # ---- the loop ----------------------------------------------------------------------------------
-
-def _make_trainable(student: nn.Module, layers: list[nn.Module], cfg: DistillConfig) -> LoraModel | None:
-    """Full fine-tuning: every weight of `layers` trains; returns None. LoRA (lora_r > 0):
-    peft wraps the linear projections of `layers` only, in place (so every module path the
-    distiller holds stays valid), and only the adapters train; returns the peft LoraModel
-    that merges them back. The adapters' random init (on CPU) is seeded by cfg.seed: without
-    DDP nothing else would make them equal in every process."""
-    if not cfg.lora_r:
-        for layer in layers:
-            layer.requires_grad_(True)
-        return None
-    from peft import LoraConfig, LoraModel
-
-    inside = {id(m) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}
-    targets = [name for name, m in student.named_modules() if id(m) in inside]  # full names: no other layer matches
-    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return LoraModel(student, LoraConfig(r=cfg.lora_r, lora_alpha=alpha, lora_dropout=cfg.lora_dropout,
-                                             target_modules=targets), "default")
-
-
-def _activation_checkpointing(model: nn.Module, on: bool) -> None:
-    """transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*."""
-    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    if on:
-        getattr(model, f"{kind}_checkpointing_enable")(**{f"{kind}_checkpointing_kwargs": {"use_reentrant": False}})
-    else:
-        getattr(model, f"{kind}_checkpointing_disable")()
-
 
 class _Run:
     """One training run: optimizer steps over data-parallel micro-batches, held-out evaluation."""
 
-    def __init__(self, accelerator, job: _Distiller, state: _TrainState, windows: tuple[Tensor, Tensor],
+    def __init__(self, accelerator, job: _Distiller, state: TrainState, windows: tuple[Tensor, Tensor],
                  clip_groups: list[list[Tensor]], bar):
         self.acc, self.job, self.state, self.bar, self.clip_groups = accelerator, job, state, bar, clip_groups
         self.train_w, self.eval_w = windows
@@ -403,7 +188,7 @@ class _Run:
         t0, loss = time.perf_counter(), 0.0
         for micro in range(cfg.grad_accum):
             first = state.step * self.per_step + (micro * acc.num_processes + acc.process_index) * cfg.batch_size
-            ids = _batch(self.train_w, first, cfg.batch_size, cfg.seed).to(acc.device)
+            ids = shuffled_batch(self.train_w, first, cfg.batch_size, cfg.seed).to(acc.device)
             loss += self.job.backward(ids, 1.0 / cfg.grad_accum) / cfg.grad_accum
         for group in self.clip_groups:
             if acc.num_processes > 1:
@@ -441,7 +226,7 @@ class _Run:
 def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: DistillConfig,
             windows: tuple[Tensor, Tensor] | None = None) -> tuple[nn.Module, dict]:
     """Train `student` (a `come compress` output with `plan`) to imitate `teacher` on
-    `windows` (training, held-out; default: load_windows(cfg, tokenizer)).
+    `windows` (training, held-out; default: training_windows(cfg, tokenizer)).
 
     Both models move to the device (and to fp32 when computing in fp32); the trainable
     layers train in fp32 (master weights under bf16 autocast), and the student returns
@@ -458,8 +243,6 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
-    from .pipeline import resolve_device
-
     cfg.validate()
     check_pair(teacher.config, student.config, plan)
     device = resolve_device(cfg.device)
@@ -467,7 +250,7 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     accelerator = Accelerator(cpu=device.type == "cpu")  # its mixed_precision is process-wide: autocast is ours
     autocast = partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
     adapter = get_adapter(student.config)
-    windows = windows if windows is not None else load_windows(cfg, tokenizer)
+    windows = windows if windows is not None else training_windows(cfg, tokenizer)
 
     stored = next(student.parameters()).dtype
     for model in (teacher, student):
@@ -476,16 +259,16 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     student.train()
     job = _Distiller(teacher, student, adapter, plan.groups, cfg, autocast)
     layers = {k: adapter.decoder_layers(student)[k].float() for k in job.trainable}
-    lora = _make_trainable(student, list(layers.values()), cfg)
+    lora = make_trainable(student, list(layers.values()), cfg)
     if cfg.gradient_checkpointing:
-        _activation_checkpointing(student, True)
+        activation_checkpointing(student, True)
     per_layer = [[p for p in layer.parameters() if p.requires_grad] for layer in layers.values()]
     params = [p for group in per_layer for p in group]
 
     steps = cfg.total_steps(accelerator.num_processes)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup * steps), steps)
-    state = _TrainState(layers, optimizer, scheduler, {
+    state = TrainState(layers, optimizer, scheduler, {
         "settings": cfg.to_dict(), "groups": plan.groups, "trainable_layers": job.trainable, "steps": steps,
         "processes": accelerator.num_processes, "train": [], "eval": [], "tokens_seen": 0, "train_time_s": 0.0,
         "tokens_per_s": None, "teacher_ppl": None, "eval_tokens": int(windows[1].numel()), "resumed_from": None})
@@ -506,32 +289,15 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
             run.evaluate()
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
-            _checkpoint(accelerator, state, cfg.checkpoint_dir)
+            write_checkpoint(accelerator, state, cfg.checkpoint_dir)
     if state.log["eval"][-1]["step"] != state.step:
         run.evaluate()
     bar.close()
 
     if cfg.gradient_checkpointing:
-        _activation_checkpointing(student, False)
+        activation_checkpointing(student, False)
     if lora is not None:
         lora.merge_and_unload()  # in place: W += alpha / r * B A (in fp32), the peft wrappers give way to plain Linears
     student.requires_grad_(False).to(stored)
     return student.eval(), state.log
 
-
-def write_output(student: nn.Module, tokenizer, plan: Plan, log_dict: dict, out: str | Path) -> Path:
-    """Write the distilled checkpoint + Plan + distill_log.json to `out` atomically.
-
-    `out` may already hold the run's checkpoints/ (kept, moved into the result) and, with
-    --overwrite, an older result (replaced): everything is assembled in a sibling first."""
-    from .checkpoint import save_checkpoint
-
-    out = Path(out)
-    staging = save_checkpoint(student, tokenizer, plan, out.with_name(f".{out.name}.distilled"), overwrite=True)
-    (staging / LOG_FILE).write_text(json.dumps(log_dict, indent=1))
-    if (out / CHECKPOINTS).is_dir():
-        os.replace(out / CHECKPOINTS, staging / CHECKPOINTS)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
-    return out

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .data import eval_windows, read_text
 from .errors import ComeError
 from .tasks import DEFAULT_TASKS, SOURCES, hf_offline, resolve_split, run_tasks
 
@@ -36,16 +37,6 @@ PPL_SETS = {
             "split": "validation"}, "text", " ", 1100),
 }
 BOOLQ = SOURCES["boolq"].data + "/validation"
-
-
-def eval_windows(text: str, tokenizer, seqlen: int) -> Tensor:
-    """The whole text as consecutive non-overlapping windows of `seqlen` tokens
-    (the tail shorter than a window is dropped, as in the papers' protocol)."""
-    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
-    n = len(ids) // seqlen
-    if n == 0:
-        raise ComeError(f"perplexity text has {len(ids)} tokens, fewer than one --seqlen window of {seqlen}")
-    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
 
 
 @torch.no_grad()
@@ -87,7 +78,6 @@ def boolq_passages(task_data: str | Path | None) -> str:
 def ppl_text(source: str, task_data: str | Path | None = None) -> str:
     """Perplexity text: `wikitext2` / `ptb` (TEST splits) or `c4` (validation), joined as in
     the papers; `boolq-passages` (from the task-data dir); or a local .txt/.jsonl file."""
-    from .data import read_text
 
     if source == "boolq-passages":
         return boolq_passages(task_data)

@@ -71,7 +71,7 @@ def library_versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     return {"come": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}

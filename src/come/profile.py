@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import Adapter
+from .errors import ComeError
 from .refit import NormalEquations
 from .selection import token_cosines
 
@@ -28,6 +29,17 @@ class LayerStats:
     ffn_abs_mean: Tensor  # E_t |a_j|, down_proj input channels
     head_out_l1: Tensor | None  # E_t ||W_o[:, cols(i)] z_i||_1 per query head (exact head score)
     bi: float  # block influence: 1 - mean over all tokens of cos(in, out)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The compute device layers visit: `auto` takes CUDA when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ComeError("--device cuda requested but CUDA is not available; use --device cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ComeError(f"--device must be cpu, cuda or auto, got {name!r}")
+    return torch.device(name)
 
 
 class _Stop(Exception):

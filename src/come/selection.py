@@ -25,6 +25,16 @@ def token_cosines(a: Tensor, b: Tensor) -> Tensor:
     return torch.nn.functional.cosine_similarity(a.to(dtype), b.to(dtype), dim=-1)
 
 
+def mean_angular_all(h_in: list[Tensor], h_out: list[Tensor]) -> float:
+    """1 - mean over ALL tokens of cos(in, out), over batches: the block influence of a run
+    of layers (`--pair-score bi-all-tokens` scores a pair by it)."""
+    total, n = 0.0, 0
+    for a, b in zip(h_in, h_out):
+        total += float(token_cosines(a, b).sum(dtype=torch.float64))
+        n += a.shape[0] * a.shape[1]
+    return 1.0 - total / n
+
+
 def skip_scores(last_token_states: list[Tensor]) -> list[float]:
     """OFFICIAL pair score. `last_token_states[k]` is the last-token hidden state entering
     layer k for every calibration sample ([n_samples, hidden]; the final entry is the

@@ -1,0 +1,36 @@
+"""The parameter budget: how many one-layer removals reach a target sparsity."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .adapters import get_adapter
+from .errors import ComeError
+
+
+def count_params(module: nn.Module) -> int:
+    """Parameters of `module`, shared (tied) tensors counted once, as the papers count."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def merges_needed(total: int, per_layer: int, sparsity: float) -> int:
+    """Fewest one-layer removals whose removed params reach `sparsity` of `total`."""
+    return math.ceil(sparsity * total / per_layer - 1e-9)
+
+
+def merge_budget(model: nn.Module, sparsity: float) -> tuple[int, int, int]:
+    """(total params, params per layer, merges needed); a one-line error if unreachable.
+
+    Works on a model built on the 'meta' device, so the CLI checks before loading weights.
+    """
+    layers = get_adapter(model.config).decoder_layers(model)
+    total, per_layer = count_params(model), count_params(layers[0])
+    n_merges = merges_needed(total, per_layer, sparsity)
+    if n_merges >= len(layers):
+        raise ComeError(
+            f"--sparsity {sparsity} needs {n_merges} merges but the model has only {len(layers)} layers "
+            f"(max reachable: {(len(layers) - 1) * per_layer / total:.3f}); lower --sparsity"
+        )
+    return total, per_layer, n_merges

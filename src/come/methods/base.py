@@ -1,0 +1,98 @@
+"""What a compression method declares, and the registry that knows them all.
+
+A method is one module in this package that defines a `MergeMethod` (progressive: one
+layer built from two, repeated to the target) or a `DropMethod` (one-shot: choose layers
+to remove) subclass and decorates it with `@register`. Everything else (the CLI's
+choices and help, the defaults a config resolves to, `come compare`'s list) reads the
+registry, so adding a method is one new file.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from ..adapters import LayerWeights
+from ..dropping import compress_by_dropping
+from ..errors import ComeError
+from ..pair_scoring import ERROR_SCORES
+from ..pipeline import PairToMerge, merge_progressively
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from ..activation_cache import ActivationCache
+    from ..plan import Plan
+
+REGISTRY: dict[str, "Method"] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make the method available by its name."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+class Method:
+    """A compression method on come's plumbing (same calibration, budget, Plan, output)."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for the CLI help and the docs
+    order: ClassVar[int] = 100  # place in listings
+    default_refit: ClassVar[str] = "none"  # what --refit resolves to when not given
+    default_pair_score: ClassVar[str] = "angular"  # what --pair-score resolves to when not given
+    compared_by_default: ClassVar[bool] = True  # a row of `come compare` when --methods is not given
+
+    def check(self, cfg) -> None:
+        """Refuse settings this method cannot honour (one line, before any work)."""
+
+    def needs_dense(self, cfg) -> bool:
+        """Whether the run caches the DENSE model's states at every boundary (refit targets)."""
+        return cfg.refit == "ls"
+
+    def compress(self, model: "nn.Module", tokenizer, cfg, calib: "Tensor | None",
+                 model_name: str) -> tuple["nn.Module", "Plan"]:
+        raise NotImplementedError
+
+
+class MergeMethod(Method):
+    """Progressive: merge the least important adjacent pair into one stock-shaped layer,
+    re-profile, repeat (pipeline.py)."""
+
+    operator: ClassVar[str]  # recorded in the Plan per merge
+    keeps_units: ClassVar[bool] = False  # True: units chosen by sensitivity (concatenation)
+    needs_originals: ClassVar[bool] = False  # True: merge() reads the original layers
+
+    def check(self, cfg) -> None:
+        if cfg.pair_score in ERROR_SCORES and not self.keeps_units:
+            raise ComeError(f"--pair-score {cfg.pair_score} scores concatenation merges; use angular or "
+                            f"bi-all-tokens with --method {self.name}")
+
+    def needs_dense(self, cfg) -> bool:
+        return cfg.refit == "ls" or cfg.pair_score in ERROR_SCORES
+
+    def merge(self, pair: PairToMerge) -> LayerWeights:
+        """The merged layer's weights (float64; written into A's slot)."""
+        raise NotImplementedError
+
+    def compress(self, model, tokenizer, cfg, calib, model_name):
+        return merge_progressively(self, model, tokenizer, cfg, calib, model_name)
+
+
+class DropMethod(Method):
+    """One-shot: choose the layers to remove from one profiling pass, drop them, and
+    optionally refit the layer kept before each removed run (dropping.py)."""
+
+    refit_features: ClassVar[str] = "channels"  # "channels": our refit; "mlp_out": a hidden x hidden map
+    always_refits: ClassVar[bool] = False  # the method's own recovery, whatever --refit says
+
+    def needs_dense(self, cfg) -> bool:
+        return self.always_refits or cfg.refit == "ls"
+
+    def select(self, cache: "ActivationCache", n: int, cfg) -> list[int]:
+        """The `n` original layers to remove (the cache has profiled the dense model)."""
+        raise NotImplementedError
+
+    def compress(self, model, tokenizer, cfg, calib, model_name):
+        return compress_by_dropping(self, model, tokenizer, cfg, calib, model_name)

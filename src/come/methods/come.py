@@ -1,0 +1,23 @@
+"""CoMe (Wang et al., NeurIPS 2025, arXiv 2510.15304): one stock-shaped layer built from
+two by CONCATENATING their most sensitive KV groups / FFN channels (norms folded first,
+exact), followed by our closed-form refit of the merged layer's down projection."""
+
+from __future__ import annotations
+
+from ..merge import concat_merge
+from .base import MergeMethod, register
+
+
+@register
+class Come(MergeMethod):
+    name = "come"
+    summary = "concatenation merge of the most sensitive units (the paper), + closed-form refit"
+    order = 0
+    default_refit = "ls"  # DECISION, ours (BENCHMARKS.md); --refit none = the paper
+    default_pair_score = "bi-all-tokens"  # DECISION, chosen on held-out documents (BENCHMARKS.md)
+    operator = "concat"
+    keeps_units = True
+
+    def merge(self, pair):
+        c = pair.choice
+        return concat_merge(pair.a, pair.b, pair.shape, c.kv_a, c.kv_b, c.ffn_a, c.ffn_b, c.r_a, pair.cfg.norm)

@@ -1,0 +1,23 @@
+"""LaCo (Yang et al., 2024, "LaCo: Large Language Model Pruning via Layer Collapse"):
+Reserving-Differences-while-Seeking-Common, theta_0 + sum_{i>0} (theta_i - theta_0) over
+the ORIGINAL layers the pair stands for; a weight-space merge the CoMe paper argues against."""
+
+from __future__ import annotations
+
+import torch
+
+from ..merge import linear_combination, rdsc_coefficients
+from .base import MergeMethod, register
+
+
+@register
+class LaCo(MergeMethod):
+    name = "laco"
+    summary = "LaCo's RDSC weight-space merge of the original layers"
+    order = 30
+    operator = "rdsc"
+    needs_originals = True
+
+    def merge(self, pair):
+        layers = [w.map(torch.Tensor.double) for w in pair.originals]
+        return linear_combination(layers, rdsc_coefficients(len(layers)))

@@ -1,0 +1,45 @@
+"""ReplaceMe (Shopkhoev et al., 2025, "ReplaceMe: Network Simplification via Depth Pruning
+and Transformer Block Linearization"), its least-squares variant: drop a block, then fit one
+hidden x hidden linear map per removed run on the dense model and fold it into the
+preceding layer's down projection. `--select angle` (published): the contiguous block of n
+layers whose input and output last-token states are closest in angle (Gromov et al. 2024);
+`--select bi`: ShortGPT's layers."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..errors import ComeError
+from ..selection import angular_distance
+from .base import DropMethod, register
+from .shortgpt import lowest_bi_layers
+
+
+def angle_block(last_tok: list[Tensor], n: int, protect: list[int]) -> list[int]:
+    """The block i..i+n-1 minimizing the mean angular distance between the last-token
+    states entering i and leaving i+n-1."""
+    best = None
+    for i in range(len(last_tok) - n):
+        if set(range(i, i + n)) & set(protect):
+            continue
+        d = float(angular_distance(last_tok[i], last_tok[i + n]).mean())
+        if best is None or d < best[0]:
+            best = (d, i)
+    if best is None:
+        raise ComeError(f"target not reachable: no block of {n} unprotected layers; lower --sparsity")
+    return list(range(best[1], best[1] + n))
+
+
+@register
+class ReplaceMe(DropMethod):
+    name = "replaceme"
+    summary = "drop a block, fold a least-squares hidden x hidden map into the layer before"
+    order = 20
+    compared_by_default = False
+    refit_features = "mlp_out"
+    always_refits = True
+
+    def select(self, cache, n, cfg):
+        if cfg.select == "angle":
+            return angle_block(cache.last_tok, n, cfg.protect)
+        return lowest_bi_layers([s.bi for s in cache.stats], n, cfg.protect)

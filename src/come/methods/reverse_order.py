@@ -1,0 +1,30 @@
+"""Reverse-order pruning: drop the n blocks just before the final one, with no calibration
+signal at all. Gromov et al. (2024, "The Unreasonable Ineffectiveness of the Deeper
+Layers") and Lu et al. (2024, "Reassessing Layer Pruning in LLMs") found this a strong
+baseline; the CoMe authors' code carries it as `reverse`. `--refit ls` adds our refit of
+the layer kept before the removed run."""
+
+from __future__ import annotations
+
+from ..errors import ComeError
+from .base import DropMethod, register
+
+
+def last_layers_before_final(n_layers: int, n: int, protect: list[int]) -> list[int]:
+    """The n highest unprotected layers, the final layer excluded."""
+    candidates = [i for i in range(n_layers - 2, -1, -1) if i not in set(protect)]
+    if len(candidates) < n:
+        raise ComeError(f"target not reachable: {n} layers to drop, {len(candidates)} unprotected before the final "
+                        "layer; lower --sparsity")
+    return sorted(candidates[:n])
+
+
+@register
+class ReverseOrder(DropMethod):
+    name = "reverse-order"
+    summary = "drop the last blocks before the final one (no calibration signal)"
+    order = 50
+    compared_by_default = False
+
+    def select(self, cache, n, cfg):
+        return last_layers_before_final(len(cache.stats), n, cfg.protect)

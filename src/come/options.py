@@ -1,0 +1,122 @@
+"""Option fields: each setting's default, help and choices declared once, beside the field.
+
+The options objects (CompressConfig, EvalConfig, DistillConfig, ...) are dataclasses whose
+fields are made with `option()`; the CLI builds its typer options from them
+(cli_options.py) and README's reference is generated from them, so the command line, the
+Python API and the docs cannot drift apart (mergekit's `add_merge_options` pattern).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from .errors import ComeError
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+           flag: str | None = None, short: str | None = None, cli: bool = True, parse: Callable[[str], Any] | None = None,
+           show: Callable[[Any], str] | None = None, envvar: str | None = None,
+           default_factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field carrying its CLI help.
+
+    choices: the allowed values (or a function returning them, e.g. the method registry);
+    checked by the object's own validation, shown in the help. flag: the option name when it
+    is not --field-name. parse: turns the CLI text into the field's value (e.g. a list).
+    show: how the CLI prints the default. cli=False: API-only (set by the command itself).
+    """
+    meta = {"help": help, "choices": choices, "flag": flag, "short": short, "cli": cli, "parse": parse,
+            "show": show, "envvar": envvar}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def choices_of(f: dataclasses.Field) -> tuple[str, ...] | None:
+    c = f.metadata.get("choices")
+    return tuple(c() if callable(c) else c) if c is not None else None
+
+
+def flag_of(f: dataclasses.Field, prefix: str = "") -> str:
+    return f.metadata.get("flag") or "--" + prefix + f.name.replace("_", "-")
+
+
+def check_choices(obj: Any) -> None:
+    """Every field with choices holds one of them (None allowed where the default is None)."""
+    for f in dataclasses.fields(obj):
+        allowed = choices_of(f)
+        value = getattr(obj, f.name)
+        if allowed is None or (value is None and f.default is None):
+            continue
+        if value not in allowed:
+            raise ComeError(f"{flag_of(f)} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def int_list(text: str) -> list[int]:
+    """'2,3' -> [2, 3] (the CLI form of a list of layer indices)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ComeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def count(text: str) -> int:
+    """'20M' -> 20_000_000 (K, M, B suffixes; plain integers too)."""
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}
+    t = text.strip().upper()
+    try:
+        return int(float(t[:-1]) * scale[t[-1]]) if t and t[-1] in scale else int(t)
+    except ValueError:
+        raise ComeError(f"--tokens must be a count such as 20M, 500K or 1000000, got {text!r}") from None
+
+
+def base_type(tp: Any) -> tuple[Any, bool]:
+    """(the field's value type, whether None is allowed)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return base_type(inner[0])[0], True
+    if typing.get_origin(tp) is Literal:
+        return type(args[0]), False
+    return (typing.get_origin(tp) or tp), False
+
+
+def convert(f: dataclasses.Field, tp: Any, text: str | None, flag: str) -> Any:
+    """The field's value from its command-line text: the one parser of the CLI and of
+    `come compare`'s per-row overrides (method:key=value)."""
+    base, optional = base_type(tp)
+    if text is None or not isinstance(text, str):
+        return text
+    if f.metadata.get("parse"):
+        return f.metadata["parse"](text)
+    if optional and text.lower() == "none" and "none" not in (choices_of(f) or ()):
+        return None
+    if base is bool:
+        if text.lower() not in ("true", "false"):
+            raise ComeError(f"{flag} takes true or false, got {text!r}")
+        return text.lower() == "true"
+    if base in (int, float):
+        try:
+            return base(text)
+        except ValueError:
+            raise ComeError(f"{flag} takes {'an integer' if base is int else 'a number'}, got {text!r}") from None
+    return text
+
+
+def cli_fields(cls: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
+    """The fields of `cls` a command line sets (cli=False ones are set by the command)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in exclude]
+
+
+def override(cls: type, key: str, text: str, where: str, fixed: tuple[str, ...] = ()) -> tuple[str, Any]:
+    """(field name, value) of a `key=value` override of `cls`, parsed like the CLI parses it."""
+    name = key.strip().replace("-", "_")
+    fields = {f.name: f for f in cli_fields(cls, fixed)}
+    if name not in fields:
+        raise ComeError(f"{where}: bad override {key!r}; write method:option=value with a `come compress` option "
+                        "such as refit=none or pair-score=error")
+    tp = typing.get_type_hints(cls)[name]
+    return name, convert(fields[name], tp, text, f"{where}: {key}")

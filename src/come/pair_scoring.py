@@ -1,0 +1,133 @@
+"""Which pair to merge and which units to keep: unit scores, the split into per-side
+counts, eligibility (`--protect`, `--no-repeat`) and the error pair scores that build a
+candidate merge and measure it against the dense group."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .activation_cache import ActivationCache
+from .adapters import Adapter, AttnShape, LayerWeights
+from .layer_refit import refit_layer
+from .merge import concat_merge
+from .profile import LayerStats
+from .selection import joint_split, split_counts, split_ratio
+from .sensitivity import channel_sensitivity, exact_head_sensitivity, head_sensitivity, kv_group_sensitivity, top_units
+
+ERROR_SCORES = ("error", "merge-error")  # pair scores that build each candidate merge
+
+
+def unit_scores(stats: LayerStats, w: LayerWeights, shape: AttnShape, head_score: str) -> tuple[Tensor, Tensor]:
+    """(KV-group sensitivities, FFN-channel sensitivities) of one layer."""
+    if head_score == "exact":
+        heads = exact_head_sensitivity(stats.head_out_l1)
+    else:
+        heads = head_sensitivity(channel_sensitivity(stats.attn_abs_mean, w.o), shape.n_heads)
+    return kv_group_sensitivity(heads, shape.n_kv_heads), channel_sensitivity(stats.ffn_abs_mean, w.down)
+
+
+def eligible_pairs(groups: list[list[int]], cfg) -> list[bool]:
+    """Pairs (k, k+1) that may merge: `--protect` layers never, `--no-repeat` merged ones never."""
+    protect = set(cfg.protect)
+    out = []
+    for ga, gb in zip(groups, groups[1:]):
+        ok = not protect.intersection(ga + gb)
+        if cfg.no_repeat:
+            ok = ok and len(ga) == 1 and len(gb) == 1
+        out.append(ok)
+    return out
+
+
+@dataclass
+class Choice:
+    """Which units a merge keeps from each side, and side A's share."""
+
+    kv_a: list[int]
+    kv_b: list[int]
+    ffn_a: list[int]
+    ffn_b: list[int]
+    r_a: float
+
+
+def no_units() -> Choice:
+    """What a weight-space operator keeps: no units of either side."""
+    return Choice([], [], [], [], 0.5)
+
+
+def choose_units(a: LayerWeights, b: LayerWeights, stats_a: LayerStats, stats_b: LayerStats, shape: AttnShape, cfg,
+                 n_original: int, r_a: float | None = None) -> Choice:
+    """The top units of each side; counts from the split rule, or from `r_a` when forced
+    (r_a = 1.0 keeps A whole: dropping B)."""
+    kv_sa, ffn_sa = unit_scores(stats_a, a, shape, cfg.head_score)
+    kv_sb, ffn_sb = unit_scores(stats_b, b, shape, cfg.head_score)
+    d_ff = a.down.shape[1]
+    if r_a is None and cfg.split == "joint":
+        n_kv, n_ffn = joint_split(kv_sa, kv_sb, shape.n_kv_heads), joint_split(ffn_sa, ffn_sb, d_ff)
+        r_a = n_ffn[0] / d_ff
+    else:
+        if r_a is None:
+            r_a = split_ratio(stats_a.bi, stats_b.bi, cfg.skew, cfg.min_max, n_original=n_original)
+        n_kv, n_ffn = split_counts(shape.n_kv_heads, r_a), split_counts(d_ff, r_a)
+    return Choice(top_units(kv_sa, n_kv[0]), top_units(kv_sb, n_kv[1]), top_units(ffn_sa, n_ffn[0]),
+                  top_units(ffn_sb, n_ffn[1]), r_a)
+
+
+def read_pair(adapter: Adapter, model, k: int) -> tuple[LayerWeights, LayerWeights]:
+    """Current layers k and k + 1 as float64 weights (merges are computed in float64)."""
+    layers = adapter.decoder_layers(model)
+    return (adapter.read_layer(layers[k]).map(lambda t: t.double()),
+            adapter.read_layer(layers[k + 1]).map(lambda t: t.double()))
+
+
+class ErrorScores:
+    """`--pair-score error` (DECISION): a pair's cost is the held-out error, relative to the
+    dense stream, of its ACTUAL merged layer (refit if --refit ls) against the dense group's
+    output, on the dense group's input. Degenerate splits (all units of one side = drop the
+    other) compete, so come can only match or beat drop + refit on the same layers.
+    `--pair-score merge-error`: the same error of the merge itself, before any refit (the
+    refit still follows the choice): a refit fitted on the calibration can make a merge look
+    cheap on calibration-domain text only, the unfitted merge cannot.
+    Dense inputs and targets make a pair's cost independent of merges elsewhere: only pairs
+    touching the newly merged layer are re-scored."""
+
+    def __init__(self, cache: ActivationCache, shape: AttnShape, cfg):
+        self.cache, self.shape, self.cfg = cache, shape, cfg
+        self.scored: dict[tuple, tuple[float, Choice]] = {}
+
+    def scores(self, groups: list[list[int]], eligible: list[bool]) -> tuple[list[float], list[Choice | None]]:
+        out_s, out_c = [], []
+        todo = [k for k, ok in enumerate(eligible) if ok and self._key(groups, k) not in self.scored]
+        for k in tqdm(todo, desc="scoring pairs", leave=False, unit="pair"):
+            self.scored[self._key(groups, k)] = self._score(groups, k)
+        for k, ok in enumerate(eligible):
+            score, choice = self.scored[self._key(groups, k)] if ok else (math.inf, None)
+            out_s.append(score)
+            out_c.append(choice)
+        return out_s, out_c
+
+    @staticmethod
+    def _key(groups, k) -> tuple:
+        return tuple(groups[k]), tuple(groups[k + 1])
+
+    def _score(self, groups, k: int) -> tuple[float, Choice]:
+        cache, cfg = self.cache, self.cfg
+        a, b = read_pair(cache.adapter, cache.model, k)
+        sa, sb = cache.stats[k], cache.stats[k + 1]
+        group = groups[k] + groups[k + 1]
+        scratch = copy.deepcopy(cache.adapter.decoder_layers(cache.model)[k])
+        best = None
+        fitted = cfg.refit == "ls" and cfg.pair_score == "error"
+        for r_a in (None, 1.0, 0.0):
+            choice = choose_units(a, b, sa, sb, self.shape, cfg, len(group), r_a)
+            cache.adapter.write_layer(scratch, concat_merge(a, b, self.shape, choice.kv_a, choice.kv_b, choice.ffn_a,
+                                                            choice.ffn_b, choice.r_a, cfg.norm))
+            res = refit_layer(cache, k, group, "dense", layer=scratch, solve=fitted)
+            err = res.err_after if fitted else res.err_before
+            if best is None or err < best[0]:
+                best = (err, choice)
+        return best

@@ -1,0 +1,339 @@
+"""The package's import structure: every module of `come` imports on its own, first, in a
+fresh interpreter; and the intra-package import graph is a DAG.
+
+Both read src/come from the file system (no `come` import is needed to find the modules),
+so a new module or subpackage (come.methods.*) is covered the day it is added.
+
+Fresh imports: one interpreter preloads the third-party packages `come`'s modules import at
+module level (torch, transformers, ...: seconds, paid once) and no `come` module, then forks
+one child per module, in parallel; each child imports its module first. The order of
+imports inside `come` is exactly as in a fresh `python -c "import come.X"`; only the
+third-party packages are warm. One process importing every module in turn would not do:
+a module that works only once another `come` module is loaded would pass there.
+
+The graph: edges are `import` / `from ... import` statements with `ast`, anywhere in a module
+(inside functions too: a lazy import that closes a cycle is a cycle hidden from the
+import-time check, not a cycle removed); only those under `if TYPE_CHECKING:` are left out,
+since they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PACKAGE = "come"
+
+
+# ---- discovery and parsing -----------------------------------------------------------------------
+
+
+def discover(src: Path, package: str) -> dict[str, tuple[Path, bool]]:
+    """{module name: (file, is_package)} for `package` and everything under it, found with
+    pkgutil on the file system (walk_packages would import every subpackage to find it)."""
+    root = src / package
+    found = {package: (root / "__init__.py", True)}
+
+    def walk(path: Path, prefix: str) -> None:
+        for info in pkgutil.iter_modules([str(path)]):
+            name = f"{prefix}.{info.name}"
+            if info.ispkg:
+                found[name] = (path / info.name / "__init__.py", True)
+                walk(path / info.name, name)
+            else:
+                found[name] = (path / f"{info.name}.py", False)
+
+    walk(root, package)
+    return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # absolute name of the module (or package) named by the statement
+    names: tuple[str, ...]  # the `from` names; () for `import x`
+    line: int
+    module_level: bool  # runs when the module is imported (not inside a function)
+
+
+def imports(path: Path, module: str, is_pkg: bool) -> list[Import]:
+    """Every import statement of one module, relative ones resolved, `if TYPE_CHECKING:` left out."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if is_pkg else module.rpartition(".")[0]
+    out: list[Import] = []
+
+    def visit(node: ast.AST, module_level: bool) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child, module_level)
+            return
+        if isinstance(node, ast.Import):
+            out.extend(Import(a.name, (), node.lineno, module_level) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            out.append(Import(target, tuple(a.name for a in node.names), node.lineno, module_level))
+        inside = module_level and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(tree, True)
+    return out
+
+
+# ---- the import graph ----------------------------------------------------------------------------
+
+
+def import_graph(modules: dict[str, tuple[Path, bool]], package: str) -> dict[str, dict[str, str]]:
+    """{importer: {imported: 'file:line' of the first statement}} within `package`.
+
+    `from P import n` depends on P.n when that is a module, else on P (n is defined in P's
+    __init__); it also depends on P, and `import a.b` on a.b and on a, when that package is
+    not one of the importer's own packages (which are always loaded before the importer)."""
+    graph: dict[str, dict[str, str]] = {m: {} for m in modules}
+    src = modules[package][0].parent.parent
+    for importer, (path, is_pkg) in modules.items():
+        parts = importer.split(".")
+        own = {".".join(parts[:k]) for k in range(1, len(parts) + (1 if is_pkg else 0))}
+        for imp in imports(path, importer, is_pkg):
+            if imp.module != package and not imp.module.startswith(package + "."):
+                continue
+            targets = {f"{imp.module}.{n}" if f"{imp.module}.{n}" in modules else imp.module for n in imp.names}
+            mod_parts = imp.module.split(".")
+            targets |= {".".join(mod_parts[:k]) for k in range(1, len(mod_parts) + 1)} - own
+            where = f"{path.relative_to(src).as_posix()}:{imp.line}" + ("" if imp.module_level else " (in a function)")
+            for t in sorted(targets):
+                while t not in modules and "." in t:  # `import come.x.Name`-like: the nearest module
+                    t = t.rpartition(".")[0]
+                if t in modules and t != importer:
+                    graph[importer].setdefault(t, where)
+    return graph
+
+
+def _components(graph: dict[str, dict[str, str]]) -> list[set[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components: list[set[str]] = []
+
+    def connect(v: str) -> None:  # the graphs are small: recursion is fine
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set(stack[stack.index(v):])
+            del stack[stack.index(v):]
+            if len(comp) > 1:
+                components.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return components
+
+
+def _shortest_cycle(graph: dict[str, dict[str, str]], start: str, members: set[str]) -> list[str]:
+    """[start, ..., start]: breadth first inside `members`, which holds a cycle through start."""
+    parent: dict[str, str | None] = {start: None}
+    frontier = [start]
+    while True:
+        last = next((v for v in frontier if start in graph[v]), None)
+        if last is not None:
+            path = [last]
+            while parent[path[-1]] is not None:
+                path.append(parent[path[-1]])
+            return [*reversed(path), start]
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v]):
+                if w in members and w not in parent:
+                    parent[w] = v
+                    nxt.append(w)
+        frontier = nxt
+
+
+def find_cycles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
+    """For every module on a cycle, the shortest cycle through it, each cycle once:
+    [a, b, ..., a], starting at its first module in alphabetical order."""
+    cycles: dict[frozenset, list[str]] = {}
+    for comp in _components(graph):
+        for start in sorted(comp):
+            cycle = _shortest_cycle(graph, start, comp)
+            cycles.setdefault(frozenset(zip(cycle, cycle[1:])), cycle)
+    return sorted(cycles.values())
+
+
+def describe(cycles: list[list[str]], graph: dict[str, dict[str, str]]) -> str:
+    """The cycles, then the statements making their edges, those on the most cycles first
+    (breaking one of these breaks every cycle that passes through it)."""
+    edges: dict[tuple[str, str], int] = {}
+    for cycle in cycles:
+        for edge in zip(cycle, cycle[1:]):
+            edges[edge] = edges.get(edge, 0) + 1
+    ranked = sorted(edges, key=lambda e: (-edges[e], e))
+    return "\n".join([f"import cycles inside the package ({len(cycles)}):", *("  " + " -> ".join(c) for c in cycles),
+                      "their edges (on how many of the cycles), most first:",
+                      *(f"  {a} -> {b}  at {graph[a][b]}  [{edges[a, b]}/{len(cycles)}]" for a, b in ranked)])
+
+
+# ---- fresh imports -------------------------------------------------------------------------------
+
+_FRESH = textwrap.dedent('''
+    import importlib, json, os, sys, tempfile, traceback
+    modules, preload, package, jobs = json.loads(sys.argv[1])
+    for name, attrs in preload:  # third-party, warm once; failures surface in the children
+        try:
+            mod = importlib.import_module(name)
+            for attr in attrs:
+                getattr(mod, attr, None)  # transformers' lazy attributes load on access
+        except Exception:
+            pass
+    loaded = [m for m in sys.modules if m == package or m.startswith(package + ".")]
+    assert not loaded, f"preloading imported {loaded}"
+    out_dir, results, running = tempfile.mkdtemp(), {}, {}
+
+    def reap():
+        pid, status = os.wait()
+        name, path = running.pop(pid)
+        ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        results[name] = None if ok else (open(path).read() if os.path.getsize(path) else f"status {status}")
+
+    for i, name in enumerate(modules):
+        while len(running) >= jobs:
+            reap()
+        path = os.path.join(out_dir, str(i))
+        open(path, "w").close()
+        pid = os.fork()
+        if pid == 0:  # the child: its first `come` import is this module
+            code = 0
+            try:
+                importlib.import_module(name)
+            except BaseException:
+                with open(path, "w") as f:
+                    f.write(traceback.format_exc())
+                code = 1
+            os._exit(code)
+        running[pid] = (name, path)
+    while running:
+        reap()
+    print(json.dumps(results))
+''')
+
+
+def preloads(modules: dict[str, tuple[Path, bool]], package: str) -> list[tuple[str, list[str]]]:
+    """The third-party imports `package`'s modules make when imported (module level only)."""
+    seen: dict[str, list[str]] = {}
+    for name, (path, is_pkg) in modules.items():
+        for imp in imports(path, name, is_pkg):
+            if imp.module_level and imp.module.split(".")[0] != package and imp.module != "__future__":
+                seen.setdefault(imp.module, [])
+                seen[imp.module] += [n for n in imp.names if n not in seen[imp.module] and n != "*"]
+    return sorted(seen.items())
+
+
+def fresh_imports(modules: dict[str, tuple[Path, bool]], package: str, src: Path) -> dict[str, str | None]:
+    """{module: None, or the traceback of importing it first in a fresh interpreter}."""
+    jobs = max(2, os.cpu_count() or 2)
+    arg = json.dumps([sorted(modules), preloads(modules, package), package, jobs])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _FRESH, arg], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- the tests -----------------------------------------------------------------------------------
+
+MODULES = discover(SRC, PACKAGE)
+
+
+def test_discovery_sees_every_file():
+    files = {p.resolve() for p in (SRC / PACKAGE).rglob("*.py")}
+    assert {p.resolve() for p, _ in MODULES.values()} == files
+    assert "come.pipeline" in MODULES and "come.adapters" in MODULES
+
+
+@pytest.fixture(scope="module")
+def fresh() -> dict[str, str | None]:
+    return fresh_imports(MODULES, PACKAGE, SRC)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_module_imports_first_in_a_fresh_interpreter(fresh, module):
+    assert fresh[module] is None, f"`import {module}` as the first come import fails:\n{fresh[module]}"
+
+
+def test_import_graph_is_a_dag():
+    graph = import_graph(MODULES, PACKAGE)
+    cycles = find_cycles(graph)
+    assert not cycles, describe(cycles, graph) + "\n(an import inside a function still closes a cycle)"
+
+
+# ---- the checks themselves can fail ----------------------------------------------------------------
+
+
+def _write_package(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+
+
+def test_graph_finds_cycles_through_functions_and_subpackages(tmp_path):
+    _write_package(tmp_path, {
+        "pkg/__init__.py": "from .a import f\n",
+        "pkg/a.py": "from . import b\n\ndef f():\n    from .sub import c\n",
+        "pkg/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import f\nimport pkg.errors\n",
+        "pkg/errors.py": "",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/c.py": "from ..a import f\nfrom .. import errors\n",
+    })
+    modules = discover(tmp_path, "pkg")
+    assert sorted(modules) == ["pkg", "pkg.a", "pkg.b", "pkg.errors", "pkg.sub", "pkg.sub.c"]
+    graph = import_graph(modules, "pkg")
+    assert graph["pkg.b"] == {"pkg.errors": "pkg/b.py:4"}  # the TYPE_CHECKING import is no edge
+    assert graph["pkg.a"]["pkg.sub.c"] == "pkg/a.py:4 (in a function)" and "pkg.sub" in graph["pkg.a"]
+    assert set(graph["pkg.sub.c"]) == {"pkg.a", "pkg.errors"}  # `from .. import errors`: the module, not pkg
+    assert find_cycles(graph) == [["pkg.a", "pkg.sub.c", "pkg.a"]]
+    assert describe(find_cycles(graph), graph).splitlines()[1:] == [
+        "  pkg.a -> pkg.sub.c -> pkg.a", "their edges (on how many of the cycles), most first:",
+        "  pkg.a -> pkg.sub.c  at pkg/a.py:4 (in a function)  [1/1]", "  pkg.sub.c -> pkg.a  at pkg/sub/c.py:1  [1/1]"]
+    del graph["pkg.a"]["pkg.sub.c"]
+    assert find_cycles(graph) == []
+
+
+def test_fresh_imports_catch_an_import_order_bug(tmp_path):
+    """pkg.a fails when imported first (b needs a's g before a defines it) but imports fine
+    once pkg.b is loaded: importing every module in turn in one process would miss it."""
+    _write_package(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "from . import b\n\ndef g():\n    pass\n",
+        "pkg/b.py": "from .a import g\n",
+        "pkg/ok.py": "import json\n",
+    })
+    results = fresh_imports(discover(tmp_path, "pkg"), "pkg", tmp_path)
+    assert sorted(results) == ["pkg", "pkg.a", "pkg.b", "pkg.ok"]
+    assert "cannot import name 'g'" in results["pkg.a"]
+    assert results["pkg"] is results["pkg.b"] is results["pkg.ok"] is None
