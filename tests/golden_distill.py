@@ -57,7 +57,7 @@ def _distill(pair, tokenizer, root: Path, overrides: dict) -> dict:
     from come import DistillConfig, distill
 
     teacher, student, plan = pair
-    torch.manual_seed(0)  # LoRA dropout draws from torch's global RNG
+    torch.manual_seed(0)  # recorded when LoRA dropout drew from the global RNG; distill now seeds it (seed 0 + process 0: the same stream)
     cfg = DistillConfig(data=str(root / "train.txt"), **{**BASE, **overrides})
     out, log = distill(copy.deepcopy(teacher), copy.deepcopy(student), tokenizer, plan, cfg)
     return {"log": log_record(log, root), "weights": weights_record(out)}

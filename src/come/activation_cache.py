@@ -25,8 +25,10 @@ class ActivationCache:
     and the error pair scores) the dense model's hidden state at every original boundary."""
 
     def __init__(self, model, adapter: Adapter, runner: LayerRunner, cfg, first_inputs: list[Tensor],
-                 stride: int, dense_batches: int):
+                 stride: int, dense_batches: int, token_batches: list[Tensor] | None = None):
         self.model, self.adapter, self.runner, self.cfg = model, adapter, runner, cfg
+        # the calibration token ids, batch by batch (what a method scoring by next-token loss reads)
+        self.token_batches = token_batches or []
         n = len(adapter.decoder_layers(model))
         self.states: dict[int, list[Tensor]] = {0: first_inputs}
         # the dense states of the first `dense_batches` calibration batches only: the refit's
@@ -56,7 +58,7 @@ class ActivationCache:
             start = max(k for k in self.states if k < start)  # that input is not cached: run from before it
         h, prev = self.states[start], self.states.get(start - 1)
         for k in tqdm(range(start, len(layers)), desc="profiling layers", leave=False, unit="layer"):
-            out, st = self.runner.run(layers[k], h, self.stats[k] is None, self.cfg.head_score)
+            out, st = self.runner.run(layers[k], h, self.stats[k] is None, self.cfg.head_score, position=k)
             self.forwards += 1
             if st is not None:
                 self.stats[k] = st
@@ -76,7 +78,7 @@ class ActivationCache:
         start = max(j for j in self.states if j <= k)
         h = self.states[start]
         for j in range(start, k):
-            h, _ = self.runner.run(layers[j], h, False)
+            h, _ = self.runner.run(layers[j], h, False, position=j)
             self.forwards += 1
         self.states[k] = h
         return h

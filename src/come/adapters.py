@@ -168,6 +168,8 @@ class Adapter:
         for key, value in list(vars(cfg).items()):
             if isinstance(value, list) and len(value) == n_old and key != "architectures":
                 setattr(cfg, key, [value[i] for i in keep])
+        if isinstance(getattr(cfg, "max_window_layers", None), int):  # Qwen2: layers >= it slide
+            cfg.max_window_layers = sum(1 for i in keep if i < cfg.max_window_layers)
         cfg.num_hidden_layers = len(keep)
 
 

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .adapters import get_adapter
 from .errors import ComeError
+from .model_card import CARD_FILE, front_matter, looks_like_hub_id, model_card
 from .plan import Plan
+from .preflight import check_model_dir, check_output_dir, check_tokenizer_dir
+
+log = logging.getLogger("come")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": "auto"}
 
@@ -41,6 +50,7 @@ def load_config(name: str):
     except ValueError as exc:
         raise ComeError(f"cannot read the config of {name!r}: {str(exc).splitlines()[0][:160]}") from exc
     get_adapter(config)
+    check_model_dir(name)
     return config
 
 
@@ -55,8 +65,13 @@ def meta_model(config):
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    check_tokenizer_dir(name)
     src, extra = _source(name)
-    return AutoTokenizer.from_pretrained(src, **extra)
+    try:
+        return AutoTokenizer.from_pretrained(src, **extra)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ComeError(f"cannot load the tokenizer of {name!r} ({str(exc).splitlines()[0][:160]}); save the "
+                        "tokenizer beside the model") from None
 
 
 def load_model(name: str, dtype: str = "auto", tokenizer=None):
@@ -68,7 +83,11 @@ def load_model(name: str, dtype: str = "auto", tokenizer=None):
     load_config(name)
     src, extra = _source(name)
     tokenizer = tokenizer or load_tokenizer(name)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **extra)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **extra)
+    except (OSError, ValueError, RuntimeError) as exc:  # unreadable, truncated or mismatched weights
+        raise ComeError(f"cannot load the weights of {name!r} ({str(exc).splitlines()[0][:160]}); re-download or "
+                        "re-save the model") from None
     if "gguf_file" in extra:
         model = _plain_copy(model, DTYPES[dtype])
     return model.eval(), tokenizer
@@ -87,39 +106,181 @@ def _plain_copy(gguf_model, dtype):
     return model
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty output directory unless --overwrite (checked BEFORE any work)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ComeError(f"output path {out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ComeError(f"output directory {out} exists and is not empty; pass --overwrite or choose another --out")
-    return out
+def _stale_siblings(out: Path) -> None:
+    """Temporary siblings left by killed runs (their pid no longer alive) are removed; ones of
+    another live run are left alone."""
+    for old in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = old.name[len(f".{out.name}.tmp-"):].split("-")[0]
+        alive = True
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            pass
+        if not alive and old.is_dir():
+            log.warning("removing %s, left by an interrupted run", old)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class _Terminated(BaseException):
+    """SIGTERM inside an atomic write: unwinds like SIGINT's KeyboardInterrupt, so the
+    temporary directory is removed before the signal ends the process."""
+
+
+@contextmanager
+def _signals_for_write() -> Iterator[Callable[[], AbstractContextManager]]:
+    """While writing: SIGTERM (when it has its default action) raises _Terminated and, once
+    the block has cleaned up, is delivered again (the process ends by it, exit status 143 in a
+    shell); yields `held()`, inside which SIGINT / SIGTERM are recorded and delivered only
+    when it ends (the renames that put the result in place). Outside the main thread: no-op."""
+    main = threading.current_thread() is threading.main_thread()
+    unwind = main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    caught: list[int] = []
+
+    def on_term(signum, _frame):
+        raise _Terminated(signum)
+
+    @contextmanager
+    def held() -> Iterator[None]:
+        if not main:
+            yield
+            return
+        before = {s: signal.signal(s, lambda n, _f: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
+            for s in caught:
+                signal.raise_signal(s)  # SIGINT -> KeyboardInterrupt; SIGTERM -> on_term, or the default action
+
+    if unwind:
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield held
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+        raise
+    finally:
+        if unwind:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports a failed write as its own error
+
+
+def _write_error(out: Path, exc: Exception) -> ComeError:
+    why = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:160]
+    return ComeError(f"cannot write {out}: {why}; nothing was written (check the free space and permissions there, "
+                     "or choose another --out)")
 
 
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out` to fill; it is renamed to `out` only when the block
-    ends without error, so an interrupted run leaves no half-written directory."""
+    ends without error, so an interrupted run (SIGINT, SIGTERM, a failed write) leaves no
+    half-written directory and no temporary one (and the next run removes what a killed one
+    left). A replaced `out` is moved aside, not deleted, until the new one is in place.
+    A write the file system refuses is a one-line ComeError."""
     out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with _signals_for_write() as held:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _stale_siblings(out)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        except _WRITE_ERRORS as exc:
+            raise _write_error(out, exc) from None
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is a normal directory
+            yield tmp
+            with held():
+                _swap(tmp, out)
+        except _WRITE_ERRORS as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(out, exc) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """`tmp` becomes `out`; a replaced `out` is moved aside first and deleted once the new one is in."""
+    old = tmp.with_name(f"{tmp.name}-replaced")
+    if out.exists():
+        os.replace(out, old)
     try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        if old.exists():
+            os.replace(old, out)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model, tokenizer, plan: Plan | None, out: str | Path, overwrite: bool = False) -> Path:
-    """Write model (safetensors) + config + tokenizer + come_plan.json to `out`, atomically."""
+def save_checkpoint(model, tokenizer, plan: Plan | None, out: str | Path, overwrite: bool = False, *,
+                    results: dict | None = None, distill_log: dict | None = None) -> Path:
+    """Write model (safetensors) + config + tokenizer + come_plan.json + the model card
+    (README.md, when there is a Plan) to `out`, atomically. `results` (`come eval`'s dict) and
+    `distill_log` (distill_log.json) add their sections to the card."""
+    out = Path(out)
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:
             plan.save(tmp)
-    return Path(out)
+            base_model, license = source_metadata(plan.model)
+            name = None if out.name.startswith(".") else out.name  # a staging sibling's name is no use to a reader
+            (tmp / CARD_FILE).write_text(model_card(plan, results, distill_log, base_model=base_model,
+                                                    license=license, name=name))
+    return out
+
+
+def source_metadata(name: str) -> tuple[str | None, str | None]:
+    """(base_model, license) of the model `name` that was compressed, for its card; nothing is
+    fetched. A Hub id is its own base model; a local directory (or a .gguf file's folder) gives
+    its config's `_name_or_path` when that is a Hub id. The license: the source README's front
+    matter (for a Hub id, the README in the local Hub cache, if any), else its config's."""
+    if not name:
+        return None, None
+    path = Path(name)
+    folder = path.parent if path.suffix == ".gguf" else path
+    if folder.is_dir():
+        config = _json_object(folder / "config.json") if path.suffix != ".gguf" else {}
+        base = config.get("_name_or_path")
+        base = base if looks_like_hub_id(base) and not Path(base).exists() else None
+        return base, _license(_read(folder / CARD_FILE), config)
+    if not looks_like_hub_id(name):
+        return None, None
+    readme = None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        readme = try_to_load_from_cache(name, CARD_FILE)
+    except Exception:  # noqa: BLE001  (a card is never worth failing a save)
+        pass
+    return name, _license(_read(Path(readme)) if isinstance(readme, str) else "", {})
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(_read(path) or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _license(readme: str, config: dict) -> str | None:
+    value = front_matter(readme).get("license") or config.get("license")
+    return value if isinstance(value, str) else None

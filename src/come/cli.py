@@ -71,16 +71,19 @@ def compress(
     load: LoadOptions,
 ) -> None:
     """Compress MODEL to --sparsity with progressive concatenation merges; write a stock HF checkpoint."""
-    from .checkpoint import check_output_dir, load_config, load_model, load_tokenizer, meta_model, save_checkpoint
     from .budget import merge_budget
+    from .checkpoint import load_config, load_model, load_tokenizer, meta_model, save_checkpoint
     from .compression import compress as run_compress
     from .data import read_text, token_windows
+    from .preflight import check_output_dir
 
     if official:
         cfg = replace(cfg, **OFFICIAL)
     cfg = cfg.resolved()
     check_output_dir(out, overwrite)
-    merge_budget(meta_model(load_config(model)), cfg.sparsity)
+    config = load_config(model)
+    cfg.check_model(config)
+    merge_budget(meta_model(config), cfg.sparsity)
     text = read_text(cfg.calib)
     tokenizer = load_tokenizer(model)
     ids = token_windows(text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -131,9 +134,14 @@ def eval_(
     from pathlib import Path
 
     from .evaluate import retention
+    from .preflight import check_output_file
+    from .profile import resolve_device
     from .tasks import hf_offline
 
     evaluation.check()
+    resolve_device(device)
+    if out:
+        check_output_file(out)
     dense = None
     if baseline and baseline.endswith(".json"):
         try:
@@ -150,6 +158,10 @@ def eval_(
     if out:
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
         err.print(f"wrote {out}")
+        from .model_card import add_eval_to_card
+
+        if add_eval_to_card(model, results):
+            err.print(f"updated the evaluation section of {Path(model) / 'README.md'}")
 
 
 def _evaluate_model(name: str, device: str, dtype: str, evaluation: EvalConfig) -> dict:
@@ -222,15 +234,19 @@ def compare_(
     from pathlib import Path
 
     from .budget import merge_budget
-    from .checkpoint import check_output_dir, load_config, load_model, load_tokenizer, meta_model
+    from .checkpoint import load_config, load_model, load_tokenizer, meta_model
     from .compare import compare, default_methods, method_list
     from .data import read_text, token_windows
+    from .preflight import check_output_dir
     from .report import markdown_table
 
     chosen = method_list(methods or default_methods(), cfg)
     check_output_dir(out, overwrite)
     evaluation.check()
-    merge_budget(meta_model(load_config(model)), cfg.sparsity)
+    config = load_config(model)
+    for spec in chosen:
+        spec.config(cfg).check_model(config)
+    merge_budget(meta_model(config), cfg.sparsity)
     tokenizer = load_tokenizer(model)
     ids = token_windows(read_text(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     lm, _ = load_model(model, load.dtype, tokenizer)
@@ -257,19 +273,20 @@ def distill_(
 
     from accelerate import PartialState
 
-    from .checkpoint import check_output_dir, load_config, load_model, load_tokenizer
+    from .checkpoint import load_config, load_model, load_tokenizer
     from .data import training_windows
+    from .preflight import check_output_dir
     from .distill import check_pair, check_tokenizers
     from .distill import distill as run_distill
     from .plan import load_plan
-    from .train_state import CHECKPOINTS, latest_checkpoint, write_output
+    from .train_state import CHECKPOINTS, resume_point, write_output
 
     ckpt = Path(out) / CHECKPOINTS
     cfg = replace(cfg, checkpoint_dir=str(ckpt))
     cfg.validate()
     resume = cfg.resume
     if resume:
-        latest_checkpoint(ckpt)
+        resume_point(ckpt, cfg, processes=PartialState().num_processes)
     else:
         check_output_dir(out, overwrite)
     the_plan = load_plan(plan or student)

@@ -7,12 +7,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import ClassVar, Literal
 
 from .errors import ComeError
-from .methods import REGISTRY, get_method, method_names
+from .methods import REGISTRY, MergeMethod, get_method, method_names
 from .options import check_choices, int_list, option
+from .profile import resolve_device
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV
 
 PairScore = Literal["angular", "bi-all-tokens", "error", "merge-error"]
-Split = Literal["bi", "joint"]
+Split = Literal["bi", "joint", "search"]
+SplitScore = Literal["nll", "error"]
 Refit = Literal["ls", "none"]
 RefitInput = Literal["dense", "compressed"]
 Select = Literal["angle", "bi"]
@@ -52,7 +54,14 @@ class CompressConfig:
               "held-out error of the actual merged + refit layer against the dense group; merge-error: the same "
               "before the refit. Default: the method's own.", choices=PairScore.__args__)
     split: Split = option("joint", "joint (DECISION, BENCHMARKS.md): top-N of both layers' units ranked together by "
-                                   "sensitivity; bi (OFFICIAL): side A's share r = normalize(normalize(BI)^p).", choices=Split.__args__)
+                                   "sensitivity; bi (OFFICIAL): side A's share r = normalize(normalize(BI)^p); search "
+                                   "(CoMe-P, the paper's Alg. 2): try r in {0, 1/g, ..., 1} and keep the merge that "
+                                   "scores best (--granularity, --split-score).", choices=Split.__args__)
+    granularity: int = option(20, "Grid steps g of --split search: r_A in {0, 1/g, ..., 1} (the authors' 20).")
+    split_score: SplitScore = option("nll", "What --split search minimizes. nll (the authors'): next-token NLL of "
+                                            "the whole merged model on the calibration windows; error: held-out "
+                                            "output error of the merged layer against the dense group (one layer "
+                                            "per candidate).", choices=SplitScore.__args__)
     skew: float = option(1.0, "Exponent p of the bi split rule (needs --split bi).")
     min_max: float = option(0.0, "bi split: raise the larger share to at least m^(1/(k-1)), k = original layers in "
                                  "the pair (needs --split bi).")
@@ -82,8 +91,10 @@ class CompressConfig:
         if not 0.0 < cfg.sparsity <= 0.9:
             raise ComeError(f"--sparsity must be in (0, 0.9], got {cfg.sparsity}")
         check_choices(cfg)
-        if cfg.batch_size < 1:
-            raise ComeError("--batch-size must be >= 1")
+        if cfg.batch_size < 1 or cfg.nsamples < 1 or cfg.seqlen < 2:
+            raise ComeError(f"need --batch-size >= 1, --nsamples >= 1, --seqlen >= 2 (got {cfg.batch_size}, "
+                            f"{cfg.nsamples}, {cfg.seqlen})")
+        resolve_device(cfg.device)
         method.check(cfg)
         if not 0.0 < cfg.refit_holdout < 1.0:
             raise ComeError(f"--refit-holdout must be in (0, 1), got {cfg.refit_holdout}")
@@ -92,7 +103,30 @@ class CompressConfig:
         if cfg.split == "joint" and (cfg.skew != 1.0 or cfg.min_max != 0.0):
             raise ComeError("--skew and --min-max shape the bi split rule; add --split bi (the default, joint, "
                             "ranks both layers' units together)")
+        if cfg.granularity < 1:
+            raise ComeError(f"--granularity must be >= 1, got {cfg.granularity}")
+        search_only = ("granularity", "split_score")
+        if cfg.split != "search" and any(getattr(cfg, f) != self.__dataclass_fields__[f].default for f in search_only):
+            raise ComeError("--granularity and --split-score shape the split search; add --split search")
+        if cfg.split == "search" and (cfg.skew != 1.0 or cfg.min_max != 0.0):
+            raise ComeError("--skew and --min-max shape the bi split rule; --split search tries every r on its grid")
         return cfg
+
+    def check_model(self, config) -> None:
+        """Settings that depend on the model, checked on its config before weights load."""
+        n = config.num_hidden_layers
+        outside = [i for i in self.protect if not 0 <= i < n]
+        if outside:
+            raise ComeError(f"--protect {','.join(map(str, outside))}: the model has layers 0..{n - 1}")
+        context = getattr(config, "max_position_embeddings", None)
+        if context and self.seqlen > context:
+            raise ComeError(f"--seqlen {self.seqlen} exceeds the model's context of {context} positions; "
+                            f"lower --seqlen to at most {context}")
+        protect = set(self.protect)
+        if isinstance(get_method(self.method), MergeMethod) and all(
+                {k, k + 1} & protect for k in range(n - 1)):
+            raise ComeError("every adjacent pair of layers touches a --protect layer, so nothing can merge; "
+                            "protect fewer layers")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,8 +145,9 @@ class EvalConfig:
     limit: int | None = option(None, "Score only the first N documents of each task.")
     skip: int = option(0, "Start at document N of each task (choose settings on other documents than you report).")
     batch_size: int = option(8, "lm-eval requests per forward.")
-    ppl_data: str = option("wikitext2", "wikitext2 | ptb | c4 (the papers' test texts) | boolq-passages | none | "
-                                        "a local .txt/.jsonl.")
+    ppl_data: str = option("auto", "Perplexity text: wikitext2 | ptb | c4 (the papers' test texts) | boolq-passages | "
+                                   "none | a local .txt/.jsonl; auto: wikitext2, or boolq-passages (offline) with "
+                                   "--task-data.")
     seqlen: int = option(2048, "Tokens per perplexity window.")
     ppl_windows: int | None = option(None, "Score only the first N perplexity windows (default all).")
 
@@ -123,8 +158,9 @@ class EvalConfig:
 
     def evaluate_kwargs(self) -> dict:
         """The keyword arguments of `evaluate()` these settings stand for."""
+        ppl = self.ppl_data if self.ppl_data != "auto" else "boolq-passages" if self.task_data else "wikitext2"
         return {"tasks": self.task_list(), "task_data": self.task_data, "limit": self.limit,
-                "ppl_data": None if self.ppl_data == "none" else self.ppl_data, "seqlen": self.seqlen,
+                "ppl_data": None if ppl == "none" else ppl, "seqlen": self.seqlen,
                 "batch_size": self.batch_size, "ppl_windows": self.ppl_windows, "skip": self.skip}
 
     def check(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,8 @@ import torch
 from torch import Tensor
 
 from .errors import ComeError
+
+log = logging.getLogger("come")
 
 if TYPE_CHECKING:
     from .distill_config import DistillConfig
@@ -33,18 +36,31 @@ def read_text(source: str) -> str:
         raise ComeError(
             f"calibration/eval text not found: {source!r}; give an existing .txt/.jsonl file or one of {', '.join(NAMED)}"
         )
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise ComeError(f"{path} is a binary file, not text; give a .txt or .jsonl file of text")
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if path.suffix == ".jsonl":  # JSON is UTF-8 by definition
+            raise ComeError(f"{path} is not UTF-8 text (byte {exc.start}); convert it, e.g. iconv -t utf-8") from None
+        content = raw.decode("utf-8", errors="replace")
+        log.warning("%s is not valid UTF-8 (first bad byte at %d): undecodable bytes replaced", path, exc.start)
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
+                value = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ComeError(f"{path}:{n}: each .jsonl line must be a JSON object with a \"text\" field") from None
+            if not isinstance(value, str):
+                raise ComeError(f"{path}:{n}: \"text\" must be a string, got {type(value).__name__}")
+            texts.append(value)
         text = "\n\n".join(texts)
     else:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = content
     if not text.strip():
         raise ComeError(f"text file {path} is empty; give a file with calibration text")
     return text

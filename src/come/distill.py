@@ -22,7 +22,6 @@ the token windows in data.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from functools import partial
@@ -39,10 +38,8 @@ from .distill_losses import head_terms, normalized_mse
 from .errors import ComeError
 from .plan import Plan
 from .profile import resolve_device
-from .train_state import TrainState, latest_checkpoint, write_checkpoint
-from .trainable import activation_checkpointing, make_trainable
-
-log = logging.getLogger("come")
+from .train_state import TrainState, restore, write_checkpoint
+from .trainable import activation_checkpointing, make_trainable, seeded_rng
 
 
 def check_pair(teacher_config, student_config, plan: Plan) -> None:
@@ -271,28 +268,25 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     state = TrainState(layers, optimizer, scheduler, {
         "settings": cfg.to_dict(), "groups": plan.groups, "trainable_layers": job.trainable, "steps": steps,
         "processes": accelerator.num_processes, "train": [], "eval": [], "tokens_seen": 0, "train_time_s": 0.0,
-        "tokens_per_s": None, "teacher_ppl": None, "eval_tokens": int(windows[1].numel()), "resumed_from": None})
+        "tokens_per_s": None, "teacher_ppl": None, "eval_tokens": int(windows[1].numel()), "resumed_from": None},
+        {"settings": cfg.run_settings(), "precision": "bf16" if bf16 else "fp32", "processes": accelerator.num_processes})
     accelerator.register_for_checkpointing(state)
-    if cfg.resume:
-        path = latest_checkpoint(cfg.checkpoint_dir)
-        accelerator.load_state(str(path))
-        state.log["resumed_from"] = state.step
-        log.info("resumed from %s (step %d of %d)", path, state.step, steps)
-
-    bar = tqdm(total=steps, initial=state.step, desc=f"distill {cfg.mode}", unit="step",
-               disable=not accelerator.is_main_process)
-    run = _Run(accelerator, job, state, windows, per_layer if cfg.mode == "mp" else [params], bar)
-    if not state.log["eval"]:
-        run.evaluate()
-    while state.step < steps:
-        run.step()
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
+    with seeded_rng(cfg.seed + accelerator.process_index, accelerator.device):  # LoRA dropout's masks
+        restore(accelerator, state, cfg)
+        bar = tqdm(total=steps, initial=state.step, desc=f"distill {cfg.mode}", unit="step",
+                   disable=not accelerator.is_main_process)
+        run = _Run(accelerator, job, state, windows, per_layer if cfg.mode == "mp" else [params], bar)
+        if not state.log["eval"]:
             run.evaluate()
-        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
-            write_checkpoint(accelerator, state, cfg.checkpoint_dir)
-    if state.log["eval"][-1]["step"] != state.step:
-        run.evaluate()
-    bar.close()
+        while state.step < steps:
+            run.step()
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
+                run.evaluate()
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+                write_checkpoint(accelerator, state, cfg.checkpoint_dir)
+        if state.log["eval"][-1]["step"] != state.step:
+            run.evaluate()
+        bar.close()
 
     if cfg.gradient_checkpointing:
         activation_checkpointing(student, False)

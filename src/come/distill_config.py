@@ -4,6 +4,7 @@ recorded in distill_log.json."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Literal, get_args
 
@@ -29,6 +30,11 @@ class DistillConfig:
     """Settings of `come distill` (shared by the CLI and the Python API, saved in distill_log.json)."""
 
     cli_panel: ClassVar[str] = "Distillation"
+    # How a run is carried out, not what it learns: free to change on --resume (a new device or
+    # memory knob may move the result in the last float bits). Every other field defines the run,
+    # and --resume refuses a change (train_state.resume_point).
+    RUN_CONTROL: ClassVar[tuple[str, ...]] = ("resume", "checkpoint_dir", "save_every", "eval_every", "device",
+                                              "kl_chunk", "gradient_checkpointing")
 
     mode: Mode = option("sp", "sp: all trainable layers at once, full loss | mp: each layer alone on the teacher's "
                         "activations.", choices=get_args(Mode))
@@ -63,8 +69,9 @@ class DistillConfig:
     save_every: int = option(0, "Checkpoint into OUT/checkpoints every N steps (0: never).")
     eval_every: int = option(0, "Held-out KL / perplexity every N steps (always at start and end).")
     checkpoint_dir: str | None = option(None, "Where checkpoints go (the CLI: OUT/checkpoints).", cli=False)
-    resume: bool = option(False, "Continue from the latest OUT/checkpoints/step_N.")
-    seed: int = option(0, "Data order and LoRA init.")
+    resume: bool = option(False, "Continue from the newest complete OUT/checkpoints/step_N, with the settings it "
+                          "was made with.")
+    seed: int = option(0, "Data order, LoRA init and dropout.")
 
     def validate(self) -> None:
         """Refuse bad settings with one-line errors before any weight or text loads; reads only."""
@@ -102,3 +109,14 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def run_settings(self) -> dict:
+        """The settings that define the run (all but RUN_CONTROL; --tokens only without --steps),
+        text files by absolute path: what a checkpoint records and --resume must match."""
+        out = {k: v for k, v in asdict(self).items() if k not in self.RUN_CONTROL}
+        if self.steps is not None:
+            del out["tokens"]
+        for key in ("data", "eval_data"):
+            if out[key] is not None and os.path.isfile(out[key]):
+                out[key] = os.path.abspath(out[key])
+        return out

@@ -99,7 +99,8 @@ def check_inputs(tasks: Sequence[str], task_data: str | Path | None, ppl_data: s
                  ppl_windows: int | None = None, skip: int = 0) -> None:
     """Fail fast, before any weights load: numbers in range, every task's local data and the
     perplexity file present."""
-    if seqlen < 2 or batch_size < 1 or min(limit or 1, ppl_windows or 1) < 1 or skip < 0:
+    if seqlen < 2 or batch_size < 1 or min(1 if limit is None else limit, 1 if ppl_windows is None else ppl_windows) < 1 \
+            or skip < 0:
         raise ComeError(f"need --seqlen >= 2, --batch-size >= 1, --limit and --ppl-windows >= 1, --skip >= 0 "
                         f"(got {seqlen}, {batch_size}, {limit}, {ppl_windows}, {skip})")
     if task_data is not None:

@@ -21,12 +21,14 @@ def refit_layer(cache: ActivationCache, k: int, group: list[int], inputs: str, f
     error accumulated upstream); "dense": the dense model's states entering the group.
     Returns the RefitResult (its `seconds`: this whole step, so a run can report what the
     refit cost it); the caller decides what to write. solve=False: only the held-out
-    error of the layer as it is (no solves).
+    error of the layer as it is (no solves). `layer` (default: current layer k) runs as the
+    model runs position k: with k's attention type, whatever layer it is.
     """
     t0 = time.perf_counter()
     layer = layer if layer is not None else cache.adapter.decoder_layers(cache.model)[k]
     x = cache.inputs_at(k) if inputs == "compressed" else cache.dense[group[0]]
-    train, hold = cache.runner.collect_refit(layer, x, cache.dense[group[-1] + 1], cache.held_out, features)
+    train, hold = cache.runner.collect_refit(layer, x, cache.dense[group[-1] + 1], cache.held_out, features,
+                                              position=k)
     cache.forwards += 1
     w0 = cache.adapter.ffn_output_proj(layer).weight.detach()
     if not solve:

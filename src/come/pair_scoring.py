@@ -62,11 +62,12 @@ def no_units() -> Choice:
 def choose_units(a: LayerWeights, b: LayerWeights, stats_a: LayerStats, stats_b: LayerStats, shape: AttnShape, cfg,
                  n_original: int, r_a: float | None = None) -> Choice:
     """The top units of each side; counts from the split rule, or from `r_a` when forced
-    (r_a = 1.0 keeps A whole: dropping B)."""
+    (r_a = 1.0 keeps A whole: dropping B). `--split search` forces every r_a of its grid
+    (split_search.py); unforced, as the error pair scores' guess of a pair's split, it is joint."""
     kv_sa, ffn_sa = unit_scores(stats_a, a, shape, cfg.head_score)
     kv_sb, ffn_sb = unit_scores(stats_b, b, shape, cfg.head_score)
     d_ff = a.down.shape[1]
-    if r_a is None and cfg.split == "joint":
+    if r_a is None and cfg.split in ("joint", "search"):
         n_kv, n_ffn = joint_split(kv_sa, kv_sb, shape.n_kv_heads), joint_split(ffn_sa, ffn_sb, d_ff)
         r_a = n_ffn[0] / d_ff
     else:

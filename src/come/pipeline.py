@@ -8,7 +8,7 @@ builds one layer from two. Calibration states are cached at layer inputs
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -19,8 +19,10 @@ from .errors import ComeError
 from .layer_refit import refit_layer, write_down_proj
 from .pair_scoring import ERROR_SCORES, Choice, ErrorScores, choose_units, eligible_pairs, no_units, read_pair
 from .plan import MergeRecord, Plan
+from .preflight import check_finite
 from .preparation import finish, prepare
 from .selection import choose_pair
+from .split_search import search_split
 
 log = logging.getLogger("come")
 
@@ -43,7 +45,8 @@ class PairToMerge:
 def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor | None,
                         model_name: str) -> tuple[nn.Module, Plan]:
     """Merge adjacent pairs with `method`'s operator until `cfg.sparsity` (cfg resolved)."""
-    run = prepare(model, tokenizer, cfg, calib, model_name, method.needs_dense(cfg))
+    searched_error = method.keeps_units and cfg.split == "search" and cfg.split_score == "error"
+    run = prepare(model, tokenizer, cfg, calib, model_name, method.needs_dense(cfg) or searched_error)
     adapter, cache, plan = run.adapter, run.cache, run.plan
     shape = adapter.attn_shape(model.config)
     groups = [[i] for i in range(plan.num_layers_before)]
@@ -62,14 +65,11 @@ def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor 
         ga, gb = groups[k], groups[k + 1]
         a, b = read_pair(adapter, model, k)
         sa, sb = cache.stats[k], cache.stats[k + 1]
-        if not method.keeps_units:
-            choice = no_units()
-        else:
-            choice = choices[k] if choices else choose_units(a, b, sa, sb, shape, cfg, len(ga) + len(gb))
+        pair = PairToMerge(a, b, ga, gb, no_units(), shape, cfg, [originals[i] for i in ga + gb] if originals else None)
+        choice, searched = _choose_units(method, cache, k, pair, choices)
         params_before = count_params(model)
         layers = adapter.decoder_layers(model)
-        merged = method.merge(PairToMerge(a, b, ga, gb, choice, shape, cfg,
-                                          [originals[i] for i in ga + gb] if originals else None))
+        merged = method.merge(replace(pair, choice=choice))
         adapter.write_layer(layers[k], merged)
         adapter.keep_layers(model, [i for i in range(len(layers)) if i != k + 1])
         groups[k:k + 2] = [ga + gb]
@@ -80,16 +80,36 @@ def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor 
             if res.kept:
                 write_down_proj(adapter, adapter.decoder_layers(model)[k], res.weight)
             refit = res.record()
+        check_finite(adapter.decoder_layers(model)[k], f"merge {step + 1} (original layers {_span(ga)} + {_span(gb)})",
+                     "try --dtype fp32, or --refit none if the refit produced it")
         record = MergeRecord(step=step, position=k, group_a=ga, group_b=gb, operator=method.operator, kv_a=choice.kv_a,
                              kv_b=choice.kv_b, ffn_a=choice.ffn_a, ffn_b=choice.ffn_b, r_a=choice.r_a, bi_a=sa.bi,
                              bi_b=sb.bi, pair_score=scores[k], pair_scores=scores, params_before=params_before,
-                             params_after=count_params(model), refit=refit)
+                             params_after=count_params(model), refit=refit, split_search=searched)
         plan.merges.append(record)
         log.info("merge %d/%d: layers %d+%d (original %s + %s) -> kv %d+%d, ffn %d+%d, r_A=%.3f%s; params %.2fM -> %.2fM",
                  step + 1, run.n_remove, k, k + 1, _span(ga), _span(gb), len(choice.kv_a), len(choice.kv_b),
                  len(choice.ffn_a), len(choice.ffn_b), choice.r_a, _refit_note(refit), params_before / 1e6,
                  record.params_after / 1e6)
     return model, finish(run, groups)
+
+
+def _choose_units(method, cache, k: int, pair: PairToMerge, choices: list[Choice | None] | None,
+                  ) -> tuple[Choice, dict | None]:
+    """The units the merge of current layers k, k + 1 keeps (by the split rule, the error pair
+    score's pick, or `--split search`), and the search's record (None without one)."""
+    if not method.keeps_units:
+        return no_units(), None
+    cfg = pair.cfg
+    stats_a, stats_b = cache.stats[k], cache.stats[k + 1]
+
+    def units(r_a: float | None = None) -> Choice:
+        return choose_units(pair.a, pair.b, stats_a, stats_b, pair.shape, cfg, len(pair.group_a + pair.group_b), r_a)
+
+    if cfg.split == "search":
+        return search_split(cache, k, pair.group_a + pair.group_b, units,
+                            lambda c: method.merge(replace(pair, choice=c)), cfg)
+    return (choices[k] if choices else units()), None
 
 
 def _refit_note(refit: dict | None) -> str:

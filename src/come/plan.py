@@ -8,6 +8,7 @@ the scores that chose it. Saved as come_plan.json beside the checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class MergeRecord:
     params_before: int
     params_after: int
     refit: dict | None = None
+    # --split search: {"score": "nll" | "error", "candidates": [[r_a, score], ...]}; left out of
+    # the JSON when None, so Plans without a search read as they always did
+    split_search: dict | None = None
 
 
 @dataclass
@@ -59,7 +63,12 @@ class Plan:
     versions: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        """Always valid JSON: a non-finite number (an ineligible pair's inf score) becomes null."""
+        data = asdict(self)
+        for merge in data["merges"]:
+            if merge["split_search"] is None:
+                del merge["split_search"]
+        return json.dumps(_finite(data), indent=1, allow_nan=False)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / PLAN_FILE
@@ -84,6 +93,20 @@ def load_plan(path: str | Path) -> Plan:
         path = path / PLAN_FILE
     if not path.is_file():
         raise ComeError(f"no Plan at {path}: pass a `come compress` output directory or --plan FILE")
-    data = json.loads(path.read_text())
-    data["merges"] = [MergeRecord(**m) for m in data.get("merges", [])]
-    return Plan(**data)
+    try:
+        data = json.loads(path.read_text())
+        data["merges"] = [MergeRecord(**m) for m in data.get("merges", [])]
+        return Plan(**data)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise ComeError(f"{path} is not a valid come Plan ({str(exc).splitlines()[0][:120]}); use the "
+                        "come_plan.json `come compress` wrote") from None
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

@@ -15,6 +15,7 @@ from .activation_cache import ActivationCache, cache_layout
 from .adapters import Adapter, get_adapter
 from .budget import count_params, merge_budget
 from .plan import Plan, library_versions
+from .preflight import check_finite
 from .profile import LayerRunner, resolve_device
 
 log = logging.getLogger("come")
@@ -37,6 +38,7 @@ def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: 
     """Shared set-up of every method (`cfg` already resolved): budget, calibration,
     embedding, the activation cache, the Plan."""
     t0 = time.perf_counter()
+    check_finite(model, "input model", "fix or re-export the model: compressing it would write a broken checkpoint")
     adapter = get_adapter(model.config)
     n_layers = len(adapter.decoder_layers(model))
     total, per_layer, n_remove = merge_budget(model, cfg.sparsity)
@@ -50,11 +52,12 @@ def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: 
     dense_batches, stride = cache_layout(n_layers, n_batches, batch_bytes, cfg.max_cache_gb, keep_dense)
     model.eval()
     runner = LayerRunner(model, adapter, device, torch.device("cpu"))
-    first = runner.embed(list(calib.split(cfg.batch_size)))
+    batches = list(calib.split(cfg.batch_size))
+    first = runner.embed(batches)
     log.info("cache: layer inputs every %d layer(s)%s", stride,
              f"; dense states of {dense_batches}/{n_batches} calibration batches for the refit "
              f"({(n_layers + 1) * batch_bytes * dense_batches / 2**30:.2f} GiB)" if keep_dense else "")
-    cache = ActivationCache(model, adapter, runner, cfg, first, stride, dense_batches)
+    cache = ActivationCache(model, adapter, runner, cfg, first, stride, dense_batches, batches)
     plan = Plan(model=model_name, method=cfg.method, settings=cfg.to_dict(), num_layers_before=n_layers,
                 params_before=total, target_sparsity=cfg.sparsity, calibration_tokens=calib.numel(),
                 versions=library_versions())
@@ -66,6 +69,7 @@ def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: 
 def finish(run: Run, groups: list[list[int]]) -> Plan:
     """Fill the Plan's totals once the model has its final layers."""
     plan = run.plan
+    check_finite(run.model, "compressed model", "nothing was written; report this with the command line")
     plan.groups = groups
     plan.num_layers_after = len(groups)
     plan.params_after = count_params(run.model)

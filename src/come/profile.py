@@ -47,7 +47,7 @@ class _Stop(Exception):
 
 
 @contextmanager
-def _on(module: nn.Module, device: torch.device):
+def on_device(module: nn.Module, device: torch.device):
     """Temporarily move `module` to `device` (no-op when it is already there)."""
     tensor = next(chain(module.parameters(), module.buffers()), None)
     home = tensor.device if tensor is not None else device
@@ -66,51 +66,109 @@ def _to(obj, device):
     return obj
 
 
+def layer_type(config, position: int) -> str | None:
+    """The attention type the model gives the layer at current `position` (which mask, and
+    for Gemma 3 which rotary embeddings): `layer_types` of the CURRENT config, which
+    `Adapter.keep_layers` cuts as layers go; None for configs with one type."""
+    types = getattr(config, "layer_types", None)
+    return types[position] if types else None
+
+
+def _same(a, b) -> bool:
+    """The very objects (tensors) or equal plain values: layers of one type share their kwargs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a is b or (isinstance(a, (bool, int, float, str)) and a == b)
+
+
+class _Catch(nn.Module):
+    """Stands in for decoder layer `index` during the embedding pass: the model's own loop
+    hands it that layer's real kwargs; it records them per layer type and passes the hidden
+    states on untouched. The last one stops the model before its final norm and LM head."""
+
+    def __init__(self, index: int, kind: str | None, last: bool, seen: dict):
+        super().__init__()
+        self.index, self.kind, self.last, self.seen = index, kind, last, seen
+
+    def forward(self, *args, **kwargs):
+        h = args[0] if args else kwargs.pop("hidden_states")
+        if self.index == 0:
+            self.seen["h"] = h
+        kinds = self.seen["kw"]
+        if self.kind in kinds and not _same(kinds[self.kind], kwargs):
+            raise ComeError(f"decoder layer {self.index} gets other kwargs than the earlier layers of its type "
+                            f"{self.kind!r}: this model needs per-layer kwargs, which come does not keep")
+        kinds.setdefault(self.kind, kwargs)
+        self.seen["n"] += 1
+        if self.last:
+            raise _Stop
+        return h
+
+
 class LayerRunner:
     """Embeds calibration batches once, then runs any decoder layer over cached inputs.
 
     `cache_device` holds hidden states between layers (host memory by default);
     `device` runs the layer. The layer kwargs the model would pass (rotary position
-    embeddings, causal mask) are captured once per batch from the model itself.
+    embeddings, causal mask) are captured once per batch from the model itself, one set
+    per layer type: models that mix sliding and full attention give each type its mask.
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, device: torch.device, cache_device: torch.device):
         self.model, self.adapter = model, adapter
         self.device, self.cache_device = device, cache_device
-        self.layer_kwargs: list[dict] = []
+        self.layer_kwargs: list[dict[str | None, dict]] = []  # per batch: layer type -> kwargs
         self.shape = adapter.attn_shape(model.config)
 
     @torch.no_grad()
     def embed(self, batches: list[Tensor]) -> list[Tensor]:
-        """Hidden states entering layer 0 for each batch of token ids; records layer kwargs."""
-        layer0 = self.adapter.decoder_layers(self.model)[0]
-        captured: dict = {}
-
-        def catch(_module, args, kwargs):
-            captured["h"] = args[0] if args else kwargs["hidden_states"]
-            captured["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _Stop
-
-        hook = layer0.register_forward_pre_hook(catch, with_kwargs=True)
+        """Hidden states entering layer 0 for each batch of token ids; records the kwargs the
+        model passes each layer type. The decoder layers are swapped for `_Catch` modules for
+        the pass (so none of them runs) and put back whatever happens."""
+        layers = self.adapter.decoder_layers(self.model)
+        real = list(layers)
+        seen: dict = {}
         out, self.layer_kwargs = [], []
         try:
+            for i in range(len(real)):
+                layers[i] = _Catch(i, layer_type(self.model.config, i), i == len(real) - 1, seen)
             with ExitStack() as stack:
                 for part in self.adapter.input_modules(self.model):
-                    stack.enter_context(_on(part, self.device))
+                    stack.enter_context(on_device(part, self.device))
                 for ids in batches:
+                    seen.update(kw={}, n=0)
                     try:
                         self.model(input_ids=ids.to(self.device), use_cache=False)
                     except _Stop:
                         pass
-                    out.append(captured["h"].to(self.cache_device))
-                    self.layer_kwargs.append(captured["kw"])
+                    if seen["n"] != len(real):
+                        raise ComeError(f"the model ran {seen['n']} of its {len(real)} decoder layers")
+                    out.append(seen["h"].to(self.cache_device))
+                    self.layer_kwargs.append(seen["kw"])
         finally:
-            hook.remove()
+            for i, layer in enumerate(real):
+                layers[i] = layer
         return out
 
+    def kwargs_at(self, position: int | None) -> list[dict]:
+        """Per batch, the kwargs the model passes the layer at current `position`; None is
+        allowed only when every layer gets the same ones."""
+        if position is not None:
+            kind = layer_type(self.model.config, position)
+        else:
+            kinds = {k for per_type in self.layer_kwargs for k in per_type}
+            if len(kinds) > 1:
+                raise ComeError(f"this model mixes attention types {sorted(kinds)}: say which position a layer runs at")
+            kind = next(iter(kinds), None)
+        return [per_type[kind] for per_type in self.layer_kwargs]
+
     @torch.no_grad()
-    def run(self, layer: nn.Module, inputs: list[Tensor], want_stats: bool, head_score: str = "channel") -> tuple[list[Tensor], LayerStats | None]:
-        """Outputs of `layer` on every cached input batch, and its statistics if asked."""
+    def run(self, layer: nn.Module, inputs: list[Tensor], want_stats: bool, head_score: str = "channel", *,
+            position: int | None = None) -> tuple[list[Tensor], LayerStats | None]:
+        """Outputs of `layer`, run as the model runs current layer `position`, on every cached
+        input batch, and its statistics if asked."""
         o_proj = self.adapter.attn_output_proj(layer)
         down = self.adapter.ffn_output_proj(layer)
         acc = {"z": 0.0, "a": 0.0, "head": 0.0, "cos": 0.0, "n": 0}
@@ -134,8 +192,8 @@ class LayerRunner:
         hooks = [o_proj.register_forward_pre_hook(on_o), down.register_forward_pre_hook(on_down)] if want_stats else []
         outputs = []
         try:
-            with _on(layer, self.device):
-                for h, kw in zip(inputs, self.layer_kwargs):
+            with on_device(layer, self.device):
+                for h, kw in zip(inputs, self.kwargs_at(position)):
                     h_dev = h.to(self.device)
                     y = layer(h_dev, **kw)
                     y = y[0] if isinstance(y, tuple) else y
@@ -159,9 +217,11 @@ class LayerRunner:
 
     @torch.no_grad()
     def collect_refit(self, layer: nn.Module, inputs: list[Tensor], targets: list[Tensor], held_out: list[bool],
-                      features: str = "channels") -> tuple[NormalEquations, NormalEquations]:
+                      features: str = "channels", *, position: int | None = None,
+                      ) -> tuple[NormalEquations, NormalEquations]:
         """Least-squares statistics for refitting `layer`'s down projection so that its output
         on `inputs` matches `targets` (the original group's output), split train / held-out.
+        `layer` runs as the model runs current layer `position` (its attention type's mask).
 
         features="channels": the FFN activations feeding down_proj (our refit);
         features="mlp_out": the FFN output itself (ReplaceMe's hidden x hidden map).
@@ -177,8 +237,8 @@ class LayerRunner:
         eqs = (NormalEquations.empty(n_f, down.out_features, self.device),
                NormalEquations.empty(n_f, down.out_features, self.device))
         try:
-            with _on(layer, self.device):
-                for h, y, kw, hold in zip(inputs, targets, self.layer_kwargs, held_out):
+            with on_device(layer, self.device):
+                for h, y, kw, hold in zip(inputs, targets, self.kwargs_at(position), held_out):
                     layer(h.to(self.device), **kw)
                     y = y.to(self.device)
                     target = y - seen["x1"]

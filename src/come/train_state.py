@@ -1,11 +1,27 @@
 """What a distillation run keeps on disk: the resumable training state in OUT/checkpoints/step_N,
-and the final result (checkpoint + Plan + distill_log.json) written atomically."""
+and the final result (checkpoint + Plan + distill_log.json) written atomically.
+
+A checkpoint is written into a hidden sibling, checkpoints/.step_N.tmp-*, and renamed to
+step_N once whole; its last file, come_checkpoint.json, records the step, the settings that
+define the run (DistillConfig.run_settings, the compute precision, the process count) and the
+files it holds. --resume takes the newest complete step_N, says which ones it skipped
+(no record, a file missing, not step_<number>), and refuses settings that differ from the
+record's, naming each one, before any weight loads (resume_point, which the CLI calls first).
+A temporary directory left by a killed run is removed by the next run that uses the folder.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -15,14 +31,21 @@ from .plan import Plan
 
 LOG_FILE = "distill_log.json"
 CHECKPOINTS = "checkpoints"
+RECORD = "come_checkpoint.json"  # written last: a step_N without it is incomplete
+_STEP = re.compile(r"step_(\d+)")
+_TEMP = ".step_*.tmp-*"
+
+_log = logging.getLogger("come")
+_warned: set[tuple[Path, str]] = set()
 
 
 class TrainState:
     """What a checkpoint holds: the trainable layers, optimizer, schedule, step and log.
     Registered with accelerate, so save_state / load_state carry it (with the RNG states)."""
 
-    def __init__(self, layers: dict[int, nn.Module], optimizer, scheduler, log: dict):
+    def __init__(self, layers: dict[int, nn.Module], optimizer, scheduler, log: dict, run: dict | None = None):
         self.layers, self.optimizer, self.scheduler, self.log, self.step = layers, optimizer, scheduler, log, 0
+        self.run = run or {}  # what defines the run ("settings", "precision", "processes"): each RECORD holds it
 
     def state_dict(self) -> dict:
         return {"step": self.step, "log": self.log, "optimizer": self.optimizer.state_dict(),
@@ -41,37 +64,159 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def _inspect(directory: str | Path) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """(complete checkpoints as (path, record), oldest first; why each other step_* was skipped)."""
+    complete, skipped = [], []
+    for path in Path(directory).glob("step_*"):
+        name = _STEP.fullmatch(path.name)
+        try:
+            record = json.loads((path / RECORD).read_text()) if name else None
+        except (OSError, ValueError):
+            record = None
+        if not name:
+            skipped.append(f"{path.name} (not a step_<number> checkpoint)")
+        elif not (path / RECORD).exists():
+            skipped.append(f"{path.name} (incomplete: no {RECORD})")
+        elif not isinstance(record, dict) or not record.get("files"):
+            skipped.append(f"{path.name} (unreadable {RECORD})")
+        elif record.get("step") != int(name[1]):
+            skipped.append(f"{path.name} (its {RECORD} is step {record.get('step')}'s)")
+        elif missing := [f for f in record["files"] if not (path / f).is_file()]:
+            skipped.append(f"{path.name} (incomplete: {missing[0]} missing)")
+        else:
+            complete.append((path, record))
+    return sorted(complete, key=lambda c: c[1]["step"]), sorted(skipped)
+
+
+def _newest(directory: str | Path) -> tuple[Path, dict]:
+    complete, skipped = _inspect(directory)
+    if not complete:
+        skipped_ = f" (skipped {', '.join(skipped)})" if skipped else ""
+        raise ComeError(f"--resume: no complete checkpoint in {directory}{skipped_}; run without --resume")
+    for reason in skipped:
+        if (Path(directory), reason) not in _warned:  # once, though the CLI looks before distill() does
+            _warned.add((Path(directory), reason))
+            _log.warning("--resume: skipping %s", Path(directory) / reason)
+    return complete[-1]
+
+
 def latest_checkpoint(directory: str | Path) -> Path:
-    """The highest step_N in `directory` (the CLI checks it exists before loading any weights)."""
-    found = sorted(Path(directory).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    if not found:
-        raise ComeError(f"--resume: no checkpoint in {directory}; run without --resume")
-    return found[-1]
+    """The newest complete step_N in `directory`; incomplete or misnamed ones are skipped with a warning."""
+    return _newest(directory)[0]
+
+
+def _show(value) -> str:
+    return "unset" if value is None else str(value)
+
+
+def resume_point(directory: str | Path, cfg, **facts) -> Path:
+    """The checkpoint --resume continues from: the newest complete one, made with the same
+    run-defining settings as `cfg` (DistillConfig; its RUN_CONTROL fields may change) and,
+    where given, the same `facts` ("precision", "processes"). A difference is a one-line
+    ComeError naming each option with its recorded and its new value. Reads no weights."""
+    path, record = _newest(directory)
+    old, new = record.get("settings", {}), cfg.run_settings()
+    changes = [f"--{k.replace('_', '-')} {_show(old.get(k))} (now {_show(new.get(k))})"
+               for k in [*new, *(k for k in old if k not in new)] if old.get(k) != new.get(k)]
+    changes += [f"{k} {_show(record.get(k))} (now {_show(v)})" for k, v in facts.items()
+                if k in record and record[k] != v]
+    if changes:
+        raise ComeError(f"--resume: {path} was made with other settings: {'; '.join(changes)}; "
+                        "resume with the settings it was made with, or start over without --resume")
+    return path
+
+
+def remove_stale(directory: str | Path) -> None:
+    """Remove the temporary checkpoints a killed run left (never read: a checkpoint is whole or absent)."""
+    for tmp in Path(directory).glob(_TEMP):
+        shutil.rmtree(tmp, ignore_errors=True)
+        _log.info("removed %s: an unfinished checkpoint left by an interrupted run", tmp)
+
+
+def restore(accelerator, state: TrainState, cfg) -> None:
+    """Clear what a killed run left unfinished in cfg.checkpoint_dir and, with cfg.resume, load
+    the newest complete checkpoint made with the same run (the RNG states with it)."""
+    path = None
+    if cfg.resume:  # checked first: a refused resume changes nothing
+        facts = {k: state.run[k] for k in ("precision", "processes") if k in state.run}
+        path = resume_point(cfg.checkpoint_dir, cfg, **facts)
+    if cfg.checkpoint_dir and accelerator.is_main_process:
+        remove_stale(cfg.checkpoint_dir)
+    if path is None:
+        return
+    accelerator.load_state(str(path))
+    state.log["resumed_from"] = state.step
+    _log.info("resumed from %s (step %d of %d)", path, state.step, state.log["steps"])
 
 
 def write_checkpoint(accelerator, state: TrainState, directory: str) -> None:
-    """Write checkpoint step_N and keep only it (each one holds the whole training state)."""
-    path = Path(directory) / f"step_{state.step}"
-    accelerator.save_state(str(path))
+    """Write checkpoint step_N atomically (into a temporary sibling, its RECORD last, then
+    renamed) and keep only it: each one holds the whole training state."""
+    directory, name = Path(directory), f"step_{state.step}"
+    tmp = None
     if accelerator.is_main_process:
-        for old in Path(directory).glob("step_*"):
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=directory)
+    if accelerator.num_processes > 1:  # every process writes its RNG state into the same folder
+        from accelerate.utils import broadcast_object_list
+
+        tmp = broadcast_object_list([tmp])[0]
+    tmp = Path(tmp)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = sorted(p.name for p in tmp.iterdir())
+            (tmp / RECORD).write_text(json.dumps({"step": state.step, **state.run, "files": files}, indent=1))
+            if (directory / name).exists():  # an incomplete one (a complete one would be this very state)
+                shutil.rmtree(directory / name)
+            os.replace(tmp, directory / name)
+            for old in directory.glob("step_*"):
+                if old.name != name and _STEP.fullmatch(old.name):
+                    shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT / SIGTERM that arrive during the block are delivered when it ends (a Python
+    handler records them, whichever thread the OS hands them to). SIGKILL cannot be held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    before = {s: signal.signal(s, lambda n, _frame: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in caught:
+            signal.raise_signal(s)
 
 
 def write_output(student: nn.Module, tokenizer, plan: Plan, log_dict: dict, out: str | Path) -> Path:
     """Write the distilled checkpoint + Plan + distill_log.json to `out` atomically.
 
     `out` may already hold the run's checkpoints/ (kept, moved into the result) and, with
-    --overwrite, an older result (replaced): everything is assembled in a sibling first."""
+    --overwrite, an older result (replaced): everything is assembled in a sibling first, then
+    swapped in by renames with SIGINT / SIGTERM held until the replaced one is gone."""
     from .checkpoint import save_checkpoint
 
     out = Path(out)
-    staging = save_checkpoint(student, tokenizer, plan, out.with_name(f".{out.name}.distilled"), overwrite=True)
+    staging, old = out.with_name(f".{out.name}.distilled"), out.with_name(f".{out.name}.replaced")
+    shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the renames and the clean-up
+    save_checkpoint(student, tokenizer, plan, staging, overwrite=True, distill_log=log_dict)
     (staging / LOG_FILE).write_text(json.dumps(log_dict, indent=1))
-    if (out / CHECKPOINTS).is_dir():
-        os.replace(out / CHECKPOINTS, staging / CHECKPOINTS)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    with _signals_held():
+        if out.exists():
+            os.replace(out, old)
+            if (old / CHECKPOINTS).is_dir():
+                os.replace(old / CHECKPOINTS, staging / CHECKPOINTS)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
     return out

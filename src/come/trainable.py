@@ -1,8 +1,11 @@
 """Which student weights train: the chosen layers in full, or LoRA adapters on their
-projections; and activation checkpointing across transformers versions."""
+projections; the seeded RNG their dropout draws from; and activation checkpointing across
+transformers versions."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +36,18 @@ def make_trainable(student: nn.Module, layers: list[nn.Module], cfg: DistillConf
         torch.manual_seed(cfg.seed)
         return LoraModel(student, LoraConfig(r=cfg.lora_r, lora_alpha=alpha, lora_dropout=cfg.lora_dropout,
                                              target_modules=targets), "default")
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global RNG, which LoRA dropout draws from, seeded by `seed` inside the block and
+    given back as it was after it: the same --seed draws the same masks in any process, and a
+    resume continues the stream (accelerate's checkpoints carry the RNG states, and loading
+    one inside the block sets them)."""
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def activation_checkpointing(model: nn.Module, on: bool) -> None:

@@ -1,0 +1,85 @@
+"""SLEB (Song et al., 2024, "SLEB: Streamlining LLMs through Redundancy Verification and
+Elimination of Transformer Blocks", ICML; github.com/jiwonsong-dev/SLEB): remove blocks one
+at a time; at each step every remaining block is a candidate, the model is scored on the
+calibration text with that block skipped, and the block whose removal leaves the lowest
+next-token loss goes. The scores are re-computed after every removal, so the choice sees the
+blocks already removed (the paper's point against one-shot metrics).
+
+The loss is the mean next-token NLL over every predicted token of ALL calibration batches
+(the --nsamples windows of --seqlen tokens whose embeddings `cache.states[0]` holds; nothing
+beyond what is cached). The official code sums the per-window NLL, which ranks identically
+since every window has the same length; its calibration text is 128 shuffled wikitext-2 train
+paragraphs cut into 2048-token windows, ours is --calib. Every block is a candidate, as in the
+CoMe authors' re-implementation (github.com/WangFei-2019/CoMe, methods/sleb.py), whose table
+this reproduces; the official script's `early_barrier` / `latter_barrier` (default 1: never the
+first or the last block) are `--protect 0,L-1` here.
+
+Cheap on come's plumbing: the model is never edited while scoring. The states entering the
+candidate at position j are the same for every later candidate, so one phase runs the kept
+layers once in order and, from the state entering each candidate, only the kept layers after
+it: about K^2/2 layer passes for K kept layers instead of the official K^2 (whole-model runs).
+Every layer pass over the calibration batches counts into `cache.forwards` (the Plan's
+`layer_forwards`). `--refit ls` refits the layer kept before each removed run as for every
+drop method."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import Tensor
+
+from ..errors import ComeError
+from ..lm_loss import next_token_nll
+from .base import DropMethod, register
+
+log = logging.getLogger("come")
+
+def candidate_losses(cache, kept: list[int], protect=()) -> dict[int, float]:
+    """{original layer c: calibration NLL of the model made of `kept` without c}, for every
+    unprotected c in `kept`. The model itself is not touched: the kept layers run on the
+    cached embeddings, each at its original position (its own attention type)."""
+    layers = cache.adapter.decoder_layers(cache.model)
+    runner, protect = cache.runner, set(protect)
+
+    def run(i: int, h: list[Tensor]) -> list[Tensor]:
+        cache.forwards += 1
+        return runner.run(layers[i], h, False, position=i)[0]
+
+    losses, h = {}, cache.states[0]
+    for j, c in enumerate(kept):
+        if c not in protect:
+            out = h
+            for i in kept[j + 1:]:
+                out = run(i, out)
+            losses[c] = next_token_nll(cache, out)
+        if j + 1 < len(kept):
+            h = run(c, h)
+    return losses
+
+
+def sleb_order(cache, n: int, protect=()) -> list[int]:
+    """The n original layers SLEB removes, in the order it removes them: each step drops the
+    candidate of lowest loss (the lower index on a tie), then re-scores the rest."""
+    kept = list(range(len(cache.adapter.decoder_layers(cache.model))))
+    free = [i for i in kept if i not in set(protect)]
+    if len(free) < n:
+        raise ComeError(f"target not reachable: {n} layers to drop, {len(free)} unprotected; lower --sparsity")
+    removed = []
+    for step in range(n):
+        losses = candidate_losses(cache, kept, protect)
+        best = min(losses, key=lambda c: (losses[c], c))
+        log.info("sleb step %d/%d: removing layer %d (calibration NLL %.4f)", step + 1, n, best, losses[best])
+        removed.append(best)
+        kept.remove(best)
+    return removed
+
+
+@register
+class SLEB(DropMethod):
+    name = "sleb"
+    summary = "remove, one at a time, the block whose removal raises calibration NLL least (SLEB)"
+    order = 60
+    compared_by_default = False
+
+    def select(self, cache, n, cfg):
+        return sorted(sleb_order(cache, n, cfg.protect))

@@ -1,0 +1,145 @@
+"""The profiler runs every decoder layer exactly as the model's own forward runs it: the
+same mask and position embeddings, per layer type, on models that mix sliding and full
+attention, also after layers are removed (the type follows the CURRENT position)."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from come.activation_cache import ActivationCache
+from come.adapters import get_adapter
+from come.errors import ComeError
+from come.data import token_windows
+from come.layer_refit import refit_layer
+from come.profile import LayerRunner
+
+from conftest import FAMILIES, corpus, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WINDOW, SEQLEN = 8, 32  # calibration windows longer than the sliding window: the masks differ
+SLIDING = {
+    "llama": {},  # no sliding attention in the family
+    "mistral": {"sliding_window": WINDOW},  # every layer slides: one mask
+    "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},  # f f s s s s
+    "qwen3": {"use_sliding_window": True, "sliding_window": WINDOW,
+              "layer_types": ["full_attention", "sliding_attention"] * 3},  # f s f s f s
+}
+KEEP = [0, 2, 3, 4, 5]  # qwen2: sliding layer 2 moves to full position 1; qwen3: full 2 to sliding 1
+EXACT = {"rtol": 0.0, "atol": 0.0}  # the same ops on the same tensors
+
+
+@pytest.fixture(scope="module")
+def batches(tokenizer) -> list[torch.Tensor]:
+    """Two calibration batches of 2 x SEQLEN tokens (built once: the corpus takes half a second)."""
+    return list(token_windows(corpus(), tokenizer, 4, SEQLEN, 0).split(2))
+
+
+def _setup(family: str):
+    model = tiny_model(family, **SLIDING[family])
+    adapter = get_adapter(model.config)
+    return model, adapter, LayerRunner(model, adapter, torch.device("cpu"), torch.device("cpu"))
+
+
+def _stock(model, adapter, batches) -> tuple[list[list], list[list]]:
+    """Per layer, per batch: the input and output the model's own forward gives it."""
+    layers = adapter.decoder_layers(model)
+    ins, outs = [[] for _ in layers], [[] for _ in layers]
+
+    def record(k: int, args, out) -> None:  # returns None: the hook must not replace the output
+        ins[k].append(args[0])
+        outs[k].append(out[0] if isinstance(out, tuple) else out)
+
+    hooks = [layer.register_forward_hook(lambda _m, args, out, k=k: record(k, args, out))
+             for k, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ins, outs
+
+
+def _profiled(runner, adapter, model, h) -> list[list]:
+    """Per layer: its outputs in the profiler, run layer after layer from the embeddings."""
+    outs = []
+    for k, layer in enumerate(adapter.decoder_layers(model)):
+        h, _ = runner.run(layer, h, k == 0, position=k)
+        outs.append(h)
+    return outs
+
+
+def test_configs_mix_attention_types():
+    """The families that can mix sliding and full layers do here (else the tests below prove little)."""
+    assert sorted(FAMILIES) == sorted(SLIDING)
+    for family in ("qwen2", "qwen3"):
+        assert len(set(tiny_model(family, **SLIDING[family]).config.layer_types)) == 2, family
+    assert tiny_model("mistral", **SLIDING["mistral"]).config.sliding_window == WINDOW
+
+
+def test_layers_run_as_the_model_runs_them(family, batches):
+    model, adapter, runner = _setup(family)
+    real = list(adapter.decoder_layers(model))
+    h = runner.embed(batches)
+    assert all(a is b for a, b in zip(adapter.decoder_layers(model), real, strict=True))  # put back
+    ins, want = _stock(model, adapter, batches)
+    torch.testing.assert_close(h, ins[0], **EXACT)
+    for k, got in enumerate(_profiled(runner, adapter, model, h)):
+        torch.testing.assert_close(got, want[k], **EXACT, msg=lambda m, k=k: f"layer {k}: {m}")
+
+
+def test_after_layers_are_removed(family, batches):
+    """Embedded once on the full model (as the pipeline does), run after keep_layers."""
+    model, adapter, runner = _setup(family)
+    h = runner.embed(batches)
+    adapter.keep_layers(model, KEEP)
+    _, want = _stock(model, adapter, batches)
+    for k, got in enumerate(_profiled(runner, adapter, model, h)):
+        torch.testing.assert_close(got, want[k], **EXACT, msg=lambda m, k=k: f"position {k}: {m}")
+
+
+def test_collect_refit_runs_the_layer_as_the_model_does(family, batches):
+    """collect_refit's forward gives the stock output, so a layer fitted to its own output is exact."""
+    model, adapter, runner = _setup(family)
+    runner.embed(batches)
+    ins, want = _stock(model, adapter, batches)
+    for k, layer in enumerate(adapter.decoder_layers(model)):
+        seen = []
+        hook = layer.register_forward_hook(
+            lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out) and None)
+        try:
+            train, hold = runner.collect_refit(layer, ins[k], want[k], [False, True], position=k)
+        finally:
+            hook.remove()
+        torch.testing.assert_close(seen, want[k], **EXACT, msg=lambda m, k=k: f"layer {k}: {m}")
+        assert train.n > 0 and hold.n > 0
+
+
+def test_cache_and_refit_use_each_position_type(family, batches):
+    """ActivationCache.refresh / inputs_at and refit_layer (also on a scratch copy, as the
+    error pair scores use it) hand the runner the position: a dense layer refitted to its
+    own dense output has no error."""
+    model, adapter, runner = _setup(family)
+    cfg = SimpleNamespace(pair_score="bi", head_score="channel", refit_holdout=0.5)
+    cache = ActivationCache(model, adapter, runner, cfg, runner.embed(batches), stride=100, dense_batches=2)
+    cache.refresh()
+    ins, want = _stock(model, adapter, batches)
+    for k, layer in enumerate(adapter.decoder_layers(model)):
+        torch.testing.assert_close(cache.dense[k + 1], want[k], **EXACT)
+        torch.testing.assert_close(cache.inputs_at(k), ins[k], **EXACT)
+        assert refit_layer(cache, k, [k], "compressed", solve=False).err_before < 1e-6, k
+        assert refit_layer(cache, k, [k], "dense", layer=copy.deepcopy(layer), solve=False).err_before < 1e-6, k
+
+
+def test_mixed_types_need_the_position(batches):
+    """Without a position the runner cannot know the mask of a mixed model: it refuses to guess."""
+    model, adapter, runner = _setup("qwen3")
+    h = runner.embed(batches)
+    with pytest.raises(ComeError, match="mixes attention types"):
+        runner.run(adapter.decoder_layers(model)[1], h, False)
