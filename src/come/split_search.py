@@ -28,10 +28,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable
-from contextlib import ExitStack
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .activation_cache import ActivationCache
@@ -39,41 +36,14 @@ from .adapters import LayerWeights
 from .errors import ComeError
 from .layer_refit import refit_layer
 from .pair_scoring import Choice
-from .profile import on_device
+from .lm_loss import next_token_nll
 
 log = logging.getLogger("come")
-
-_LOGIT_ROWS_BYTES = 2**28  # float32 logits the loss holds at once (rows x vocabulary)
-
 
 def split_grid(granularity: int) -> list[float]:
     """{0, 1/g, ..., 1}, each as i * (1/g): the floats of the authors' np.arange."""
     step = 1.0 / granularity
     return [i * step for i in range(granularity + 1)]
-
-
-@torch.no_grad()
-def next_token_nll(cache: ActivationCache, final_states: list[Tensor]) -> float:
-    """Mean next-token NLL of the calibration batches from their last decoder layer's output,
-    through the model's final norm and LM head (on the compute device, a few rows at once)."""
-    model, adapter, device = cache.model, cache.adapter, cache.runner.device
-    if len(cache.token_batches) != len(final_states):
-        raise ComeError(f"the calibration loss needs the token ids of all {len(final_states)} batches; "
-                        f"the cache holds {len(cache.token_batches)}")
-    norm, head = adapter.final_norm(model), adapter.lm_head(model)
-    rows = max(1, _LOGIT_ROWS_BYTES // (4 * head.out_features))
-    total, count = 0.0, 0
-    with ExitStack() as stack:
-        stack.enter_context(on_device(norm, device))
-        stack.enter_context(on_device(head, device))
-        for h, ids in zip(final_states, cache.token_batches):
-            states = h[:, :-1].flatten(0, 1)
-            targets = ids[:, 1:].flatten()
-            for start in range(0, len(targets), rows):
-                logits = head(norm(states[start:start + rows].to(device))).float()
-                total += float(F.cross_entropy(logits, targets[start:start + rows].to(device), reduction="sum"))
-            count += len(targets)
-    return total / count
 
 
 def _nll_after(cache: ActivationCache, k: int, candidate, inputs: list[Tensor]) -> float:
