@@ -35,10 +35,11 @@ from .activation_cache import ActivationCache
 from .adapters import LayerWeights
 from .errors import ComeError
 from .layer_refit import refit_layer
-from .pair_scoring import Choice
 from .lm_loss import next_token_nll
+from .pair_scoring import Choice
 
 log = logging.getLogger("come")
+
 
 def split_grid(granularity: int) -> list[float]:
     """{0, 1/g, ..., 1}, each as i * (1/g): the floats of the authors' np.arange."""
