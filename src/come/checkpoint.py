@@ -9,8 +9,8 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -129,36 +129,40 @@ class _Terminated(BaseException):
 
 
 @contextmanager
-def _signals_for_write() -> Iterator[Callable[[], AbstractContextManager]]:
+def signals_held() -> Iterator[None]:
+    """SIGINT / SIGTERM that arrive during the block are recorded and delivered when it ends
+    (SIGINT -> KeyboardInterrupt; SIGTERM -> the handler in place then, or its default
+    action): for the renames that put a result in place. SIGKILL cannot be held. Outside
+    the main thread (where handlers cannot be set): no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    before = {s: signal.signal(s, lambda n, _frame: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in caught:
+            signal.raise_signal(s)
+
+
+@contextmanager
+def _signals_for_write() -> Iterator[None]:
     """While writing: SIGTERM (when it has its default action) raises _Terminated and, once
     the block has cleaned up, is delivered again (the process ends by it, exit status 143 in a
-    shell); yields `held()`, inside which SIGINT / SIGTERM are recorded and delivered only
-    when it ends (the renames that put the result in place). Outside the main thread: no-op."""
-    main = threading.current_thread() is threading.main_thread()
-    unwind = main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    caught: list[int] = []
+    shell). Outside the main thread: no-op."""
+    unwind = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
     def on_term(signum, _frame):
         raise _Terminated(signum)
 
-    @contextmanager
-    def held() -> Iterator[None]:
-        if not main:
-            yield
-            return
-        before = {s: signal.signal(s, lambda n, _f: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in before.items():
-                signal.signal(s, handler)
-            for s in caught:
-                signal.raise_signal(s)  # SIGINT -> KeyboardInterrupt; SIGTERM -> on_term, or the default action
-
     if unwind:
         signal.signal(signal.SIGTERM, on_term)
     try:
-        yield held
+        yield
     except _Terminated:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
@@ -185,7 +189,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     left). A replaced `out` is moved aside, not deleted, until the new one is in place.
     A write the file system refuses is a one-line ComeError."""
     out = check_output_dir(out, overwrite)
-    with _signals_for_write() as held:
+    with _signals_for_write():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             _stale_siblings(out)
@@ -197,7 +201,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is a normal directory
             yield tmp
-            with held():
+            with signals_held():
                 _swap(tmp, out)
         except _WRITE_ERRORS as exc:
             shutil.rmtree(tmp, ignore_errors=True)

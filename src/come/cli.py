@@ -167,15 +167,13 @@ def eval_(
 def _evaluate_model(name: str, device: str, dtype: str, evaluation: EvalConfig) -> dict:
     """Load one model, move it to the device, evaluate it, let it go (so a baseline never
     shares memory with it)."""
-    import torch
-
     from .checkpoint import load_model
     from .evaluate import evaluate
+    from .profile import resolve_device
 
     lm, tokenizer = load_model(name, dtype)
-    target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
-        lm.to(target)
+        lm.to(resolve_device(device))
     except (RuntimeError, ValueError) as exc:
         raise ComeError(f"cannot use --device {device}: {str(exc).splitlines()[0]}") from None
     results = evaluate(lm, tokenizer, **evaluation.evaluate_kwargs())

@@ -10,7 +10,7 @@ from .errors import ComeError
 from .methods import REGISTRY, MergeMethod, get_method, method_names
 from .options import check_choices, int_list, option
 from .profile import resolve_device
-from .tasks import DEFAULT_TASKS, TASK_DATA_ENV
+from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
 
 PairScore = Literal["angular", "bi-all-tokens", "error", "merge-error"]
 Split = Literal["bi", "joint", "search"]
@@ -152,8 +152,6 @@ class EvalConfig:
     ppl_windows: int | None = option(None, "Score only the first N perplexity windows (default all).")
 
     def task_list(self) -> list[str]:
-        from .tasks import parse_tasks
-
         return parse_tasks(self.tasks)
 
     def evaluate_kwargs(self) -> dict:

@@ -17,11 +17,7 @@ import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -181,38 +177,20 @@ def write_checkpoint(accelerator, state: TrainState, directory: str) -> None:
     accelerator.wait_for_everyone()
 
 
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT / SIGTERM that arrive during the block are delivered when it ends (a Python
-    handler records them, whichever thread the OS hands them to). SIGKILL cannot be held."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    before = {s: signal.signal(s, lambda n, _frame: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        for s in caught:
-            signal.raise_signal(s)
-
-
 def write_output(student: nn.Module, tokenizer, plan: Plan, log_dict: dict, out: str | Path) -> Path:
     """Write the distilled checkpoint + Plan + distill_log.json to `out` atomically.
 
     `out` may already hold the run's checkpoints/ (kept, moved into the result) and, with
     --overwrite, an older result (replaced): everything is assembled in a sibling first, then
     swapped in by renames with SIGINT / SIGTERM held until the replaced one is gone."""
-    from .checkpoint import save_checkpoint
+    from .checkpoint import save_checkpoint, signals_held
 
     out = Path(out)
     staging, old = out.with_name(f".{out.name}.distilled"), out.with_name(f".{out.name}.replaced")
     shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the renames and the clean-up
     save_checkpoint(student, tokenizer, plan, staging, overwrite=True, distill_log=log_dict)
     (staging / LOG_FILE).write_text(json.dumps(log_dict, indent=1))
-    with _signals_held():
+    with signals_held():
         if out.exists():
             os.replace(out, old)
             if (old / CHECKPOINTS).is_dir():
