@@ -7,18 +7,32 @@ run as `python benchmarks/NAME.py`, so this directory is on sys.path).
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from itertools import chain
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
 
+# Model shapes the scripts build with random weights (no download).
+LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama-1.1B
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)  # LLaMA-2-7B
+
+
+def random_llama(shape: dict, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """A LLaMA of `shape` with random weights, initialised on `device` (a GPU initialises a 7B
+    in seconds, a CPU in minutes) and left there."""
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**shape), dtype=dtype).eval()
+
 
 def llama_1b() -> nn.Module:
     """TinyLlama-1.1B's shape (22 layers, hidden 2048, 32q/4kv, FFN 5632), random weights."""
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                   num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    return random_llama(LLAMA_1B)
 
 
 def tiny_llama(num_hidden_layers: int = 8) -> nn.Module:
@@ -56,3 +70,75 @@ def sync(device: str) -> None:
     """Wait for the device's queued work, so a timestamp taken next covers it."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generation_speed(model: nn.Module, batch: int, prompt: int, new: int, repeats: int,
+                     device: str) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s), medians of `repeats` after a warm-up run: prefill =
+    one forward over the prompt; decode = `new` single-token steps on the KV cache."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    pre, dec = [], []
+    for i in range(repeats + 1):  # the first run warms up
+        cache = transformers.DynamicCache(config=model.config)
+        sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        sync(device)
+        t1 = time.perf_counter()
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(new):
+            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+        sync(device)
+        t2 = time.perf_counter()
+        if i:
+            pre.append(batch * prompt / (t1 - t0))
+            dec.append(batch * new / (t2 - t1))
+    return statistics.median(pre), statistics.median(dec)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def model_shape(model: nn.Module) -> dict:
+    """What the memory predictions read from a model: bytes, layer size and attention shape."""
+    from come.adapters import get_adapter
+
+    cfg, adapter = model.config, get_adapter(model.config)
+    layer0 = adapter.decoder_layers(model)[0]
+    shape = adapter.attn_shape(cfg)
+    return {"model_bytes": _bytes(chain(model.parameters(), model.buffers())),
+            "layer_bytes": _bytes(layer0.parameters()), "layer_params": sum(p.numel() for p in layer0.parameters()),
+            "embed_bytes": _bytes(adapter.input_modules(model)[0].parameters()),
+            "elem_bytes": next(model.parameters()).element_size(), "n_layers": cfg.num_hidden_layers,
+            "hidden": cfg.hidden_size, "d_ff": cfg.intermediate_size, "n_heads": shape.n_heads,
+            "q_dim": shape.n_heads * shape.head_dim, "kv_dim": shape.n_kv_heads * shape.head_dim,
+            "attn": cfg._attn_implementation}
+
+
+# The refit's normal equations live on the compute device (refit.NormalEquations), in float64:
+REFIT_SOLVE = 6 * 8  # x d_ff^2 bytes live in refit.fit: train, held-out, their sum, eye, A, chol(A)
+REFIT_COLLECT = (2 + 1) * 8 + 4  # x d_ff^2 while collecting: train, held-out, a batch's F^T F in fp32 and in fp64
+GPU_FORMULA = ("T·e·(2h + 4q + 2kv + 4·d_ff) [hidden in, out; queries, attention output, keys and values repeated "
+               "to the query heads; keys, values; gate, up, act(gate), product] + T·8·(2·d_ff + 2q + 2h) [the "
+               "statistics hooks' float64 |a|, |z|, cos(in, out) copies] + 2·B·heads·S²·e [scores, softmax: eager "
+               "attention only], T = B x S = batch x seqlen tokens, e = element bytes, q / kv = query / key-value width")
+
+
+def gpu_prediction(r: dict) -> dict[str, int]:
+    """Bytes on the device during `come compress`, the largest of three phases: the embedding
+    pass (embedding weights + one batch's hidden states), a layer pass (layers visit one at a
+    time, 2 allowed, with one batch's activations all counted as live at once, GPU_FORMULA,
+    plus the refit's accumulators) and the refit's solve. `r`: model_shape() plus batch_size,
+    seqlen and refit. `target`: the issue's 2 layers + activations."""
+    t, e = r["batch_size"] * r["seqlen"], r["elem_bytes"]
+    h, q, kv, f = r["hidden"], r["q_dim"], r["kv_dim"], r["d_ff"]
+    scores = 2 * r["batch_size"] * r["n_heads"] * r["seqlen"] ** 2 * e if r["attn"] == "eager" else 0
+    act = t * e * (2 * h + 4 * q + 2 * kv + 4 * f) + t * 8 * (2 * f + 2 * q + 2 * h) + scores
+    dense = r["refit"] == "ls"
+    phases = {"embedding pass": r["embed_bytes"] + t * h * e,
+              "layer pass": 2 * r["layer_bytes"] + act + REFIT_COLLECT * f * f * dense,
+              "refit solve": REFIT_SOLVE * f * f * dense}
+    return {**phases, "total": max(phases.values()), "target": 2 * r["layer_bytes"] + act}

@@ -8,39 +8,12 @@ same lengths, KV cache on, measured in one run (median of repeats, warm-up first
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 import transformers
 
-from _common import sync, tiny_llama
-
-
-@torch.no_grad()
-def measure(model, batch: int, prompt: int, new: int, repeats: int, device: str) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s): prefill = one forward over the prompt; decode =
-    `new` single-token steps on the cache."""
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
-    pre, dec = [], []
-    for i in range(repeats + 1):  # the first run warms up
-        cache = transformers.DynamicCache(config=model.config)
-        sync(device)
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        sync(device)
-        t1 = time.perf_counter()
-        tok = out.logits[:, -1:].argmax(-1)
-        for _ in range(new):
-            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-        sync(device)
-        t2 = time.perf_counter()
-        if i:
-            pre.append(batch * prompt / (t1 - t0))
-            dec.append(batch * new / (t2 - t1))
-    return statistics.median(pre), statistics.median(dec)
+from _common import generation_speed, tiny_llama
 
 
 def main() -> int:
@@ -66,7 +39,7 @@ def main() -> int:
     for name, model in (("dense", dense), ("compressed", small)):
         model.to(a.device).eval()
         params = sum(p.numel() for p in model.parameters())
-        rows.append((name, model.config.num_hidden_layers, params, *measure(model, a.batch, a.prompt, a.new, a.repeats, a.device)))
+        rows.append((name, model.config.num_hidden_layers, params, *generation_speed(model, a.batch, a.prompt, a.new, a.repeats, a.device)))
         model.to("cpu")
     print(f"\n{a.device}, {a.dtype}, batch {a.batch}, prompt {a.prompt}, {a.new} new tokens, median of {a.repeats}\n")
     print("| model | layers | params | prefill tok/s | decode tok/s | prefill x dense | decode x dense |")

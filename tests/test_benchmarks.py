@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +41,7 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_benchmarks_import_only_common():
     scripts = {p.stem: p for p in BENCH.glob("*.py")}
-    assert "_common" in scripts and {"compress_speed", "memory", "distill_speed", "inference"} <= set(scripts)
+    assert "_common" in scripts and {"compress_speed", "memory", "distill_speed", "inference", "gpu"} <= set(scripts)
     for name, path in scripts.items():
         siblings = _imported_modules(path) & (set(scripts) - {"_common"})
         assert not siblings, f"benchmarks/{name}.py imports benchmark script(s) {sorted(siblings)}: use _common.py"
@@ -104,6 +106,39 @@ def test_distill_speed_quick():
     # distillation also runs the teacher: more model FLOPs per token than plain fine-tuning
     assert float(table["distill sp"][2]) > float(table["plain fine-tuning"][2])
     assert "MFU = " not in out and "plain = 2·Ls" in out
+
+
+# What a bare GPU machine with torch, transformers and accelerate lacks of this environment
+BARE_MISSING = ("typer", "rich", "lm_eval", "datasets", "peft", "sklearn", "scipy", "matplotlib", "pandas")
+
+
+def test_gpu_quick(tmp_path):
+    """benchmarks/gpu.sh --quick: the GPU benchmark's code path on the CPU, with what a bare GPU
+    machine lacks hidden (None in sys.modules reads as not installed, to transformers too): every
+    row, each number finite; only the GPU memory measurement is absent on the CPU."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({BARE_MISSING!r}))\n")
+    env = {**os.environ, "PYTHONPATH": str(bare), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--quick", "--json", str(tmp_path / "gpu.json")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    rows = {(r["model"], r["row"].split(" / ")[0]): r for r in report["rows"]}
+    per_shape = ("compress come 0.3", "peak GPU memory in compress", "prefill tokens/s compressed",
+                 "decode tokens/s compressed")
+    distill = [f"{run} training tokens/s" for run in ("plain fine-tuning", "distill sp", "distill mp")]
+    assert list(rows) == [(m, w) for m in ("tiny mha", "tiny gqa") for w in per_shape] + \
+        [("distill_speed --quick", w) for w in distill]
+    body = [line for line in out.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[0][2:] for line in body] == [m for m, _ in rows]  # the printed table has every row
+    for (model, what), r in rows.items():
+        gpu_only = what == "peak GPU memory in compress"
+        numbers = [r["baseline"]] + ([] if gpu_only else [r["value"], r["ratio"]]) + ([r["mfu"]] if "mfu" in r else [])
+        assert all(isinstance(x, float) and math.isfinite(x) and x >= 0 for x in numbers), r
+        assert r["baseline"] > 0 and (r["value"] is None) == gpu_only, r
+    assert rows[("tiny mha", "compress come 0.3")]["layers"][1] < rows[("tiny mha", "compress come 0.3")]["layers"][0]
+    assert rows[("distill_speed --quick", distill[0])]["ratio"] == 1.0
 
 
 def test_paired_across_runs(tmp_path):

@@ -90,3 +90,99 @@ def test_interrupted_write_leaves_nothing(model_dir, text_file, tmp_path, monkey
     assert result.exit_code != 0
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+COMMANDS = ("compress", "eval", "compare", "distill")
+
+
+def _help(*args):
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_help_reads_cleanly():
+    """No `<bool>` beside on/off flags (they take no value), MODEL rather than typer's {MODEL},
+    no doubled negation (--no-no-repeat); --teacher says it takes a .gguf."""
+    for args in [(), *((c,) for c in COMMANDS)]:
+        text = _help(*args)
+        for bad in ("<bool>", "{model}", "{MODEL}", "--no-no-"):
+            assert bad not in text, (args, bad)
+    for command in ("compress", "eval", "compare"):
+        assert f" {command} [OPTIONS] MODEL " in _help(command)
+    assert ".gguf" in _help("distill").split("--teacher")[1].split("--student")[0]
+    assert "Did you mean 'compress'" in CliRunner().invoke(app, ["compres"]).output  # names listed, none built
+
+
+def test_flags_that_default_on_get_a_plain_off_switch():
+    from dataclasses import dataclass
+
+    import typer
+
+    from come.cli_options import Typer, with_options
+    from come.options import option
+
+    @dataclass
+    class Switches:
+        no_repeat: bool = option(True, "Never repeat.")
+        refit: bool = option(True, "Refit.")
+
+    demo = Typer()
+
+    @demo.callback()
+    def main() -> None:
+        pass
+
+    @demo.command()
+    @with_options(s=Switches)
+    def run(*, s: Switches) -> None:
+        print(s)
+
+    params = typer.main.get_command(demo).commands["run"].params
+    flags = {o for p in params for o in (*p.opts, *p.secondary_opts)}
+    assert flags == {"--no-repeat", "--repeat", "--refit", "--no-refit"}
+    assert "no_repeat=False" in CliRunner().invoke(demo, ["run", "--repeat"]).output
+
+
+def test_cli_starts_without_torch():
+    """`come --help` lists the commands without building them: importing come.cli (and
+    listing) loads neither torch nor transformers, which take seconds."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from come.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0 and 'distill' in r.output, r.output; "
+            "heavy = ('torch', 'transformers', 'lm_eval', 'datasets', 'matplotlib'); "
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_eval_table_keeps_task_names_whole_at_80_columns(monkeypatch, capsys):
+    from come.cli import print_eval
+    from come.tasks import DEFAULT_TASKS
+
+    monkeypatch.setenv("COLUMNS", "80")
+    tasks = {t: {"acc": 0.41, "acc_norm": 0.43, "n": 100, "split": "validation",
+                 "usual_split": "test" if t.startswith(("arc", "openbook")) else "validation"} for t in DEFAULT_TASKS}
+    retention = {"tasks": {t: {"acc": 98.0, "acc_norm": 97.0} for t in DEFAULT_TASKS}, "average": 97.5,
+                 "perplexity": 120.0}
+    print_eval("smol-come", {"tasks": tasks, "average": 0.43, "perplexity": 19.1, "retention": retention,
+                             "settings": {"ppl_data": "boolq-passages", "ppl_tokens": 32768}})
+    text = capsys.readouterr().out
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    assert all(f"│ {t} " in text for t in DEFAULT_TASKS) and "validation" in text and "(no test)" in text
+
+
+def test_eval_without_task_data_names_the_variable(model_dir, monkeypatch):
+    """Offline and no COME_TASK_DATA: one error line (tasks or perplexity text), naming it."""
+    from come.tasks import hf_offline
+
+    monkeypatch.delenv("COME_TASK_DATA", raising=False)
+    with hf_offline():
+        for args in (["--tasks", "arc_easy", "--ppl-data", "none"], ["--tasks", "none"]):
+            result = _run("eval", model_dir, "--limit", 2, *args)
+            errors = [line for line in result.output.splitlines() if "error" in line.lower()]
+            assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+            assert len(errors) == 1 and "COME_TASK_DATA" in errors[0], result.output

@@ -7,6 +7,9 @@ import copy
 import dataclasses
 import importlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,9 +25,10 @@ from come.cli import app
 from come.data import token_windows
 from come.distill import distill
 from come.distill_config import DistillConfig
-from come.distill_losses import head_terms
+from come.distill_losses import head_kl, head_terms
 
 distill_mod = importlib.import_module("come.distill")  # the module; `come.distill` is the API function
+distill_losses = importlib.import_module("come.distill_losses")
 
 from conftest import corpus, tiny_model
 
@@ -116,20 +120,35 @@ def test_resume_continues_exactly(pair, tokenizer, tmp_path, monkeypatch, lora_r
 
 
 def test_chunked_kl_equals_the_full_one():
-    """Chunks + checkpointing change memory, not the loss or its gradient."""
+    """Chunks change memory, not the loss or its gradient; head_kl's gradient, computed in its
+    forward for the upstream gradient it is told, is the full KL's (told wrong: rescaled)."""
     torch.manual_seed(0)
     head_t, head_s = nn.Linear(8, 50), nn.Linear(8, 50)
     h_t, h_s = torch.randn(2, 7, 8), torch.randn(2, 7, 8, requires_grad=True)
     targets = torch.randint(0, 50, (2, 7))
     kl, nll = head_terms(head_t, head_s, h_t, h_s, temperature=2.0, chunk=3, targets=targets)
-    (kl + nll).backward()
-    grad, h_s.grad = h_s.grad, None
     log_s = F.log_softmax(head_s(h_s) / 2.0, -1)
     full = (F.softmax(head_t(h_t) / 2.0, -1) * (F.log_softmax(head_t(h_t) / 2.0, -1) - log_s)).sum()
     full_nll = F.cross_entropy(head_s(h_s).flatten(0, 1), targets.flatten(), reduction="sum")
-    (full + full_nll).backward()
     torch.testing.assert_close(torch.stack([kl, nll]), torch.stack([full, full_nll]).detach())
-    torch.testing.assert_close(grad, h_s.grad)
+    (3.0 * full).backward()
+    want, h_s.grad = h_s.grad, None
+    for told in (3.0, 0.5):
+        (3.0 * head_kl(head_t, head_s, h_t, h_s, 2.0, 3, torch.tensor(told))).backward()
+        torch.testing.assert_close(h_s.grad, want)
+        h_s.grad = None
+
+
+def test_head_kl_gradient_is_the_backward_of_its_chunk_bit_for_bit():
+    """Seeded with the upstream gradient it will receive, the gradient computed in the forward
+    is the one a backward through the chunk gives (what kept the golden runs byte-identical)."""
+    torch.manual_seed(0)
+    head_t, head_s = nn.Linear(8, 50), nn.Linear(8, 50)
+    h_t, h_s = torch.randn(6, 8), torch.randn(6, 8, requires_grad=True)
+    (distill_losses._chunk_terms(head_t, head_s, 1.0, h_t, h_s, None)[0] * 0.3).backward()
+    want, h_s.grad = h_s.grad, None
+    (head_kl(head_t, head_s, h_t, h_s, 1.0, 6, torch.ones(()) * 0.3) * 0.3).backward()
+    assert torch.equal(h_s.grad, want)
 
 
 def test_activation_checkpointing_and_train_all_give_the_same_step(pair, tokenizer):
@@ -246,6 +265,51 @@ def test_cli_bad_input_is_one_line(dirs, tokenizer, case):
     assert message.startswith("error:") and "\n" not in message
     assert {"no_plan": "no Plan", "tokenizer": "tokenizers differ", "non_empty_out": "not empty",
             "negative_lora_r": "--lora-r must be >= 0"}[case] in message
+
+
+# ---- processes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, asked", [
+    ({}, 1),
+    ({"WORLD_SIZE": "4", "MASTER_PORT": "29500"}, 4),  # torchrun
+    ({"OMPI_COMM_WORLD_SIZE": "3"}, 3),  # mpirun
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_PORT": "29500"}, 2),  # accelerate launch --cpu --num_processes 2
+    ({"ACCELERATE_USE_CPU": "True"}, 1),  # accelerate launch --cpu (one process asked)
+])
+def test_launcher_processes_reads_the_launchers_environment(env, asked):
+    assert distill_mod.launcher_processes(env)[0] == asked
+
+
+def test_one_process_where_the_launcher_asked_for_more_is_one_warning(pair, tokenizer, monkeypatch, caplog):
+    """What `accelerate launch --cpu --num_processes 2` leaves (issue 22): one process, which says so."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with caplog.at_level("INFO", logger="come"):
+        _, log = _run(pair, tokenizer, mode="mp", steps=1)
+    assert log["processes"] == 1
+    assert any("distill mp: 1 process on cpu" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "torchrun --nproc_per_node" in warnings[0]
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_equal_one_with_the_whole_batch(dirs, tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU: two processes, each on half of every batch with
+    gradients averaged, train as one process on the whole batch (same losses, same result)."""
+    root, text = dirs
+    common = ["--teacher", str(root / "teacher"), "--student", str(root / "student"), "--data", text, "--steps", "2",
+              "--seqlen", "32", "--eval-windows", "2", "--device", "cpu", "--lr", "3e-3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "come.cli", "distill", *common,
+           "--batch-size", "2", "--out", str(tmp_path / "two")]
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = CliRunner().invoke(app, ["distill", *common, "--batch-size", "4", "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two_log, one_log = (json.loads((tmp_path / d / "distill_log.json").read_text()) for d in ("two", "one"))
+    assert (two_log["processes"], one_log["processes"]) == (2, 1)
+    assert two_log["tokens_seen"] == one_log["tokens_seen"] == 2 * 4 * 32
+    assert [e["loss"] for e in two_log["train"]] == pytest.approx([e["loss"] for e in one_log["train"]], rel=1e-4)
+    assert two_log["eval"][-1]["kl"] == pytest.approx(one_log["eval"][-1]["kl"], rel=1e-3)
 
 
 # ---- LoRA ------------------------------------------------------------------------------------

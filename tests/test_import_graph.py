@@ -337,3 +337,15 @@ def test_fresh_imports_catch_an_import_order_bug(tmp_path):
     assert sorted(results) == ["pkg", "pkg.a", "pkg.b", "pkg.ok"]
     assert "cannot import name 'g'" in results["pkg.a"]
     assert results["pkg"] is results["pkg.b"] is results["pkg.ok"] is None
+
+
+def test_public_functions_keep_their_names_after_their_submodules_load():
+    """`come.distill` / `come.evaluate` are modules AND public functions: importing the module
+    first must not turn `from come import distill` into the module."""
+    code = ("import come.distill, come.evaluate, come.compression\n"
+            "from come import compress, distill, evaluate\n"
+            "assert all(callable(f) and not isinstance(f, type(come)) for f in (compress, distill, evaluate))\n"
+            "from come.distill import check_pair\n"
+            "import come\n")
+    run = subprocess.run([sys.executable, "-c", "import come\n" + code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -15,6 +15,11 @@ from conftest import tiny_model
 from layer_utils import masked, parallel, rel_err, run_layer
 
 TOL = 1e-10
+FLOAT32_NORMS = {"gemma2": 1e-6, "gemma3": 1e-6}  # Gemma's RMSNorm applies its gain in float32 in any dtype
+
+
+def _tol(family) -> float:
+    return FLOAT32_NORMS.get(family, TOL)
 
 
 def _setup(family, **overrides):
@@ -23,6 +28,13 @@ def _setup(family, **overrides):
     torch.manual_seed(1)
     x = torch.randn(2, 12, model.config.hidden_size, dtype=torch.float64)
     return model, adapter, adapter.attn_shape(model.config), x
+
+
+def _skip_post_norms(adapter, layer):
+    """A block under a post-norm adds g * u / rms(u): the concatenation of two blocks is not
+    their sum, so the parallel identities below do not hold (test_families.py pins what does)."""
+    if adapter.read_layer(layer).attn_post_norm is not None:
+        pytest.skip("post-norm family: a concatenated block is not the sum of its parts")
 
 
 def _same_qk_norm(adapter, layers, model):
@@ -38,11 +50,15 @@ def _same_qk_norm(adapter, layers, model):
 def test_fold_norms_is_exact(family):
     model, adapter, _, x = _setup(family)
     layer = adapter.decoder_layers(model)[2]
+    w = adapter.read_layer(layer)
+    if w.attn_norm is None:
+        pytest.skip("no pre-norms to fold (OLMo-2)")
     folded = copy.deepcopy(layer)
-    adapter.write_layer(folded, fold_norms(adapter.read_layer(layer)))
-    assert torch.all(folded.input_layernorm.weight == 1)
-    assert not torch.allclose(layer.input_layernorm.weight, folded.input_layernorm.weight)
-    assert rel_err(run_layer(model, folded, x), run_layer(model, layer, x)) < TOL
+    adapter.write_layer(folded, fold_norms(w))
+    back = adapter.read_layer(folded)
+    assert torch.all(back.gain(back.attn_norm) == 1) and torch.all(back.gain(back.ffn_norm) == 1)
+    assert not torch.allclose(w.attn_norm, back.attn_norm)
+    assert rel_err(run_layer(model, folded, x), run_layer(model, layer, x)) < _tol(family)
 
 
 @pytest.mark.parametrize("norm", ["fold", "average"])
@@ -55,12 +71,13 @@ def test_self_merge_by_unit_id_reproduces_layer(family, norm):
                           list(range(d_ff // 3)), list(range(d_ff // 3, d_ff)), r_a=0.5, norm=norm)
     out = copy.deepcopy(layer)
     adapter.write_layer(out, merged)
-    assert rel_err(run_layer(model, out, x), run_layer(model, layer, x)) < TOL
+    assert rel_err(run_layer(model, out, x), run_layer(model, layer, x)) < _tol(family)
 
 
 def test_keep_all_units_equals_parallel(family):
     model, adapter, shape, x = _setup(family)
     a, b = adapter.decoder_layers(model)[1:3]
+    _skip_post_norms(adapter, a)
     _same_qk_norm(adapter, [a, b], model)
     wa, wb = adapter.read_layer(a), adapter.read_layer(b)
     kv, d_ff = shape.n_kv_heads, wa.down.shape[1]
@@ -78,6 +95,7 @@ def test_partial_merge_keeps_whole_kv_groups_and_their_biases(family):
     (tiling the head mask, as the official code does) or a bias left behind fails this."""
     model, adapter, shape, x = _setup(family)
     a, b = adapter.decoder_layers(model)[3:5]
+    _skip_post_norms(adapter, a)
     _same_qk_norm(adapter, [a, b], model)
     wa, wb = adapter.read_layer(a), adapter.read_layer(b)
     d_ff = wa.down.shape[1]

@@ -193,3 +193,28 @@ def test_eval_perplexity_default_is_offline_with_task_data():
     assert EvalConfig().evaluate_kwargs()["ppl_data"] == "wikitext2"
     assert EvalConfig(task_data="DIR").evaluate_kwargs()["ppl_data"] == "boolq-passages"
     assert EvalConfig(task_data="DIR", ppl_data="none").evaluate_kwargs()["ppl_data"] is None
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """The Hub unreachable (a name that never resolves), the probe's memo cleared both ways."""
+    from come.hub import hub_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://come-offline.invalid")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub_reachable.cache_clear()
+    yield
+    hub_reachable.cache_clear()
+
+
+def test_offline_hub_names_fail_at_once(no_hub, model_dir, text_file, tmp_path):
+    """Offline, a Hub model id or a named dataset is one line in seconds, not ~30 s of retries."""
+    import time
+
+    import huggingface_hub.constants as hub
+
+    start = time.monotonic()
+    _one_line(_compress("someorg/not-a-model", text_file, tmp_path / "a"), "Hub is unreachable", tmp_path / "a")
+    _one_line(_compress(model_dir, "wikitext2", tmp_path / "b"), "Hub is unreachable", tmp_path / "b")
+    assert time.monotonic() - start < 20
+    assert not hub.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in os.environ  # cache-only mode was undone

@@ -17,7 +17,7 @@ from come.data import token_windows
 from come.layer_refit import refit_layer
 from come.profile import LayerRunner
 
-from conftest import FAMILIES, corpus, tiny_model
+from conftest import FAMILIES, MOE_FAMILIES, corpus, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,9 +28,24 @@ SLIDING = {
     "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2},  # f f s s s s
     "qwen3": {"use_sliding_window": True, "sliding_window": WINDOW,
               "layer_types": ["full_attention", "sliding_attention"] * 3},  # f s f s f s
+    "gemma2": {"sliding_window": WINDOW, "layer_types": ["full_attention", "sliding_attention"] * 3},  # f s f s f s
+    "gemma3": {"sliding_window": WINDOW, "layer_types": ["full_attention", "sliding_attention"] * 3},  # + rotary per type
+    "phi3": {"sliding_window": WINDOW},  # every layer slides: one mask
+    "olmo2": {},  # no sliding attention in the family
+    "granite": {},  # no sliding attention in the family
+    "mixtral": {"sliding_window": WINDOW},  # every layer slides: one mask
+    "qwen2_moe": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 4},  # s f s f f f
+    "qwen3_moe": {"use_sliding_window": True, "sliding_window": WINDOW},  # every layer slides: one mask
+    "olmoe": {},  # no sliding attention in the family
 }
-KEEP = [0, 2, 3, 4, 5]  # qwen2: sliding layer 2 moves to full position 1; qwen3: full 2 to sliding 1
+KEEP = [0, 2, 3, 4, 5]  # qwen2: sliding layer 2 moves to full position 1; qwen3, gemma: full 2 to sliding 1
 EXACT = {"rtol": 0.0, "atol": 0.0}  # the same ops on the same tensors
+
+
+@pytest.fixture(params=sorted(FAMILIES) + sorted(MOE_FAMILIES))
+def family(request):
+    """Every family, Mixture-of-Experts ones included (their statistics hook the experts)."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +92,11 @@ def _profiled(runner, adapter, model, h) -> list[list]:
 
 def test_configs_mix_attention_types():
     """The families that can mix sliding and full layers do here (else the tests below prove little)."""
-    assert sorted(FAMILIES) == sorted(SLIDING)
-    for family in ("qwen2", "qwen3"):
+    assert sorted(FAMILIES | MOE_FAMILIES) == sorted(SLIDING)
+    for family in ("qwen2", "qwen3", "gemma2", "gemma3", "qwen2_moe"):
         assert len(set(tiny_model(family, **SLIDING[family]).config.layer_types)) == 2, family
-    assert tiny_model("mistral", **SLIDING["mistral"]).config.sliding_window == WINDOW
+    for family in ("mistral", "phi3", "mixtral", "qwen3_moe"):
+        assert tiny_model(family, **SLIDING[family]).config.sliding_window == WINDOW
 
 
 def test_layers_run_as_the_model_runs_them(family, batches):
@@ -114,7 +130,8 @@ def test_collect_refit_runs_the_layer_as_the_model_does(family, batches):
         hook = layer.register_forward_hook(
             lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out) and None)
         try:
-            train, hold = runner.collect_refit(layer, ins[k], want[k], [False, True], position=k)
+            features = "channels" if adapter.experts(layer) is None else "mlp_out"  # MoE: the map (layer_refit.py)
+            train, hold = runner.collect_refit(layer, ins[k], want[k], [False, True], features, position=k)
         finally:
             hook.remove()
         torch.testing.assert_close(seen, want[k], **EXACT, msg=lambda m, k=k: f"layer {k}: {m}")

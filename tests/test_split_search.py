@@ -144,3 +144,39 @@ def test_cli_split_search_writes_a_stock_checkpoint(model_dir, text_file, tmp_pa
     assert plan.settings["split"] == "search" and plan.settings["granularity"] == 4
     assert all(len(m.split_search["candidates"]) == 5 for m in plan.merges)
     assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == plan.num_layers_after
+
+
+def test_explicit_options_win_over_official(model_dir, text_file, tmp_path):
+    """`--official --split search` is the authors' CoMe-P: their norms, no refit, the search the
+    user asked for (not --official's bi split) and their CoMe-P pair score (angle over all tokens)."""
+    from test_cli import _compress_args, _run
+
+    out = tmp_path / "out"
+    result = _run(*_compress_args(model_dir, text_file, out, "--sparsity", 0.15, "--official", "--split", "search",
+                                  "--granularity", 2))
+    assert result.exit_code == 0, result.output
+    cfg = load_plan(out / PLAN_FILE).settings
+    assert (cfg["split"], cfg["norm"], cfg["refit"], cfg["pair_score"]) == ("search", "average", "none", "angular-all-tokens")
+
+
+def test_angular_all_tokens_is_the_authors_score_on_the_stock_forward(setup, tokenizer):
+    """Pair (k, k+1) scores the mean over every calibration token of arccos(clamp(cos, 0, 1)) / pi
+    between the state entering k and the one leaving k+1, as the model's own forward gives them."""
+    model, ids = setup
+    _, plan = compress(copy.deepcopy(model), tokenizer, _cfg(split="joint", pair_score="angular-all-tokens",
+                                                              protect=[]), calib=ids)
+    states = []  # the state entering each layer, then the last layer's output (hooks on the stock forward)
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: states.append(a[0] if a else kw["hidden_states"]),
+                                             with_kwargs=True) for layer in model.model.layers]
+    hooks.append(model.model.layers[-1].register_forward_hook(
+        lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out)))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    want = []
+    for k in range(model.config.num_hidden_layers - 1):
+        cos = F.cosine_similarity(states[k].double(), states[k + 2].double(), dim=-1).clamp(0, 1)
+        want.append(float((torch.arccos(cos) / torch.pi).mean()))
+    assert plan.merges[0].pair_scores == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert plan.settings["pair_score"] == "angular-all-tokens"

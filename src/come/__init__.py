@@ -1,14 +1,49 @@
-"""come: compress Hugging Face causal LMs by layer concatenation (CoMe, arXiv 2510.15304)."""
+"""come: compress Hugging Face causal LMs by layer concatenation (CoMe, arXiv 2510.15304).
 
-from ._version import __version__  # noqa: E402
+The public names load on first use (PEP 562), so `import come.cli` stays free of torch and
+`come --help` starts fast."""
 
-from .config import CompressConfig, EvalConfig  # noqa: E402
-from .errors import ComeError  # noqa: E402
-from .compression import compress  # noqa: E402
-from .plan import Plan, load_plan  # noqa: E402
-from .distill import distill  # noqa: E402
-from .distill_config import DistillConfig  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["CompressConfig", "ComeError", "EvalConfig", "DistillConfig", "Plan", "compress", "distill", "evaluate", "load_plan",
-           "__version__"]
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+from ._version import __version__
+
+_HOMES = {"CompressConfig": "config", "EvalConfig": "config", "ComeError": "errors", "compress": "compression",
+          "Plan": "plan", "load_plan": "plan", "distill": "distill", "DistillConfig": "distill_config",
+          "evaluate": "evaluate"}
+
+if TYPE_CHECKING:
+    from .compression import compress
+    from .config import CompressConfig, EvalConfig
+    from .distill import distill
+    from .distill_config import DistillConfig
+    from .errors import ComeError
+    from .evaluate import evaluate
+    from .plan import Plan, load_plan
+
+__all__ = ["CompressConfig", "ComeError", "EvalConfig", "DistillConfig", "Plan", "compress", "distill", "evaluate",
+           "load_plan", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
+
+class _Package(types.ModuleType):
+    """`distill` and `evaluate` name both a submodule and its public function. Importing a
+    submodule binds it as the package's attribute; here the function keeps the name (the
+    submodule stays importable as `come.distill` through sys.modules)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _HOMES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

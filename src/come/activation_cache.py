@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter
 from .errors import ComeError
 from .profile import LayerRunner, LayerStats
-from .selection import mean_angular_all, skip_scores
+from .selection import ALL_TOKEN_SCORES, mean_token_distance, skip_scores
 
 
 class ActivationCache:
@@ -45,7 +45,7 @@ class ActivationCache:
     def refresh(self) -> None:
         """Run every layer whose statistics or pair scores are missing, from the nearest cache."""
         layers = self.adapter.decoder_layers(self.model)
-        all_tokens = self.cfg.pair_score == "bi-all-tokens"
+        all_tokens = self.cfg.pair_score in ALL_TOKEN_SCORES
         need = [k for k, s in enumerate(self.stats) if s is None]
         # pair (j, j + 1) is scored when layer j + 1 runs, from layer j's input: after a merge
         # at l, layer l - 1 need not re-run when its input is cached
@@ -69,7 +69,7 @@ class ActivationCache:
             if first_pass and self.dense is not None:
                 self.dense[k + 1] = out[:len(self.dense[0])]
             if all_tokens and prev is not None and self.pair_all[k - 1] is None:  # only that score reads it
-                self.pair_all[k - 1] = mean_angular_all(prev, out)
+                self.pair_all[k - 1] = mean_token_distance(prev, out, ALL_TOKEN_SCORES[self.cfg.pair_score])
             prev, h = h, out
 
     def inputs_at(self, k: int) -> list[Tensor]:
@@ -90,7 +90,7 @@ class ActivationCache:
         self.stats, self.last_tok, self.pair_all = [None] * n, [None] * (n + 1), [None] * max(n - 1, 0)
 
     def pair_scores(self) -> list[float]:
-        if self.cfg.pair_score == "bi-all-tokens":
+        if self.cfg.pair_score in ALL_TOKEN_SCORES:
             return list(self.pair_all)
         return skip_scores(self.last_tok)
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 
 from .adapters import get_adapter
 from .errors import ComeError
+from .hub import OFFLINE_HINT, hub_access
 from .model_card import CARD_FILE, front_matter, looks_like_hub_id, model_card
 from .plan import Plan
 from .preflight import check_model_dir, check_output_dir, check_tokenizer_dir
@@ -43,8 +44,12 @@ def load_config(name: str):
 
     src, extra = _source(name)
     try:
-        config = AutoConfig.from_pretrained(src, **extra)
+        with hub_access() as online:
+            config = AutoConfig.from_pretrained(src, **extra)
     except OSError as exc:
+        if not online:
+            raise ComeError(f"cannot load model {name!r}: not a local directory with config.json, and "
+                            f"{OFFLINE_HINT}; pass a local model directory or .gguf file") from None
         raise ComeError(f"cannot load model {name!r}: not a local directory with config.json and not reachable "
                         f"on the Hub ({str(exc).splitlines()[0][:120]})") from exc
     except ValueError as exc:
@@ -68,7 +73,8 @@ def load_tokenizer(name: str):
     check_tokenizer_dir(name)
     src, extra = _source(name)
     try:
-        return AutoTokenizer.from_pretrained(src, **extra)
+        with hub_access():
+            return AutoTokenizer.from_pretrained(src, **extra)
     except (OSError, ValueError, TypeError) as exc:
         raise ComeError(f"cannot load the tokenizer of {name!r} ({str(exc).splitlines()[0][:160]}); save the "
                         "tokenizer beside the model") from None
@@ -84,7 +90,8 @@ def load_model(name: str, dtype: str = "auto", tokenizer=None):
     src, extra = _source(name)
     tokenizer = tokenizer or load_tokenizer(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **extra)
+        with hub_access():
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype], **extra)
     except (OSError, ValueError, RuntimeError) as exc:  # unreadable, truncated or mismatched weights
         raise ComeError(f"cannot load the weights of {name!r} ({str(exc).splitlines()[0][:160]}); re-download or "
                         "re-save the model") from None

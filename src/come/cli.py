@@ -6,17 +6,19 @@ import logging
 import sys
 from dataclasses import replace
 from functools import wraps
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from .cli_options import with_options
-from .config import OFFICIAL, CompressConfig, EvalConfig, LoadOptions
-from .distill_config import DistillConfig
+from .cli_options import Typer, with_options
 from .errors import ComeError
+
+if TYPE_CHECKING:  # the options objects load torch: imported when a command is built (cli_options.Typer)
+    from .config import CompressConfig, EvalConfig, LoadOptions
+    from .distill_config import DistillConfig
 
 MODEL_ARG = typer.Argument(..., metavar="MODEL", help="Hub id, local HF directory, or .gguf file.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace a non-empty --out.")
@@ -26,7 +28,7 @@ def _out_dir(what: str):
     return typer.Option(..., "--out", "-o", help=f"Output directory ({what}).")
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress LLMs by layer concatenation (CoMe).")
+app = Typer(add_completion=False, no_args_is_help=True, help="Compress LLMs by layer concatenation (CoMe).")
 err = Console(stderr=True)
 _debug = {"on": False}
 
@@ -39,6 +41,8 @@ def main(verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logg
                         handlers=[RichHandler(console=err, show_path=False)], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for own_handler in ("huggingface_hub", "datasets"):  # they print each record themselves: not twice
+        logging.getLogger(own_handler).propagate = False
 
 
 def one_line_errors(fn):
@@ -57,41 +61,75 @@ def one_line_errors(fn):
     return wrapper
 
 
+def _unless_given(ctx: typer.Context, preset: dict) -> dict:
+    """The preset's settings except those typed on the command line (or set by env var): an
+    explicit option wins, so `--official --split search` is the authors' CoMe-P, not their bi split."""
+    def given(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return {k: v for k, v in preset.items() if not given(k)}
+
+
+def _official_help() -> str:
+    from .config import OFFICIAL
+
+    return ("The authors' choices: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in OFFICIAL.items())
+            + " (with --split search, their CoMe-P: --pair-score angular-all-tokens). Options you give win.")
+
+
 @app.command()
 @one_line_errors
-@with_options(cfg=CompressConfig, load=LoadOptions)
+@with_options(cfg="config.CompressConfig", load="config.LoadOptions")
 def compress(
+    ctx: typer.Context,
     model: str = MODEL_ARG,
     out: str = _out_dir("written atomically"),
     overwrite: bool = OVERWRITE,
-    official: bool = typer.Option(False, "--official", help="The authors' choices: " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in OFFICIAL.items()) + "."),
+    official: bool = typer.Option(False, "--official", help=_official_help),
     *,
     cfg: CompressConfig,
     load: LoadOptions,
 ) -> None:
-    """Compress MODEL to --sparsity with progressive concatenation merges; write a stock HF checkpoint."""
+    """Compress MODEL to --sparsity with progressive concatenation merges; write a stock HF checkpoint
+    (several --sparsity levels: one per level, OUT/sparsity-0.10, ..., from one run)."""
     from .budget import merge_budget
     from .checkpoint import load_config, load_model, load_tokenizer, meta_model, save_checkpoint
     from .compression import compress as run_compress
+    from .config import official_settings
     from .data import read_text, token_windows
     from .preflight import check_output_dir
 
     if official:
-        cfg = replace(cfg, **OFFICIAL)
+        cfg = replace(cfg, **_unless_given(ctx, official_settings(cfg.split)))
     cfg = cfg.resolved()
-    check_output_dir(out, overwrite)
+    outs = _level_dirs(out, cfg.levels())
+    for path in outs.values():
+        check_output_dir(path, overwrite)
     config = load_config(model)
     cfg.check_model(config)
-    merge_budget(meta_model(config), cfg.sparsity)
+    merge_budget(meta_model(config), cfg.levels()[-1])
     text = read_text(cfg.calib)
     tokenizer = load_tokenizer(model)
     ids = token_windows(text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     lm, _ = load_model(model, load.dtype, tokenizer)
-    lm, plan = run_compress(lm, tokenizer, cfg, calib=ids, model_name=model)
-    path = save_checkpoint(lm, tokenizer, plan, out, overwrite)
-    print_summary(plan)
-    err.print(f"wrote {path}")
+
+    def write(compressed, plan) -> None:
+        path = save_checkpoint(compressed, tokenizer, plan, outs[plan.target_sparsity], overwrite)
+        print_summary(plan)
+        err.print(f"wrote {path}")
+
+    write(*run_compress(lm, tokenizer, cfg, calib=ids, model_name=model, on_level=write))
+
+
+def _level_dirs(out: str, levels: list[float]) -> dict:
+    """Where each level goes: OUT itself for one, OUT/sparsity-0.10 ... for several (two
+    decimals unless the level has more)."""
+    from pathlib import Path
+
+    if len(levels) == 1:
+        return {levels[0]: Path(out)}
+    return {s: Path(out) / f"sparsity-{f'{s:.2f}' if float(f'{s:.2f}') == s else repr(s)}" for s in levels}
 
 
 def print_summary(plan) -> None:
@@ -118,7 +156,7 @@ def print_summary(plan) -> None:
 
 @app.command("eval")
 @one_line_errors
-@with_options(evaluation=EvalConfig, load=LoadOptions)
+@with_options(evaluation="config.EvalConfig", load="config.LoadOptions")
 def eval_(
     model: str = MODEL_ARG,
     device: str = typer.Option("auto", help="cuda | cpu | auto (the whole model moves there)."),
@@ -192,8 +230,10 @@ def print_eval(model: str, results: dict) -> None:
 
     ret = results.get("retention")
     table = Table(title=f"come eval: {model}")
-    for col in ("task", "split", "n", "acc", "acc_norm") + (("acc % dense", "acc_norm % dense") if ret else ()):
-        table.add_column(col)
+    # no cell is ever cut: only the split wraps, between words, so 7 columns fit in 80
+    longest_split = max((len(r["split"]) for r in results["tasks"].values()), default=0)
+    for col in ("task", "split", "n", "acc", "acc_norm") + (("acc\n% dense", "acc_norm\n% dense") if ret else ()):
+        table.add_column(col, no_wrap=col != "split", min_width=longest_split if col == "split" else None)
     for task, r in results["tasks"].items():
         split = r["split"] if r["split"] == r["usual_split"] else f"{r['split']} (no {r['usual_split']})"
         row = [task, split, str(r["n"]), num(r["acc"]), num(r["acc_norm"])]
@@ -215,7 +255,8 @@ def print_eval(model: str, results: dict) -> None:
 
 @app.command("compare")
 @one_line_errors
-@with_options(cfg=(CompressConfig, "", ("method",)), evaluation=(EvalConfig, "eval-", ()), load=LoadOptions)
+@with_options(cfg=("config.CompressConfig", "", ("method",)), evaluation=("config.EvalConfig", "eval-", ()),
+              load="config.LoadOptions")
 def compare_(
     model: str = MODEL_ARG,
     out: str = _out_dir("report.md, report.json, plots"),
@@ -255,7 +296,7 @@ def compare_(
 
 @app.command("distill")
 @one_line_errors
-@with_options(cfg=DistillConfig)
+@with_options(cfg="distill_config.DistillConfig")
 def distill_(
     teacher: str = typer.Option(..., help="The original model: Hub id, local HF directory, or .gguf file."),
     student: str = typer.Option(..., help="A `come compress` output directory."),

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
 import typer
+from typer.core import TyperArgument, TyperOption
 
 START, END = "<!-- cli-reference:start (generated: python -m come.cli_reference README.md) -->", \
     "<!-- cli-reference:end -->"
@@ -20,7 +20,7 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _default(p: click.Parameter) -> str:
+def _default(p: TyperArgument | TyperOption) -> str:
     if getattr(p, "is_flag", False):
         return "off" if not p.default else "on"
     if p.required or p.default in (None, ""):
@@ -28,16 +28,19 @@ def _default(p: click.Parameter) -> str:
     return f"`{p.default}`"
 
 
-def command_table(cmd: click.Command) -> str:
+def command_table(cmd: typer.core.TyperCommand) -> str:
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for p in cmd.params:
         if p.name == "help":
             continue
-        name = f"`{p.metavar or p.name.upper()}`" if isinstance(p, click.Argument) else ", ".join(f"`{o}`" for o in p.opts)
-        if isinstance(p, click.Option) and p.secondary_opts:
+        if isinstance(p, TyperArgument):
+            name = f"`{p.metavar or p.name.upper()}`"
+        else:
+            name = ", ".join(f"`{o}`" for o in p.opts)
+        if isinstance(p, TyperOption) and p.secondary_opts:
             name += ", " + ", ".join(f"`{o}`" for o in p.secondary_opts)
-        if isinstance(p, click.Option) and p.metavar and p.metavar.startswith("["):
-            name += f" {p.metavar}"
+        if isinstance(p, TyperOption) and p.metavar and p.metavar.startswith("["):
+            name += f" `{_cell(p.metavar)}`"
         rows.append(f"| {name} | {_default(p)} | {_cell(getattr(p, 'help', '') or '')} |")
     return "\n".join(rows)
 

@@ -65,11 +65,22 @@ def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"],
     tasks = list(rows[0]["tasks"])
     header = (f"Model {model_name or 'model'}; sparsity {base.sparsity} of all params; calibration "
               f"{calib.shape[0]} x {calib.shape[1]} tokens of {base.calib} (seed {base.seed}); "
-              f"eval: {evaluation.limit or 'all'} docs per task, perplexity on {eval_kwargs['ppl_data']} "
-              f"({evaluation.ppl_windows or 'all'} windows of {evaluation.seqlen} tokens).")
+              f"{_evaluated(evaluation, eval_kwargs)}.")
     with atomic_dir(out, overwrite) as tmp:
         write_report(tmp, rows, tasks, plans, header)
     return rows
+
+
+def _evaluated(evaluation: EvalConfig, kwargs: dict) -> str:
+    """What the evaluation covered, in words: only the parts that ran."""
+    parts = []
+    if kwargs["tasks"]:
+        start = f", from document {evaluation.skip}" if evaluation.skip else ""
+        parts.append(f"{evaluation.limit or 'all'} documents per task{start}")
+    if kwargs["ppl_data"]:
+        parts.append(f"perplexity on {kwargs['ppl_data']} ({evaluation.ppl_windows or 'all'} windows of "
+                     f"{evaluation.seqlen} tokens)")
+    return "eval: " + ", ".join(parts) if parts else "not evaluated (--tasks none, --ppl-data none)"
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,8 @@ def default_methods() -> str:
 def method_list(text: str, base: CompressConfig | None = None) -> list[MethodSpec]:
     """Parse `--methods`; every row's full config is resolved here, before any work. Overrides
     are parsed like the command line parses the same option."""
+    if base is not None and len(base.levels()) > 1:
+        raise ComeError("come compare takes one --sparsity; a list of levels is for come compress")
     specs = []
     for item in (m.strip() for m in text.split(",")):
         if not item:

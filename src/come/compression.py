@@ -1,20 +1,51 @@
 """`compress()`, the API entry point: settings resolved and checked once, the method
-looked up in the registry, its run started."""
+looked up in the registry, its run started; with several target sparsities, one run
+hands over every level on its way to the largest."""
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
 from .config import CompressConfig
-from .methods import get_method
+from .errors import ComeError
+from .methods import MergeMethod, get_method
 from .plan import Plan
+from .preparation import passing
 
 
 def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None = None,
-             model_name: str = "") -> tuple[nn.Module, Plan]:
+             model_name: str = "", on_level: Callable[[nn.Module, Plan], None] | None = None,
+             ) -> tuple[nn.Module, Plan]:
     """Compress `model` in place to `cfg.sparsity` with `cfg.method`; return it and its Plan.
 
     `calib` ([nsamples, seqlen] token ids) overrides `cfg.calib` (tests, benchmarks).
+    `cfg.sparsity` a list (ascending): `on_level(model, plan)` receives each smaller level,
+    the model and Plan a run at that level alone gives (use or save the model before
+    returning: the run goes on with it); the largest is returned. A merge method passes
+    every level in one progressive run. A drop method's levels are separate runs on copies
+    of the dense model: which layers it drops, and the refit of the layers it keeps, depend
+    on the level, so sharing any of it would not give each level's own model.
     """
     resolved = cfg.resolved()
-    return get_method(resolved.method).compress(model, tokenizer, resolved, calib, model_name)
+    method = get_method(resolved.method)
+    *smaller, largest = resolved.levels()
+    if not smaller:
+        return method.compress(model, tokenizer, resolved, calib, model_name)
+    if on_level is None:
+        raise ComeError("several --sparsity levels need on_level, which receives each smaller level's model")
+    if calib is None:  # once for every level
+        from .data import load_calibration
+
+        calib = load_calibration(resolved.calib, tokenizer, resolved.nsamples, resolved.seqlen, resolved.seed)
+    if isinstance(method, MergeMethod):
+        with passing(smaller, on_level) as levels:
+            out = method.compress(model, tokenizer, resolved.at(largest), calib, model_name)
+        if levels.handed != smaller:
+            raise ComeError(f"--method {method.name} did not pass the levels {smaller} on its way; give one --sparsity")
+        return out
+    for sparsity in smaller:
+        on_level(*method.compress(copy.deepcopy(model), tokenizer, resolved.at(sparsity), calib, model_name))
+    return method.compress(model, tokenizer, resolved.at(largest), calib, model_name)

@@ -12,7 +12,7 @@ from .options import check_choices, int_list, option
 from .profile import resolve_device
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
 
-PairScore = Literal["angular", "bi-all-tokens", "error", "merge-error"]
+PairScore = Literal["angular", "bi-all-tokens", "angular-all-tokens", "error", "merge-error"]
 Split = Literal["bi", "joint", "search"]
 SplitScore = Literal["nll", "error"]
 Refit = Literal["ls", "none"]
@@ -25,6 +25,22 @@ HeadScore = Literal["channel", "exact"]
 OFFICIAL = {"norm": "average", "refit": "none", "split": "bi", "pair_score": "angular"}
 
 
+def official_settings(split: str) -> dict:
+    """The authors' choices for a run with this split: their CoMe-P (`--split search`, their
+    concat_merge_P) scores pairs by the angle over ALL tokens, their CoMe by the last token's."""
+    return {**OFFICIAL, "pair_score": "angular-all-tokens"} if split == "search" else OFFICIAL
+
+
+def sparsity_levels(text: str) -> float | list[float]:
+    """'0.3' -> 0.3; '0.1,0.2,0.3' -> [0.1, 0.2, 0.3] (checked by `CompressConfig.resolved()`)."""
+    try:
+        levels = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ComeError(f"--sparsity takes a number or an ascending comma-separated list such as 0.1,0.2,0.3, "
+                        f"got {text!r}") from None
+    return levels[0] if len(levels) == 1 else levels
+
+
 def _method_help() -> str:
     return "; ".join(f"{n}: {REGISTRY[n].summary}" for n in method_names())
 
@@ -35,9 +51,11 @@ class CompressConfig:
 
     cli_panel: ClassVar[str] = "Compression"
 
-    sparsity: float = option(0.3, "Fraction of ALL params (embeddings and head included) to remove, in (0, 0.9]; every "
-                                     "merge removes one layer, so the achieved figure is the first one >= this, "
-                                     "reported exactly.")
+    sparsity: float | list[float] = option(
+        0.3, "Fraction of ALL params (embeddings and head included) to remove, in (0, 0.9]; every merge removes one "
+             "layer, so the achieved figure is the first one >= this, reported exactly. `come compress` also takes an "
+             "ascending list (0.1,0.2,0.3): one run passes every level and writes OUT/sparsity-0.10, ...",
+        parse=sparsity_levels)
     method: str = option("come", lambda: "The method (peers on the same plumbing): " + _method_help() + ".",
                          choices=method_names)
     calib: str = option("wikitext2", "Calibration text: wikitext2, c4 (via `datasets`), or a local .txt / .jsonl "
@@ -48,9 +66,10 @@ class CompressConfig:
     batch_size: int = option(4, "Calibration windows per forward.")
     device: str = option("auto", "cuda | cpu | auto (layers visit it one at a time).")
     pair_score: PairScore | None = option(
-        None, "Which adjacent pair merges next. bi-all-tokens (DECISION, come's default, BENCHMARKS.md): mean angular "
-              "distance between the state entering layer l and the one leaving l+1 over ALL calibration tokens; "
-              "angular (OFFICIAL; laco's and average's default): the same on the last token of each sample; error: "
+        None, "Which adjacent pair merges next. bi-all-tokens (DECISION, come's default, BENCHMARKS.md): block "
+              "influence 1 - cos between the state entering layer l and the one leaving l+1, over ALL calibration tokens; "
+              "angular (OFFICIAL; laco's and average's default): arccos(cos)/pi of those states on the last token of each sample; "
+              "angular-all-tokens (OFFICIAL with --split search, the authors' CoMe-P): arccos(cos)/pi over ALL tokens; error: "
               "held-out error of the actual merged + refit layer against the dense group; merge-error: the same "
               "before the refit. Default: the method's own.", choices=PairScore.__args__)
     split: Split = option("joint", "joint (DECISION, BENCHMARKS.md): top-N of both layers' units ranked together by "
@@ -86,10 +105,16 @@ class CompressConfig:
         """A checked copy with the method's defaults filled in (refit, pair score); `self`
         is left as it is. One line naming the problem and the fix on bad settings."""
         method = get_method(self.method)
+        levels = self.levels()
         cfg = replace(self, refit=self.refit or method.default_refit,
-                      pair_score=self.pair_score or method.default_pair_score)
-        if not 0.0 < cfg.sparsity <= 0.9:
-            raise ComeError(f"--sparsity must be in (0, 0.9], got {cfg.sparsity}")
+                      pair_score=self.pair_score or method.default_pair_score,
+                      sparsity=levels[0] if len(levels) == 1 else levels)
+        outside = [s for s in levels if not 0.0 < s <= 0.9]
+        if outside:
+            raise ComeError(f"--sparsity must be in (0, 0.9], got {outside[0]}")
+        if levels != sorted(set(levels)):
+            raise ComeError(f"--sparsity {','.join(map(str, levels))}: list the levels ascending, each once "
+                            "(e.g. 0.1,0.2,0.3)")
         check_choices(cfg)
         if cfg.batch_size < 1 or cfg.nsamples < 1 or cfg.seqlen < 2:
             raise ComeError(f"need --batch-size >= 1, --nsamples >= 1, --seqlen >= 2 (got {cfg.batch_size}, "
@@ -111,6 +136,14 @@ class CompressConfig:
         if cfg.split == "search" and (cfg.skew != 1.0 or cfg.min_max != 0.0):
             raise ComeError("--skew and --min-max shape the bi split rule; --split search tries every r on its grid")
         return cfg
+
+    def levels(self) -> list[float]:
+        """The target sparsities: one, or the ascending levels of a multi-level run."""
+        return list(self.sparsity) if isinstance(self.sparsity, (list, tuple)) else [self.sparsity]
+
+    def at(self, sparsity: float) -> "CompressConfig":
+        """These settings with one target: what a run at that level alone would be given."""
+        return replace(self, sparsity=sparsity)
 
     def check_model(self, config) -> None:
         """Settings that depend on the model, checked on its config before weights load."""

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .errors import ComeError
+from .hub import OFFLINE_HINT, hub_access
 
 log = logging.getLogger("come")
 
@@ -71,11 +72,14 @@ def _named_text(name: str) -> str:
 
     path, config, split = NAMED[name]
     try:
-        if name == "c4":
-            ds = datasets.load_dataset(path, data_files={split: C4_SHARD}, split=split)
-        else:
-            ds = datasets.load_dataset(path, config, split=split)
+        with hub_access() as online:
+            if name == "c4":
+                ds = datasets.load_dataset(path, data_files={split: C4_SHARD}, split=split)
+            else:
+                ds = datasets.load_dataset(path, config, split=split)
     except Exception as exc:  # network / hub errors surface as many types
+        if not online:
+            raise ComeError(f"could not load dataset {name!r}: {OFFLINE_HINT}; pass a local .txt/.jsonl file instead") from None
         raise ComeError(f"could not load dataset {name!r} ({type(exc).__name__}); offline? pass a local .txt/.jsonl file instead") from exc
     return "\n\n".join(t for t in ds["text"] if t.strip())
 

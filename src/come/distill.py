@@ -11,9 +11,10 @@ the teacher's hidden state at the end of G_k is the target of the student's laye
   trainable layer alone maps the teacher's input of G_k to the teacher's output of G_k,
   with its own backward, so activation memory is one layer's.
 The layer loss is a KL through the (frozen) final norm + LM head (default) or a
-normalized MSE on hidden states. KL is computed in fp32, chunk by chunk over tokens,
-each chunk under activation checkpointing, so full-vocabulary logits never exist for
-more than one chunk (torchtune's chunked forward KL, one step further).
+normalized MSE on hidden states. KL is computed in fp32, chunk by chunk over tokens, each
+chunk differentiated as soon as it is computed (distill_losses.head_kl), so
+full-vocabulary logits never exist for more than one chunk and are never recomputed. To
+seed those gradients, each loss term is told the gradient its backward will give it.
 
 This module is the loop; the settings live in distill_config, the losses in
 distill_losses, checkpoints and the written result in train_state, LoRA in trainable,
@@ -22,8 +23,11 @@ the token windows in data.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -34,12 +38,14 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, get_adapter
 from .data import shuffled_batch, training_windows
 from .distill_config import DistillConfig
-from .distill_losses import head_terms, normalized_mse
+from .distill_losses import head_kl, head_terms, normalized_mse
 from .errors import ComeError
 from .plan import Plan
 from .profile import resolve_device
 from .train_state import TrainState, restore, write_checkpoint
 from .trainable import activation_checkpointing, make_trainable, seeded_rng
+
+_log = logging.getLogger("come")
 
 
 def check_pair(teacher_config, student_config, plan: Plan) -> None:
@@ -63,32 +69,68 @@ def check_tokenizers(teacher_tokenizer, student_tokenizer) -> None:
         raise ComeError("teacher and student tokenizers differ: --teacher must be the model the student was compressed from")
 
 
+def launcher_processes(env: Mapping[str, str]) -> tuple[int, str]:
+    """(how many processes the launcher asked for, the variable that says so), from its
+    environment: a world size (torchrun, mpirun), else at least 2 when `accelerate launch`
+    set a rendezvous port (it does only for --num_processes > 1) and started the script
+    itself, as one process (with --cpu and no --mpirun_hostfile), else 1."""
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if env.get(var, "").isdigit():
+            return int(env[var]), f"{var}={env[var]}"
+    if "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env:
+        return 2, "accelerate launch set MASTER_PORT, for --num_processes > 1"
+    return 1, ""
+
+
+def _say_processes(accelerator, cfg: DistillConfig) -> None:
+    """One line on how many processes train; one warning when the launcher asked for more."""
+    n, (asked, why) = accelerator.num_processes, launcher_processes(os.environ)
+    if not accelerator.is_main_process:
+        return
+    _log.info("distill %s: %d process%s on %s, %d windows of %d tokens per optimizer step", cfg.mode, n,
+              "" if n == 1 else "es", accelerator.device.type, cfg.batch_size * cfg.grad_accum * n, cfg.seqlen)
+    if asked > n:
+        _log.warning("only %d distill process%s started, the launcher asked for more (%s): `accelerate launch --cpu` "
+                     "starts one unless MPI runs it (--mpirun_hostfile); on CPU use `torchrun --nproc_per_node N -m "
+                     "come.cli distill ... --device cpu`", n, "" if n == 1 else "es", why)
+
+
 # ---- running the models ------------------------------------------------------------------------
 
 def _hidden(out) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+class _Stop(Exception):
+    """Raised by _record's hook once every state it wants is captured: the layers after it need not run."""
+
+
 def _record(model: nn.Module, adapter: Adapter, ids: Tensor, bounds: set[int],
             with_kwargs: bool = False) -> tuple[dict[int, Tensor], dict[int, dict]]:
-    """Run the decoder stack (no LM head) and return the hidden states at layer boundaries
-    `bounds` (b = the state entering layer b; b = n_layers = the last layer's output, before
-    the final norm) and, if asked, the keyword arguments each of those layers received
-    (rotary embeddings, mask), so a single layer can later be run on its own."""
+    """Run the decoder stack (no LM head) as far as needed and return the hidden states at
+    layer boundaries `bounds` (b = the state entering layer b; b = n_layers = the last
+    layer's output, before the final norm) and, if asked, the keyword arguments each of
+    those layers received (rotary embeddings, mask), so a single layer can later be run on
+    its own."""
     layers = adapter.decoder_layers(model)
     states: dict[int, Tensor] = {}
     kwargs: dict[int, dict] = {}
+    last = max(bounds)
 
     def before(b, _module, args, kw):
         states[b] = args[0] if args else kw["hidden_states"]
         if with_kwargs:
             kwargs[b] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        if b == last:
+            raise _Stop
 
     hooks = [layers[b].register_forward_pre_hook(partial(before, b), with_kwargs=True) for b in bounds if b < len(layers)]
     if len(layers) in bounds:
         hooks.append(layers[-1].register_forward_hook(lambda _m, _a, out: states.__setitem__(len(layers), _hidden(out))))
     try:
         adapter.backbone(model)(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
     finally:
         for h in hooks:
             h.remove()
@@ -111,26 +153,32 @@ class _Distiller:
         self.head_t = nn.Sequential(adapter.final_norm(teacher), adapter.lm_head(teacher))
         self.head_s = nn.Sequential(adapter.final_norm(student), adapter.lm_head(student))
 
-    def kl(self, h_t: Tensor, h_s: Tensor) -> Tensor:
+    def kl(self, h_t: Tensor, h_s: Tensor, upstream: Tensor) -> Tensor:
         """Mean per-token KL(teacher || student) through the heads, times T^2 (so gradients
-        keep their scale across temperatures)."""
-        t = self.cfg.temperature
-        return head_terms(self.head_t, self.head_s, h_t, h_s, t, self.cfg.kl_chunk)[0] * t * t / h_s[..., 0].numel()
+        keep their scale across temperatures). `upstream`: the gradient the backward will
+        give the result (head_kl seeds the chunks' gradients with it)."""
+        t, n = self.cfg.temperature, h_s[..., 0].numel()
+        seed = upstream / n * t * t  # autograd's order for the gradient of `kl * t * t / n` below
+        return head_kl(self.head_t, self.head_s, h_t, h_s, t, self.cfg.kl_chunk, seed) * t * t / n
 
-    def layer_loss(self, h_t: Tensor, h_s: Tensor) -> Tensor:
-        return self.kl(h_t, h_s) if self.cfg.layer_loss == "kl" else normalized_mse(h_t, h_s)
+    def layer_loss(self, h_t: Tensor, h_s: Tensor, upstream: Tensor) -> Tensor:
+        return self.kl(h_t, h_s, upstream) if self.cfg.layer_loss == "kl" else normalized_mse(h_t, h_s)
 
     def backward(self, ids: Tensor, scale: float) -> float:
         """Forward + backward of one micro-batch (gradients scaled by `scale`); the loss value."""
         return self._sp(ids, scale) if self.cfg.mode == "sp" else self._mp(ids, scale)
 
     def _sp(self, ids: Tensor, scale: float) -> float:
+        lw = self.cfg.layer_weight
+        points = self.points if lw else ()  # a zero weight adds exact zeros: skip the work
+        upstream = torch.ones((), device=ids.device) * scale  # what (loss * scale).backward() gives `loss`
         with self.autocast():
             with torch.no_grad():
-                t, _ = _record(self.teacher, self.adapter, ids, {self.ends[k] for k in self.points} | {self.n_t})
-            s, _ = _record(self.student, self.adapter, ids, {k + 1 for k in self.points} | {self.n_s})
-            loss = self.kl(t[self.n_t], s[self.n_s])
-            loss = loss + self.cfg.layer_weight * sum(self.layer_loss(t[self.ends[k]], s[k + 1]) for k in self.points)
+                t, _ = _record(self.teacher, self.adapter, ids, {self.ends[k] for k in points} | {self.n_t})
+            s, _ = _record(self.student, self.adapter, ids, {k + 1 for k in points} | {self.n_s})
+            loss = self.kl(t[self.n_t], s[self.n_s], upstream)
+            if points:
+                loss = loss + lw * sum(self.layer_loss(t[self.ends[k]], s[k + 1], upstream * lw) for k in points)
         (loss * scale).backward()
         return float(loss.detach())
 
@@ -138,12 +186,17 @@ class _Distiller:
         bounds = {self.starts[k] for k in self.trainable} | {self.ends[k] for k in self.trainable}
         with self.autocast(), torch.no_grad():
             t, kw = _record(self.teacher, self.adapter, ids, bounds, with_kwargs=True)
-        layers, total = self.adapter.decoder_layers(self.student), 0.0
+        layers, losses = self.adapter.decoder_layers(self.student), []
+        upstream = torch.ones((), device=ids.device) * scale
         for k in self.trainable:
             with self.autocast():
-                loss = self.layer_loss(t[self.ends[k]], _hidden(layers[k](t[self.starts[k]], **kw[self.starts[k]])))
+                loss = self.layer_loss(t[self.ends[k]], _hidden(layers[k](t[self.starts[k]], **kw[self.starts[k]])),
+                                       upstream)
             (loss * scale).backward()
-            total += float(loss.detach())
+            losses.append(loss.detach())
+        total = 0.0
+        for value in torch.stack(losses).tolist():  # one device sync; summed in order (sum() compensates from 3.12)
+            total += value
         return total
 
     @torch.no_grad()
@@ -245,6 +298,7 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     device = resolve_device(cfg.device)
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     accelerator = Accelerator(cpu=device.type == "cpu")  # its mixed_precision is process-wide: autocast is ours
+    _say_processes(accelerator, cfg)
     autocast = partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
     adapter = get_adapter(student.config)
     windows = windows if windows is not None else training_windows(cfg, tokenizer)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import eval_windows, read_text
 from .errors import ComeError
-from .tasks import DEFAULT_TASKS, SOURCES, hf_offline, resolve_split, run_tasks
+from .tasks import DEFAULT_TASKS, SOURCES, TASK_DATA_HINT, hf_offline, resolve_split, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,9 @@ def ppl_text(source: str, task_data: str | Path | None = None) -> str:
             ds = datasets.load_dataset(**args)
             return joiner.join(ds[field] if docs is None else ds[:docs][field])
         except Exception as exc:  # network / hub errors surface as many types
-            raise ComeError(f"could not load {source!r} ({type(exc).__name__}); offline? use --ppl-data "
-                            "boolq-passages or a local text file") from exc
+            raise ComeError(f"could not load the perplexity text {source!r} from the Hub ({type(exc).__name__}); "
+                            f"{TASK_DATA_HINT}, with --ppl-data boolq-passages (the default then) or a local "
+                            "FILE") from exc
     return read_text(source)
 
 

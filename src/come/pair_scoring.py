@@ -23,12 +23,15 @@ ERROR_SCORES = ("error", "merge-error")  # pair scores that build each candidate
 
 
 def unit_scores(stats: LayerStats, w: LayerWeights, shape: AttnShape, head_score: str) -> tuple[Tensor, Tensor]:
-    """(KV-group sensitivities, FFN-channel sensitivities) of one layer."""
+    """(KV-group sensitivities, FFN-unit sensitivities) of one layer: FFN channels, or in an MoE
+    layer its experts' routed contributions (measured whole by profile.py)."""
     if head_score == "exact":
         heads = exact_head_sensitivity(stats.head_out_l1)
     else:
-        heads = head_sensitivity(channel_sensitivity(stats.attn_abs_mean, w.o), shape.n_heads)
-    return kv_group_sensitivity(heads, shape.n_kv_heads), channel_sensitivity(stats.ffn_abs_mean, w.down)
+        heads = head_sensitivity(channel_sensitivity(stats.attn_abs_mean, w.o, w.gain(w.attn_post_norm)), shape.n_heads)
+    ffn = (stats.expert_out_l1.double() if w.router is not None
+           else channel_sensitivity(stats.ffn_abs_mean, w.down, w.gain(w.ffn_post_norm)))
+    return kv_group_sensitivity(heads, shape.n_kv_heads), ffn
 
 
 def eligible_pairs(groups: list[list[int]], cfg) -> list[bool]:
@@ -61,12 +64,13 @@ def no_units() -> Choice:
 
 def choose_units(a: LayerWeights, b: LayerWeights, stats_a: LayerStats, stats_b: LayerStats, shape: AttnShape, cfg,
                  n_original: int, r_a: float | None = None) -> Choice:
-    """The top units of each side; counts from the split rule, or from `r_a` when forced
+    """The top units of each side (KV groups; FFN channels, or experts: the number per layer is
+    fixed, so the same joint top-N rule); counts from the split rule, or from `r_a` when forced
     (r_a = 1.0 keeps A whole: dropping B). `--split search` forces every r_a of its grid
     (split_search.py); unforced, as the error pair scores' guess of a pair's split, it is joint."""
     kv_sa, ffn_sa = unit_scores(stats_a, a, shape, cfg.head_score)
     kv_sb, ffn_sb = unit_scores(stats_b, b, shape, cfg.head_score)
-    d_ff = a.down.shape[1]
+    d_ff = a.ffn_units
     if r_a is None and cfg.split in ("joint", "search"):
         n_kv, n_ffn = joint_split(kv_sa, kv_sb, shape.n_kv_heads), joint_split(ffn_sa, ffn_sb, d_ff)
         r_a = n_ffn[0] / d_ff

@@ -2,7 +2,9 @@
 
 Every merge method (methods/) runs through it; the method supplies the operator that
 builds one layer from two. Calibration states are cached at layer inputs
-(activation_cache.py), so after a merge at position l only layers >= l re-run.
+(activation_cache.py), so after a merge at position l only layers >= l re-run. No step
+depends on the target, only the number of steps does: a multi-level run hands over each
+smaller level on its way (preparation.reached), the model a run at that level alone makes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .layer_refit import refit_layer, write_down_proj
 from .pair_scoring import ERROR_SCORES, Choice, ErrorScores, choose_units, eligible_pairs, no_units, read_pair
 from .plan import MergeRecord, Plan
 from .preflight import check_finite
-from .preparation import finish, prepare
+from .preparation import finish, prepare, reached
 from .selection import choose_pair
 from .split_search import search_split
 
@@ -91,6 +93,7 @@ def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor 
                  step + 1, run.n_remove, k, k + 1, _span(ga), _span(gb), len(choice.kv_a), len(choice.kv_b),
                  len(choice.ffn_a), len(choice.ffn_b), choice.r_a, _refit_note(refit), params_before / 1e6,
                  record.params_after / 1e6)
+        reached(run, groups)
     return model, finish(run, groups)
 
 

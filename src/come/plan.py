@@ -29,7 +29,7 @@ class MergeRecord:
     operator: str
     kv_a: list[int]  # KV groups kept from side A (ids within A as it was then)
     kv_b: list[int]
-    ffn_a: list[int]  # FFN channels kept from side A
+    ffn_a: list[int]  # FFN units kept from side A: channels, or experts in an MoE layer
     ffn_b: list[int]
     r_a: float  # share of units given to side A
     bi_a: float

@@ -1,19 +1,24 @@
 """What every method's run shares: the set-up (budget, device, calibration, embedding,
-the activation cache, the Plan) and the finish (the Plan's totals and the log line)."""
+the activation cache, the Plan), the finish (the Plan's totals and the log line), and the
+hand-over of the smaller levels a multi-level run passes on its way (`passing`)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .activation_cache import ActivationCache, cache_layout
 from .adapters import Adapter, get_adapter
-from .budget import count_params, merge_budget
+from .budget import count_params, merge_budget, merges_needed
 from .plan import Plan, library_versions
 from .preflight import check_finite
 from .profile import LayerRunner, resolve_device
@@ -22,9 +27,38 @@ log = logging.getLogger("come")
 
 
 @dataclass
+class Levels:
+    """The smaller targets of a multi-level run (`--sparsity 0.1,0.2,0.3`), what receives each
+    (the model as it is there, and its Plan), and which were handed over."""
+
+    sparsities: list[float]
+    receive: Callable[[nn.Module, Plan], None]
+    handed: list[float] = field(default_factory=list)
+
+
+# Set by `passing` around a method's run: the loops are reached through each method's own
+# `compress()` (the registry's signature; MKA wraps the loop), so the smaller levels travel
+# beside that call instead of through it. `prepare` reads them into the Run.
+_levels: ContextVar[Levels | None] = ContextVar("come_levels", default=None)
+
+
+@contextmanager
+def passing(sparsities: list[float], receive: Callable[[nn.Module, Plan], None]) -> Iterator[Levels]:
+    """Within the block, a progressive run hands each of `sparsities` to `receive` when it
+    reaches it (`reached`); the Levels yielded say which it handed."""
+    levels = Levels(sparsities, receive)
+    token = _levels.set(levels)
+    try:
+        yield levels
+    finally:
+        _levels.reset(token)
+
+
+@dataclass
 class Run:
-    """One compression in progress: the model, its adapter, the cache, the Plan, and how
-    many one-layer removals the target needs."""
+    """One compression in progress: the model, its adapter, the cache, the Plan, how many
+    one-layer removals the target needs, and the smaller levels to hand over on the way
+    (by the number of removals that reaches each)."""
 
     model: nn.Module
     adapter: Adapter
@@ -32,6 +66,8 @@ class Run:
     plan: Plan
     n_remove: int
     t0: float
+    levels: Levels | None = None
+    stops: dict[int, list[float]] = field(default_factory=dict)
 
 
 def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: str, keep_dense: bool) -> Run:
@@ -63,14 +99,29 @@ def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: 
                 versions=library_versions())
     log.info("%s: %d layers, %.1fM params, %.2fM per layer -> %d layers to remove for sparsity %.3f (%s)",
              model_name or "model", n_layers, total / 1e6, per_layer / 1e6, n_remove, cfg.sparsity, cfg.method)
-    return Run(model, adapter, cache, plan, n_remove, t0)
+    levels = _levels.get()
+    stops: dict[int, list[float]] = {}
+    for sparsity in levels.sparsities if levels else ():
+        stops.setdefault(merges_needed(total, per_layer, sparsity), []).append(sparsity)
+    return Run(model, adapter, cache, plan, n_remove, t0, levels, stops)
 
 
-def finish(run: Run, groups: list[list[int]]) -> Plan:
-    """Fill the Plan's totals once the model has its final layers."""
-    plan = run.plan
+def reached(run: Run, groups: list[list[int]]) -> None:
+    """After each removal: hand over every smaller level this many removals reach, with the
+    Plan a run at that level alone writes (the model moves on once `receive` returns)."""
+    for sparsity in run.stops.get(len(run.plan.merges), ()):
+        plan = copy.deepcopy(run.plan)
+        plan.settings["sparsity"] = plan.target_sparsity = sparsity
+        run.levels.receive(run.model, finish(run, groups, plan))
+        run.levels.handed.append(sparsity)
+
+
+def finish(run: Run, groups: list[list[int]], plan: Plan | None = None) -> Plan:
+    """Fill the Plan's totals (the run's, or `plan`: a smaller level's) once the model has
+    that level's layers."""
+    plan = plan or run.plan
     check_finite(run.model, "compressed model", "nothing was written; report this with the command line")
-    plan.groups = groups
+    plan.groups = [list(g) for g in groups]  # a copy: a smaller level's Plan outlives the loop's groups
     plan.num_layers_after = len(groups)
     plan.params_after = count_params(run.model)
     plan.achieved_sparsity = 1.0 - plan.params_after / plan.params_before

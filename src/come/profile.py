@@ -15,10 +15,11 @@ from itertools import chain
 import torch
 from torch import Tensor, nn
 
-from .adapters import Adapter
+from .adapters import Adapter, BlockOutput, ExpertUnits
 from .errors import ComeError
 from .refit import NormalEquations
 from .selection import token_cosines
+from .sensitivity import routed_expert_l1
 
 
 @dataclass
@@ -26,9 +27,10 @@ class LayerStats:
     """What one pass of a layer over the calibration set tells us."""
 
     attn_abs_mean: Tensor  # E_t |z_c|, o_proj input channels
-    ffn_abs_mean: Tensor  # E_t |a_j|, down_proj input channels
+    ffn_abs_mean: Tensor  # E_t |a_j|, down_proj input channels (empty in an MoE layer)
     head_out_l1: Tensor | None  # E_t ||W_o[:, cols(i)] z_i||_1 per query head (exact head score)
     bi: float  # block influence: 1 - mean over all tokens of cos(in, out)
+    expert_out_l1: Tensor | None = None  # MoE: E_t ||w_e expert_e(x)||_1 per routed expert (its unit score)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,6 +66,28 @@ def _to(obj, device):
     if isinstance(obj, tuple):
         return tuple(_to(o, device) for o in obj)
     return obj
+
+
+def _per_token_scaled(x: Tensor, block: BlockOutput | None, u: Tensor) -> Tensor:
+    """`x` times the block's per-token 1 / rms(u) where a post-norm divides the block's output
+    `u` by it (what each unit then writes scales with it); `x` itself otherwise."""
+    s = block.token_scale(u) if block is not None else None
+    return x if s is None else x * s
+
+
+def _linear_in_gain(block: BlockOutput, features: str, a: Tensor, u: Tensor, target: Tensor,
+                    bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(features, target) of the refit when the FFN adds block(u) = gain * u * s, u = W a + b:
+    with each token's post-norm scale s = 1 / rms(u) held at its current value, block(u) =
+    (a s) (gain W)^T + gain b s, linear in gain * W. EXACT at the current W (so the error
+    before a refit is the layer's true error); a refit moves rms(u), so its fit is
+    approximate for post-norm families (layer_refit.py checks it on the true output).
+    Granite (no post-norm, s = 1) is exact. "mlp_out": the features are block(u) itself."""
+    if features != "channels":
+        return block(u), target
+    s = block.token_scale(u)
+    s = 1.0 if s is None else s
+    return a * s, target if bias is None else target - block.gain.to(u.device) * bias * s
 
 
 def layer_type(config, position: int) -> str | None:
@@ -170,26 +194,35 @@ class LayerRunner:
         """Outputs of `layer`, run as the model runs current layer `position`, on every cached
         input batch, and its statistics if asked."""
         o_proj = self.adapter.attn_output_proj(layer)
-        down = self.adapter.ffn_output_proj(layer)
-        acc = {"z": 0.0, "a": 0.0, "head": 0.0, "cos": 0.0, "n": 0}
+        experts = self.adapter.experts(layer)
+        attn_out = self.adapter.attn_output(layer, self.model.config)
+        ffn_out = self.adapter.ffn_output(layer, self.model.config)
+        acc = {"z": 0.0, "a": 0.0, "experts": 0.0, "head": 0.0, "cos": 0.0, "n": 0}
 
         # |.| in the activations' dtype, sums in float64: a float64 copy of every batch's
         # activations cost a fifth of a profiling layer pass
-        def on_o(mod, args):
-            z = args[0]
+        def on_o(mod, args, out):
+            z = _per_token_scaled(args[0], attn_out, out)
             acc["z"] = acc["z"] + z.abs().sum(dim=(0, 1), dtype=torch.float64)
             if head_score == "exact":
                 z = z.double()
                 zh = z.reshape(*z.shape[:2], self.shape.n_heads, self.shape.head_dim)
-                w = mod.weight.double().T.reshape(self.shape.n_heads, self.shape.head_dim, -1)
+                w = mod.weight.double()
+                if attn_out is not None:
+                    w = attn_out.gain.to(w.device).reshape(-1, 1) * w
+                w = w.T.reshape(self.shape.n_heads, self.shape.head_dim, -1)
                 acc["head"] = acc["head"] + torch.stack(
                     [(zh[:, :, h] @ w[h]).abs().sum() for h in range(self.shape.n_heads)]
                 )
 
-        def on_down(_mod, args):
-            acc["a"] = acc["a"] + args[0].abs().sum(dim=(0, 1), dtype=torch.float64)
+        def on_down(_mod, args, out):
+            acc["a"] = acc["a"] + _per_token_scaled(args[0], ffn_out, out).abs().sum(dim=(0, 1), dtype=torch.float64)
 
-        hooks = [o_proj.register_forward_pre_hook(on_o), down.register_forward_pre_hook(on_down)] if want_stats else []
+        def on_experts(mod, args, _out):
+            acc["experts"] = acc["experts"] + routed_expert_l1(*args[:3], mod.gate_up_proj, mod.down_proj, mod.act_fn)
+
+        ffn, on_ffn = (experts, on_experts) if experts is not None else (self.adapter.ffn_output_proj(layer), on_down)
+        hooks = [o_proj.register_forward_hook(on_o), ffn.register_forward_hook(on_ffn)] if want_stats else []
         outputs = []
         try:
             with on_device(layer, self.device):
@@ -209,9 +242,10 @@ class LayerRunner:
         n = acc["n"]
         stats = LayerStats(
             attn_abs_mean=(acc["z"] / n).cpu(),
-            ffn_abs_mean=(acc["a"] / n).cpu(),
+            ffn_abs_mean=(acc["a"] / n).cpu() if experts is None else torch.zeros(0, dtype=torch.float64),
             head_out_l1=(acc["head"] / n).cpu() if head_score == "exact" else None,
             bi=1.0 - acc["cos"] / n,
+            expert_out_l1=(acc["experts"] / n).cpu() if experts is not None else None,
         )
         return outputs, stats
 
@@ -224,15 +258,20 @@ class LayerRunner:
         `layer` runs as the model runs current layer `position` (its attention type's mask).
 
         features="channels": the FFN activations feeding down_proj (our refit);
-        features="mlp_out": the FFN output itself (ReplaceMe's hidden x hidden map).
+        features="mlp_out": the FFN output itself (ReplaceMe's hidden x hidden map; an MoE
+        layer's only refit, layer_refit.py).
+        Where the FFN output does not add as it is (adapter.ffn_output), the problem is posed
+        for gain * W instead of W (`_linear_in_gain`; layer_refit.py converts back).
         """
         down = self.adapter.ffn_output_proj(layer)
+        moe = isinstance(down, ExpertUnits)
+        if moe and features == "channels":
+            raise ValueError("an MoE layer has no single down projection to refit: use features='mlp_out'")
+        block = self.adapter.ffn_output(layer, self.model.config)
         seen: dict[str, Tensor] = {}
-        hooks = [self.adapter.ffn_norm(layer).register_forward_pre_hook(lambda _m, a: seen.__setitem__("x1", a[0]))]
-        if features == "channels":
-            hooks.append(down.register_forward_pre_hook(lambda _m, a: seen.__setitem__("f", a[0])))
-        else:
-            hooks.append(down.register_forward_hook(lambda _m, _a, out: seen.__setitem__("f", out)))
+        out_of = self.adapter.mlp(layer) if moe else down  # the FFN's output (an MoE layer's experts + shared)
+        hooks = [self.adapter.ffn_input(layer).register_forward_pre_hook(lambda _m, a: seen.__setitem__("x1", a[0])),
+                 out_of.register_forward_hook(lambda _m, a, out: seen.update(a=a[0], u=out))]
         n_f = down.in_features if features == "channels" else down.out_features
         eqs = (NormalEquations.empty(n_f, down.out_features, self.device),
                NormalEquations.empty(n_f, down.out_features, self.device))
@@ -242,9 +281,13 @@ class LayerRunner:
                     layer(h.to(self.device), **kw)
                     y = y.to(self.device)
                     target = y - seen["x1"]
-                    if features == "channels" and down.bias is not None:
+                    f = seen["a"] if features == "channels" else seen["u"]
+                    if block is not None:
+                        f, target = _linear_in_gain(block, features, seen["a"], seen["u"], target,
+                                                    None if moe else down.bias)
+                    elif features == "channels" and down.bias is not None:
                         target = target - down.bias
-                    eqs[int(hold)].add(seen["f"], target, y)
+                    eqs[int(hold)].add(f, target, y)
         finally:
             for hk in hooks:
                 hk.remove()

@@ -25,14 +25,23 @@ def token_cosines(a: Tensor, b: Tensor) -> Tensor:
     return torch.nn.functional.cosine_similarity(a.to(dtype), b.to(dtype), dim=-1)
 
 
-def mean_angular_all(h_in: list[Tensor], h_out: list[Tensor]) -> float:
-    """1 - mean over ALL tokens of cos(in, out), over batches: the block influence of a run
-    of layers (`--pair-score bi-all-tokens` scores a pair by it)."""
+# all-token pair scores: name -> angular? (False: 1 - cos, the block influence)
+ALL_TOKEN_SCORES = {"bi-all-tokens": False, "angular-all-tokens": True}
+
+
+def mean_token_distance(h_in: list[Tensor], h_out: list[Tensor], angular: bool = False) -> float:
+    """Mean over ALL tokens, over batches, of how far a run of layers turns each state:
+    1 - cos(in, out) (the block influence; `--pair-score bi-all-tokens`), or
+    arccos(clamp(cos, 0, 1)) / pi (`angular-all-tokens`: the authors' CoMe-P score)."""
     total, n = 0.0, 0
     for a, b in zip(h_in, h_out):
-        total += float(token_cosines(a, b).sum(dtype=torch.float64))
+        cos = token_cosines(a, b)
+        if angular:
+            total += float(torch.arccos(cos.double().clamp(0.0, 1.0)).sum()) / math.pi
+        else:
+            total += float(cos.sum(dtype=torch.float64))
         n += a.shape[0] * a.shape[1]
-    return 1.0 - total / n
+    return total / n if angular else 1.0 - total / n
 
 
 def skip_scores(last_token_states: list[Tensor]) -> list[float]:

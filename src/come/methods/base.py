@@ -66,8 +66,8 @@ class MergeMethod(Method):
 
     def check(self, cfg) -> None:
         if cfg.pair_score in ERROR_SCORES and not self.keeps_units:
-            raise ComeError(f"--pair-score {cfg.pair_score} scores concatenation merges; use angular or "
-                            f"bi-all-tokens with --method {self.name}")
+            raise ComeError(f"--pair-score {cfg.pair_score} scores concatenation merges; use angular, "
+                            f"bi-all-tokens or angular-all-tokens with --method {self.name}")
 
     def needs_dense(self, cfg) -> bool:
         return cfg.refit == "ls" or cfg.pair_score in ERROR_SCORES

@@ -49,8 +49,9 @@ def least_important_plus(importance: list[float], n: int, protect=()) -> list[in
 
 def block_weights(layer) -> list:
     """The weight tensors a block's importance sums over: every parameter named `*weight`
-    (projections, norms, q/k norms), biases left out, as Kim et al. do."""
-    return [p for name, p in layer.named_parameters() if name.endswith("weight")]
+    (projections, norms, q/k norms) and every matrix (MoE experts stored as fused 3-D
+    `gate_up_proj` / `down_proj`), biases left out, as Kim et al. do."""
+    return [p for name, p in layer.named_parameters() if name.endswith("weight") or p.ndim >= 2]
 
 
 def magnitude_importance(layers) -> list[float]:

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""One call, one GPU (H100 / H200), minutes: `come` on random-weight LLaMA-2-7B- and
+TinyLlama-1.1B-shaped models in bf16, built from their configs (nothing is downloaded;
+torch, transformers, accelerate and this checkout's src are all it needs: benchmarks/gpu.sh
+puts src on the path). For each shape:
+
+- compress time (come, default settings, --sparsity) / one dense calibration pass through the
+  same layer-at-a-time pipeline (embedding, then every layer once: the floor of any
+  calibrated method on it);
+- peak GPU memory during compress / its prediction (_common.gpu_prediction; formula printed);
+- prefill and decode tokens/s of the compressed model / the dense one (KV cache, batch --batch);
+and, on the 1.1B shape (the one benchmarks/distill_speed.py builds; it runs as a child
+process), training tokens/s of distill sp and mp / plain fine-tuning, each with its MFU.
+
+It writes --json (rewritten after every row, so a run stopped early keeps what it measured)
+and prints a table.
+
+    bash benchmarks/gpu.sh                    # the GPU run
+    bash benchmarks/gpu.sh --quick            # the same code on the CPU, tiny shapes, seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from come import CompressConfig, compress
+from come.adapters import get_adapter
+from come.profile import LayerRunner, resolve_device
+from _common import GPU_FORMULA, LLAMA2_7B, LLAMA_1B, generation_speed, gpu_prediction, model_shape, random_llama, sync
+
+SHAPES = {"llama-2-7b": LLAMA2_7B, "llama-1.1b": LLAMA_1B}
+# --quick: the same two roles (multi-head attention, grouped-query attention), tiny
+QUICK_SHAPES = {
+    "tiny mha": dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
+    "tiny gqa": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+}
+DISTILL_RUNS = ("plain fine-tuning", "distill sp", "distill mp")
+MFU = "MFU = model GFLOP/token (distill_speed.py's count, printed there) x tokens/s / --peak-tflops"
+
+
+class Report:
+    """The rows measured so far, written to the JSON after each one."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.header, self.rows, self.t0 = path, header, [], time.perf_counter()
+
+    def add(self, model: str, what: str, value: float | None, baseline: float, unit: str, **extra) -> None:
+        self.rows.append({"model": model, "row": what, "value": value, "baseline": baseline,
+                          "ratio": None if value is None else value / baseline, "unit": unit,
+                          "at_s": time.perf_counter() - self.t0, **extra})
+        self.path.write_text(json.dumps({**self.header, "rows": self.rows}, indent=1) + "\n")
+        print(f"[{self.rows[-1]['at_s']:.0f}s] {model}: {what}: {_num(value)} / {_num(baseline)} {unit}", flush=True)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+@torch.no_grad()
+def dense_pass(model, calib: torch.Tensor, cfg: CompressConfig) -> float:
+    """Seconds of one dense pass over the calibration the way compress runs it: embedding,
+    then each layer once on the device, the states kept in host memory (compress's first
+    profiling pass without its statistics)."""
+    adapter = get_adapter(model.config)
+    device = resolve_device(cfg.device)
+    runner = LayerRunner(model, adapter, device, torch.device("cpu"))
+    sync(device.type)
+    t0 = time.perf_counter()
+    h = runner.embed(list(calib.split(cfg.batch_size)))
+    for k, layer in enumerate(adapter.decoder_layers(model)):
+        h, _ = runner.run(layer, h, False, position=k)
+    sync(device.type)
+    return time.perf_counter() - t0
+
+
+def bench_shape(label: str, shape: dict, a: argparse.Namespace, report: Report) -> None:
+    """Dense decode, the floor, compress (time, peak GPU memory), compressed decode."""
+    torch.manual_seed(0)
+    model = random_llama(shape, torch.bfloat16, a.device)  # initialised where it runs: seconds for a 7B on a GPU
+    speed = [generation_speed(model, a.batch, a.prompt, a.new, a.repeats, a.device)]
+    model.to("cpu")  # where compress keeps a model: layers visit the device one at a time
+    calib = torch.randint(0, shape["vocab_size"], (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig(sparsity=a.sparsity, device=a.device, batch_size=a.batch_size)
+    floor = dense_pass(model, calib, cfg)
+    predicted = gpu_prediction({**model_shape(model), "batch_size": a.batch_size, "seqlen": a.seqlen,
+                                "refit": cfg.resolved().refit})
+    cuda = a.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    _, plan = compress(model, None, cfg, calib=calib)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    report.add(label, f"compress come {a.sparsity:g} / one dense calibration pass", seconds, floor, "s",
+               layers=[plan.num_layers_before, plan.num_layers_after], layer_forwards=plan.layer_forwards,
+               calibration=[a.nsamples, a.seqlen])
+    report.add(label, "peak GPU memory in compress / predicted", None if peak is None else peak / 2**30,
+               predicted["total"] / 2**30, "GiB", predicted_phases_gib={k: v / 2**30 for k, v in predicted.items()})
+    model.to(a.device)
+    speed.append(generation_speed(model, a.batch, a.prompt, a.new, a.repeats, a.device))
+    for i, what in enumerate(("prefill", "decode")):
+        report.add(label, f"{what} tokens/s compressed / dense", speed[1][i], speed[0][i], "tokens/s",
+                   params=sum(p.numel() for p in model.parameters()))
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def bench_distill(a: argparse.Namespace, report: Report) -> None:
+    """benchmarks/distill_speed.py in a child process (its own GPU memory), its table read back."""
+    args = ["--quick"] if a.quick else ["--random-llama-1b", "--device", a.device, "--steps", str(a.steps),
+                                        "--seqlen", str(a.seqlen), "--batch-size", str(a.batch_size)]
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("distill_speed.py")), *args,
+                          "--sparsity", str(a.sparsity), "--peak-tflops", str(a.peak_tflops)],
+                         stdout=subprocess.PIPE, text=True, check=True).stdout
+    table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                               for line in out.splitlines() if line.startswith("| "))}
+    label = "distill_speed --quick" if a.quick else "llama-1.1b"
+    plain = float(table[DISTILL_RUNS[0]][0])
+    for run in DISTILL_RUNS:
+        tok_s, gflop = float(table[run][0]), float(table[run][2])
+        report.add(label, f"{run} training tokens/s / plain fine-tuning", tok_s, plain, "tokens/s",
+                   gflop_per_token=gflop, mfu=gflop * 1e9 * tok_s / (a.peak_tflops * 1e12))
+
+
+def print_table(report: Report, a: argparse.Namespace) -> None:
+    print(f"\n{report.header['device']}, bf16, calibration {a.nsamples} x {a.seqlen} tokens (batch {a.batch_size}), "
+          f"decode batch {a.batch} x prompt {a.prompt} + {a.new} tokens (median of {a.repeats}); "
+          f"{report.rows[-1]['at_s']:.0f} s in all\n")
+    print("| model | measurement | value | baseline | ratio | unit | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in report.rows:
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else ""
+        print(f"| {r['model']} | {r['row']} | {_num(r['value'])} | {_num(r['baseline'])} | {_num(r['ratio'])} | "
+              f"{r['unit']} | {mfu} |")
+    print(f"\nPredicted GPU memory = the largest phase of compress: embedding pass (embedding weights + a batch's "
+          f"hidden states), layer pass (2 layers + activations, {GPU_FORMULA}; with the refit + accumulators) or "
+          f"refit solve (_common.gpu_prediction).\n{MFU} ({a.peak_tflops:g} TFLOP/s).")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the same code on the CPU with tiny shapes, seconds")
+    ap.add_argument("--json", default="gpu_bench.json", help="where the rows go")
+    ap.add_argument("--sparsity", type=float, default=0.3)
+    ap.add_argument("--nsamples", type=int, default=16, help="calibration windows")
+    ap.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration and training window")
+    ap.add_argument("--batch-size", type=int, default=4, help="calibration and training windows per step")
+    ap.add_argument("--batch", type=int, default=4, help="decode batch")
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--new", type=int, default=64, help="decoded tokens")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed distill / fine-tuning steps")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 / H200 SXM: 989)")
+    a = ap.parse_args()
+    shapes = SHAPES
+    if a.quick:
+        shapes, a.device = QUICK_SHAPES, "cpu"
+        a.nsamples, a.seqlen, a.prompt, a.new, a.repeats = 8, 64, 16, 4, 1
+        torch.set_num_threads(1)  # tiny matmuls: spinning intra-op threads only slow them on a loaded CPU
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this benchmark is for a GPU (--quick runs its code on the CPU)")
+    else:
+        a.device = "cuda"
+    device = torch.cuda.get_device_name() if a.device == "cuda" else f"cpu ({platform.machine()})"
+    report = Report(Path(a.json), {"device": device, "quick": a.quick, "settings": vars(a),
+                                   "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                                   "gpu_formula": GPU_FORMULA, "mfu": MFU})
+    for label, shape in shapes.items():
+        bench_shape(label, shape, a, report)
+    bench_distill(a, report)
+    print_table(report, a)
+    bad = {f"{r['model']}: {r['row']}" for r in report.rows for k in ("value", "baseline", "ratio")
+           if r[k] is not None and not math.isfinite(r[k])}
+    if bad:
+        print("non-finite numbers in: " + "; ".join(sorted(bad)), file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
