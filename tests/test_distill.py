@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -213,6 +214,7 @@ def test_cli_distills_writes_a_stock_checkpoint_and_resumes(dirs):
     result = _cli(*args, "--steps", "3")
     assert result.exit_code == 0, result.output
     assert "held-out KL" in result.output
+    assert re.search(r"training processes\W+1\b", result.output), result.output  # the summary says how many trained
     log = json.loads((out / "distill_log.json").read_text())
     assert log["settings"]["layer_loss"] == "mse" and len(log["train"]) == 3
     assert json.loads((out / "come_plan.json").read_text())["groups"] == log["groups"]

@@ -347,6 +347,7 @@ def distill_(
         table.add_row("held-out KL to teacher", f"{first['kl']:.4f}", f"{last['kl']:.4f}")
         table.add_row(f"held-out ppl (teacher {log['teacher_ppl']:.3f})", f"{first['ppl']:.3f}", f"{last['ppl']:.3f}")
         table.add_row("tokens seen", "", f"{log['tokens_seen']:,} ({log['tokens_per_s']:.0f} tokens/s)")
+        table.add_row("training processes", "", str(log["processes"]))
         Console(file=sys.stdout).print(table)
         err.print(f"wrote {out}")
 
