@@ -15,6 +15,10 @@ from rich.table import Table
 
 from .cli_options import Typer, with_options
 from .errors import ComeError
+from .threads import choose_wait_policy
+
+# decided at import, before building a command loads torch (threads.py: why it matters)
+_WAIT_POLICY = choose_wait_policy()
 
 if TYPE_CHECKING:  # the options objects load torch: imported when a command is built (cli_options.Typer)
     from .config import CompressConfig, EvalConfig, LoadOptions
@@ -43,6 +47,8 @@ def main(verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logg
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for own_handler in ("huggingface_hub", "datasets"):  # they print each record themselves: not twice
         logging.getLogger(own_handler).propagate = False
+    changed, decision = _WAIT_POLICY
+    logging.getLogger("come").log(logging.INFO if changed else logging.DEBUG, decision)
 
 
 def one_line_errors(fn):
