@@ -6,6 +6,10 @@ model after every merge (same code with the activation cache disabled). All in o
     python benchmarks/compress_speed.py --model ~/.cache/come/smollm2-135m --sparsity 0.3
     python benchmarks/compress_speed.py --random-llama-1b --nsamples 8 --seqlen 256
 
+`--window W --drift D` set the `--reprofile window` rows (W layers re-run after each merge,
+D the drift that re-runs the rest; --window 0: no such rows); their layer-forwards are
+printed against one dense pass and against the naive loop.
+
 The refit's cost is reported twice: its own steps timed inside the run (robust to a noisy
 machine) and the end-to-end difference between the rows with and without it.
 """
@@ -35,6 +39,10 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive re-profile row (the slowest)")
+    ap.add_argument("--window", type=int, default=CompressConfig.reprofile_window,
+                    help="--reprofile-window of the window rows (0: no such rows)")
+    ap.add_argument("--drift", type=float, default=CompressConfig.reprofile_drift,
+                    help="--reprofile-drift of the window rows")
     ap.add_argument("--repeats", type=int, default=1, help="run every row N times, interleaved; report the fastest")
     a = ap.parse_args()
     if a.quick:
@@ -52,6 +60,10 @@ def main() -> int:
         return time.perf_counter() - t0
 
     runs = [("come (cached, no refit)", {"refit": "none"}), ("come (cached, + refit)", {})]
+    window = {"reprofile": "window", "reprofile_window": a.window, "reprofile_drift": a.drift}
+    if a.window:
+        runs += [(f"come window W={a.window} drift {a.drift:g} (no refit)", {"refit": "none", **window}),
+                 (f"come window W={a.window} drift {a.drift:g} (+ refit)", window)]
     if not a.no_naive:
         runs.append(("naive re-profile (no refit)", {"refit": "none", "max_cache_gb": 1e-12}))
     # repeats interleave (floor, run 1, run 2, ...) so that a slow spell of a shared machine
@@ -90,6 +102,15 @@ def main() -> int:
           f"{plans[fitted].layer_forwards} vs {plans[plain].layer_forwards} layer-forwards)")
     if not a.no_naive:
         print(f"cached vs naive (no refit): {min(times[runs[-1][0]]) / min(times[plain]):.2f}x faster")
+    if a.window:
+        (w_plain, _), (w_fitted, _) = runs[2:4]
+        naive = plans[runs[-1][0]].layer_forwards if not a.no_naive else None
+        for label, ref in ((w_plain, plain), (w_fitted, fitted)):
+            f = plans[label].layer_forwards
+            vs_naive = f"; {naive / f:.2f}x fewer than naive (no refit, {naive})" if naive else ""
+            print(f"{label}: {f} layer-forwards = {f / n_layers:.2f} dense passes (full: "
+                  f"{plans[ref].layer_forwards / n_layers:.2f}){vs_naive}; same groups as full: "
+                  f"{plans[label].groups == plans[ref].groups}")
     return 0
 
 

@@ -3,11 +3,19 @@ per-layer statistics and pair scores, and the DENSE model's states at every orig
 layer boundary (the refit's targets), within a host-memory budget.
 
 After a merge at position l only layers >= l are re-run from the nearest cached input:
-the official code re-runs the whole model at every step.
+the official code re-runs the whole model at every step. `--reprofile window` re-runs only
+layers l..l+W (W = `--reprofile-window`) and keeps the later layers' statistics and pair
+scores as they were (stale, consistently: each computed on the states of the model it last
+ran in), unless the hidden state leaving the window has moved, relative to the state those
+stale statistics were computed from, by `--reprofile-drift` or more: then every later layer
+re-runs, as in `full`. Only TRUE states of the current model are ever cached in `states`
+(what `inputs_at`, so the refit, reads): the states a stale layer's statistics came from are
+kept apart in `ref`, for the drift check alone.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -15,9 +23,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
+from .backprop import unit_taylor
 from .errors import ComeError
 from .profile import LayerRunner, LayerStats
 from .selection import ALL_TOKEN_SCORES, mean_token_distance, skip_scores
+
+log = logging.getLogger("come")
 
 
 class ActivationCache:
@@ -35,80 +46,150 @@ class ActivationCache:
         # tokens are bounded by the cache budget (zip() in collect_refit stops at the shortest)
         self.dense: dict[int, list[Tensor]] | None = {0: first_inputs[:dense_batches]} if dense_batches else None
         self.stats: list[LayerStats | None] = [None] * n
+        # whether the dense model has run once (its states are the refit's targets): after a
+        # merge at position 0 every statistic is missing too, but the model is not dense then
+        self.profiled = False
         self.last_tok: list[Tensor | None] = [None] * (n + 1)
         self.pair_all: list[float | None] = [None] * max(n - 1, 0)
+        self.span = 2  # layers per scored window: pairs, or `--merge-item` (set_span)
         self.stride = stride
         self.forwards = 0
+        # --reprofile window (cfg without the field: full): `ref[k]` is the input current layer
+        # k's statistics were computed from (every `stride`-th layer), `drifts` one
+        # (position, exit boundary, drift, re-ran all) per windowed refresh
+        self.window = getattr(cfg, "reprofile", "full") == "window"
+        self.ref: dict[int, list[Tensor]] = {}
+        self.drifts: list[tuple[int, int, float, bool]] = []
         n_hold = max(1, round(cfg.refit_holdout * dense_batches))
         self.held_out = [i >= dense_batches - n_hold for i in range(dense_batches)]
 
     def refresh(self) -> None:
-        """Run every layer whose statistics or pair scores are missing, from the nearest cache."""
+        """Run every layer whose statistics or pair scores are missing, from the nearest cache;
+        on to the last layer, except in window mode when the state leaving them moved less than
+        --reprofile-drift from the one the later layers' statistics were computed from."""
         layers = self.adapter.decoder_layers(self.model)
         all_tokens = self.cfg.pair_score in ALL_TOKEN_SCORES
         need = [k for k, s in enumerate(self.stats) if s is None]
         # pair (j, j + 1) is scored when layer j + 1 runs, from layer j's input: after a merge
-        # at l, layer l - 1 need not re-run when its input is cached
-        need += [j + 1 for j, p in enumerate(self.pair_all) if p is None and all_tokens]
+        # at l, layer l - 1 need not re-run when its input is cached (a window j..j+span-1 alike)
+        need += [j + self.span - 1 for j, p in enumerate(self.pair_all) if p is None and all_tokens]
         if not need:
             return
-        first_pass = all(s is None for s in self.stats)
+        first_pass = not self.profiled
+        self.profiled = True
         start = max(k for k in self.states if k <= min(need))
-        if all_tokens and start > 0 and self.pair_all[start - 1] is None and start - 1 not in self.states:
-            start = max(k for k in self.states if k < start)  # that input is not cached: run from before it
-        h, prev = self.states[start], self.states.get(start - 1)
+        scored_before = range(max(start - self.span + 1, 0), min(start, len(self.pair_all)))
+        open_before = [j for j in scored_before if all_tokens and self.pair_all[j] is None]
+        if any(j not in self.states for j in open_before):
+            start = max(k for k in self.states if k <= open_before[0])  # an input not cached: run from before it
+        h = self.states[start]
+        back = {j: self.states[j] for j in range(max(start - self.span + 1, 0), start) if j in self.states}
+        window = self.window and not first_pass
+        rerun = False  # window mode: the state leaving the window moved too far, every later layer re-runs
         for k in tqdm(range(start, len(layers)), desc="profiling layers", leave=False, unit="layer"):
-            out, st = self.runner.run(layers[k], h, self.stats[k] is None, self.cfg.head_score, position=k)
+            out, st = self.runner.run(layers[k], h, self.stats[k] is None or rerun, self.cfg.head_score, position=k)
             self.forwards += 1
             if st is not None:
                 self.stats[k] = st
+                self.ref.pop(k, None)
+                if self.window and k % self.stride == 0:
+                    self.ref[k] = h
             self.last_tok[k] = torch.cat([b[:, -1].float() for b in h])
             self.last_tok[k + 1] = torch.cat([b[:, -1].float() for b in out])
             if (k + 1) % self.stride == 0:
                 self.states[k + 1] = out
             if first_pass and self.dense is not None:
                 self.dense[k + 1] = out[:len(self.dense[0])]
-            if all_tokens and prev is not None and self.pair_all[k - 1] is None:  # only that score reads it
-                self.pair_all[k - 1] = mean_token_distance(prev, out, ALL_TOKEN_SCORES[self.cfg.pair_score])
-            prev, h = h, out
+            j = k - self.span + 1  # the window ending at layer k, scored from its first layer's input
+            if all_tokens and j in back and (self.pair_all[j] is None or rerun):  # only that score reads it
+                self.pair_all[j] = mean_token_distance(back[j], out, ALL_TOKEN_SCORES[self.cfg.pair_score])
+            back.pop(j, None)
+            back[k], h = h, out
+            if window and not rerun and k >= max(need) and k + 1 < len(layers):
+                ref = self.ref.get(k + 1)
+                if ref is None:  # no state to compare with (strided cache): the window grows by one layer
+                    self.stats[k + 1] = None
+                    if 0 <= k + 2 - self.span < len(self.pair_all):  # and scores the window layer k + 1 ends
+                        self.pair_all[k + 2 - self.span] = None
+                    continue
+                drift = relative_change(out, ref)
+                rerun = not drift < self.cfg.reprofile_drift
+                self.drifts.append((min(need), k + 1, drift, rerun))
+                log.debug("reprofile window: layers %d..%d re-ran; the state leaving them moved %.4f (relative) since "
+                          "the later layers were profiled%s", min(need), k, drift,
+                          ": re-running those too" if rerun else "")
+                if not rerun:
+                    return
 
     def inputs_at(self, k: int) -> list[Tensor]:
-        """Hidden states entering current layer k (run forward from the nearest cache if needed)."""
+        """Hidden states entering current layer k (run forward from the nearest cache if needed).
+        Window mode also keeps the states it passes at cached boundaries, and those entering
+        k - span + 1..k - 1 (the pair or window ending at k, scored next, reads them): past a
+        window the nearest cache can be far."""
         layers = self.adapter.decoder_layers(self.model)
         start = max(j for j in self.states if j <= k)
         h = self.states[start]
         for j in range(start, k):
             h, _ = self.runner.run(layers[j], h, False, position=j)
             self.forwards += 1
+            if self.window and ((j + 1) % self.stride == 0 or j + 1 > k - self.span):
+                self.states[j + 1] = h
         self.states[k] = h
         return h
+
+    def unit_gradients(self) -> None:
+        """`--sensitivity taylor`: every layer's `attn_taylor` / `ffn_taylor` from one backward
+        over the current model (backprop.unit_taylor: about three forward passes), after each
+        refresh: a layer's gradient reads every layer above it, so after a merge all are stale."""
+        for st, (attn, ffn) in zip(self.stats, unit_taylor(self)):
+            st.attn_taylor, st.ffn_taylor = attn, ffn
 
     def layers_removed(self) -> None:
         """Layers were dropped (one-shot methods): only the embedding cache still holds."""
         n = len(self.adapter.decoder_layers(self.model))
-        self.states = {0: self.states[0]}
+        self.states, self.ref = {0: self.states[0]}, {}
         self.stats, self.last_tok, self.pair_all = [None] * n, [None] * (n + 1), [None] * max(n - 1, 0)
 
     def pair_scores(self) -> list[float]:
+        """The score of every pair (every window of `span` layers) of the current model."""
         if self.cfg.pair_score in ALL_TOKEN_SCORES:
             return list(self.pair_all)
-        return skip_scores(self.last_tok)
+        return skip_scores(self.last_tok, self.span)
+
+    def set_span(self, span: int) -> None:
+        """Score windows of `span` adjacent layers from now on (`--merge-item`); every
+        all-token window score is computed anew."""
+        if span != self.span:
+            self.span = span
+            self.pair_all = [None] * max(len(self.stats) - span + 1, 0)
 
     def merged(self, position: int) -> None:
-        """Layers position, position+1 became one: drop what no longer holds."""
+        """Layers position, position+1 became one: drop what no longer holds (window mode:
+        what the window re-runs; the later layers' statistics stay, as stale)."""
         del self.stats[position + 1]
         del self.last_tok[position + 1]
-        if self.pair_all:
-            del self.pair_all[position]
-        for k in range(position, len(self.stats)):
+        if self.pair_all:  # one window fewer (the scores from position - span + 1 on are reset below)
+            del self.pair_all[min(position, len(self.pair_all) - 1)]
+        end = len(self.stats)
+        if self.window:  # layers position..position + W re-run, and the pairs they own: (j - 1, j)
+            end = min(position + self.cfg.reprofile_window + 1, end)
+            self.ref = {j - (j > position): h for j, h in self.ref.items() if j != position + 1}
+        for k in range(position, end):
             self.stats[k] = None
-        for k in range(max(position - 1, 0), len(self.pair_all)):
+        for k in range(max(position - self.span + 1, 0), min(end - self.span + 1, len(self.pair_all))):
             self.pair_all[k] = None
         self.forget_after(position)
 
     def forget_after(self, k: int) -> None:
         """Layer k changed: cached inputs of the layers after it no longer hold."""
         self.states = {j: h for j, h in self.states.items() if j <= k}
+
+
+def relative_change(new: list[Tensor], old: list[Tensor]) -> float:
+    """||new - old|| / ||old|| (Frobenius, over every batch's tokens, float64 sums)."""
+    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(new, old))
+    den = sum(float(b.double().pow(2).sum()) for b in old)
+    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
 
 
 def refit_batches(n_batches: int, batch_bytes: int, n_layers: int, max_cache_gb: float) -> int:

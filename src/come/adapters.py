@@ -271,6 +271,14 @@ class Adapter:
         e, d, _ = experts.down_proj.shape
         return ExpertUnits(experts, e, d)
 
+    def unit_output_weights(self, layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+        """The parameters whose input columns are the units' outputs: o_proj's weight [hidden,
+        heads * head_dim], and down_proj's [hidden, ff] or an MoE layer's fused experts' down
+        [E, hidden, ff] (`--sensitivity taylor` takes their gradients)."""
+        experts = self.experts(layer)
+        return self.attn_output_proj(layer).weight, (layer.mlp.down_proj.weight if experts is None
+                                                     else experts.down_proj)
+
     def experts(self, layer: nn.Module) -> nn.Module | None:
         """The routed experts of an MoE layer (None: a dense FFN). Their forward takes (x,
         top-k expert ids, top-k routing weights); the statistics hook it (profile.py)."""

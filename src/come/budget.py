@@ -20,6 +20,17 @@ def merges_needed(total: int, per_layer: int, sparsity: float) -> int:
     return math.ceil(sparsity * total / per_layer - 1e-9)
 
 
+def merge_windows(n_remove: int, merge_item: int) -> list[int]:
+    """Layers merged at each step to remove `n_remove` layers, `merge_item` at a time (each
+    such merge removes merge_item - 1); the last merge takes only the layers still to go
+    (the authors' rule), so every --merge-item reaches the same layer count: [2] * n for pairs."""
+    out = []
+    while n_remove > 0:
+        out.append(min(merge_item, n_remove + 1))
+        n_remove -= out[-1] - 1
+    return out
+
+
 def merge_budget(model: nn.Module, sparsity: float) -> tuple[int, int, int]:
     """(total params, params per layer, merges needed); a one-line error if unreachable.
 

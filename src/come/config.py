@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import ClassVar, Literal
 
@@ -18,8 +19,10 @@ SplitScore = Literal["nll", "error"]
 Refit = Literal["ls", "none"]
 RefitInput = Literal["dense", "compressed"]
 Select = Literal["angle", "bi"]
+Reprofile = Literal["full", "window"]
 Norm = Literal["fold", "average"]
 HeadScore = Literal["channel", "exact"]
+Sensitivity = Literal["l1", "taylor", "magnitude"]
 
 # The authors' code's choices where our defaults differ (`come compress --official`).
 OFFICIAL = {"norm": "average", "refit": "none", "split": "bi", "pair_score": "angular"}
@@ -43,6 +46,24 @@ def sparsity_levels(text: str) -> float | list[float]:
 
 def _method_help() -> str:
     return "; ".join(f"{n}: {REGISTRY[n].summary}" for n in method_names())
+
+
+def _check_merge_item(cfg, levels: list[float], merges: bool) -> None:
+    """What `--merge-item` above 2 cannot be combined with (one line naming it)."""
+    if not merges:
+        raise ComeError(f"--merge-item shapes the merge methods; --method {cfg.method} drops layers")
+    if cfg.split == "search":
+        raise ComeError(f"--merge-item {cfg.merge_item} with --split search: the search tries shares of two layers; "
+                        "use --split joint or bi")
+    if cfg.pair_score in ("error", "merge-error"):
+        raise ComeError(f"--merge-item {cfg.merge_item} with --pair-score {cfg.pair_score}: the error scores build "
+                        "pair merges; use bi-all-tokens, angular or angular-all-tokens")
+    if getattr(cfg, "reprofile", "full") == "window":
+        raise ComeError(f"--merge-item {cfg.merge_item} with --reprofile window: the window re-profiling keeps pair "
+                        "scores; use --reprofile full")
+    if len(levels) > 1:
+        raise ComeError(f"--merge-item {cfg.merge_item} takes one --sparsity: each level's merges would differ from "
+                        "a run at that level alone; run the levels one by one")
 
 
 @dataclass
@@ -88,7 +109,22 @@ class CompressConfig:
                                    "the mean of the two norms (OFFICIAL).", choices=Norm.__args__)
     head_score: HeadScore = option("channel", "channel: a head's score is the sum of its channels' scores; exact: "
                                                       "E_t of the head's own output L1 norm.", choices=HeadScore.__args__)
+    sensitivity: Sensitivity = option(
+        "l1", "Unit score that picks the units a merge keeps (KV groups, FFN channels, MoE experts). l1 (OFFICIAL, the "
+              "paper's): E_t|a_j| * ||W_out[:, j]||_1; magnitude: weight-only L1 path norm of the unit (no "
+              "activations); taylor: |first-order Taylor estimate of the calibration loss change| when the unit "
+              "goes, from one extra backward pass over the whole model per merge (about 3 forward passes). "
+              "magnitude and taylor: not with --head-score exact.",
+        choices=Sensitivity.__args__)
     no_repeat: bool = option(False, "Never merge an already merged layer again.")
+    merge_item: int = option(
+        2, "Adjacent layers merged into one per step (the authors' merge_item): each merge removes m - 1 layers, the "
+           "last only as many as the target still needs, so the layer count is the same for every m. m > 2: the "
+           "window is scored like a pair (the state entering its first layer against the one leaving its last); "
+           "come keeps the top units of all m layers ranked together (--split joint) or side i's share "
+           "normalize(normalize(BI)^p)_i (--split bi); laco combines the window's original layers, average takes "
+           "their mean. Not with --split search, --pair-score error/merge-error, --reprofile window or a --sparsity "
+           "list.")
     protect: list[int] = option(help="Comma-separated original layers never merged.", parse=int_list,
                                 show=lambda v: ",".join(map(str, v)), default_factory=list)
     max_cache_gb: float = option(32.0, "Host memory for cached calibration activations (README: Memory).")
@@ -100,6 +136,17 @@ class CompressConfig:
                                      choices=RefitInput.__args__)
     select: Select = option("angle", "replaceme: angle (published block) | bi (ShortGPT's layers).",
                             choices=Select.__args__)
+    reprofile: Reprofile = option(
+        "full", "What re-runs after a merge at layer l. full: layers l..end (fresh statistics and pair scores "
+                "everywhere); window: layers l..l+W (--reprofile-window) only, the later layers keep the statistics "
+                "and pair scores they had (stale) unless the hidden state leaving the window moved, relative to the "
+                "one they were computed from, by --reprofile-drift or more: then they re-run too. The refit always "
+                "reads the current model's true states (BENCHMARKS.md: Windowed re-profiling).",
+        choices=Reprofile.__args__)
+    reprofile_window: int = option(2, "--reprofile window: layers after the merged one that re-run (>= 1).")
+    reprofile_drift: float = option(0.2, "--reprofile window: relative change of the state leaving the window "
+                                         "(Frobenius norm, all calibration tokens) that re-runs every later layer; "
+                                         "0 re-runs them always (= full).")
 
     def resolved(self) -> "CompressConfig":
         """A checked copy with the method's defaults filled in (refit, pair score); `self`
@@ -120,7 +167,17 @@ class CompressConfig:
             raise ComeError(f"need --batch-size >= 1, --nsamples >= 1, --seqlen >= 2 (got {cfg.batch_size}, "
                             f"{cfg.nsamples}, {cfg.seqlen})")
         resolve_device(cfg.device)
+        if cfg.merge_item < 2:
+            raise ComeError(f"--merge-item must be >= 2 (layers merged into one per step), got {cfg.merge_item}")
+        if cfg.merge_item > 2:
+            _check_merge_item(cfg, levels, isinstance(method, MergeMethod))
         method.check(cfg)
+        if cfg.sensitivity != "l1" and not getattr(method, "keeps_units", False):
+            raise ComeError(f"--sensitivity scores the units a concatenation merge keeps; --method {cfg.method} keeps "
+                            "none: drop --sensitivity")
+        if cfg.sensitivity != "l1" and cfg.head_score == "exact":
+            raise ComeError(f"--head-score exact measures the l1 head score; drop it with --sensitivity "
+                            f"{cfg.sensitivity} (heads are scored as units by that metric)")
         if not 0.0 < cfg.refit_holdout < 1.0:
             raise ComeError(f"--refit-holdout must be in (0, 1), got {cfg.refit_holdout}")
         if not 0.0 <= cfg.min_max < 1.0:
@@ -135,6 +192,14 @@ class CompressConfig:
             raise ComeError("--granularity and --split-score shape the split search; add --split search")
         if cfg.split == "search" and (cfg.skew != 1.0 or cfg.min_max != 0.0):
             raise ComeError("--skew and --min-max shape the bi split rule; --split search tries every r on its grid")
+        if cfg.reprofile_window < 1 or not 0.0 <= cfg.reprofile_drift < math.inf:
+            raise ComeError(f"need --reprofile-window >= 1 and a finite --reprofile-drift >= 0 (got "
+                            f"{cfg.reprofile_window}, {cfg.reprofile_drift})")
+        window_only = ("reprofile_window", "reprofile_drift")
+        if cfg.reprofile != "window" and any(getattr(cfg, f) != self.__dataclass_fields__[f].default
+                                             for f in window_only):
+            raise ComeError("--reprofile-window and --reprofile-drift shape the windowed re-profiling; add "
+                            "--reprofile window")
         return cfg
 
     def levels(self) -> list[float]:

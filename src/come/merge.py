@@ -1,4 +1,6 @@
-"""Concatenation merge: ONE layer built from the selected units of two (method.md section 3).
+"""Concatenation merge: ONE layer built from the selected units of two (method.md section 3),
+or of m adjacent layers (`--merge-item m`, `concat_merge_many`: every statement below holds
+side by side for m sides, "A" the first).
 
 Pure tensor functions. A layer's attention output is a sum over heads and its FFN
 output a sum over channels, so a layer holding some heads/channels of A and some of B
@@ -129,21 +131,34 @@ def _whole_projection(norm: Tensor | None, shape: AttnShape) -> bool:
     return norm is not None and norm.shape[0] != shape.head_dim
 
 
-def _cat(a: Tensor | None, b: Tensor | None, dim: int = 0) -> Tensor | None:
-    return None if a is None else torch.cat([a, b], dim=dim)
+def _cat(parts: list[Tensor | None], dim: int = 0) -> Tensor | None:
+    return None if parts[0] is None else torch.cat(parts, dim=dim)
 
 
-def _mix(a: Tensor | None, b: Tensor | None, r_a: float) -> Tensor | None:
-    return None if a is None else r_a * a + (1.0 - r_a) * b
+def _mix(parts: list[Tensor | None], weights: list[float]) -> Tensor | None:
+    """sum_i w_i x_i, left to right (two sides: w_a a + w_b b)."""
+    if parts[0] is None:
+        return None
+    out = weights[0] * parts[0]
+    for w, x in zip(weights[1:], parts[1:]):
+        out = out + w * x
+    return out
 
 
-def _mean(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    return None if a is None else (a + b) / 2
+def _mean(parts: list[Tensor | None]) -> Tensor | None:
+    if parts[0] is None:
+        return None
+    out = parts[0]
+    for x in parts[1:]:
+        out = out + x
+    return out / len(parts)
 
 
-def _share(units_a: list[int], units_b: list[int]) -> float:
-    """Side A's share of a block's kept units."""
-    return len(units_a) / max(len(units_a) + len(units_b), 1)
+def _shares(units: list[list[int]]) -> list[float]:
+    """Each side's share of a block's kept units (the last side takes the rest of 1)."""
+    total = max(sum(len(u) for u in units), 1)
+    first = [len(u) / total for u in units[:-1]]
+    return first + [1.0 - sum(first)]
 
 
 def concat_merge(
@@ -157,33 +172,56 @@ def concat_merge(
     r_a: float,
     norm: NormMode = "fold",
 ) -> LayerWeights:
-    """Merge layer A (first) and B into one layer: A's kept units first, then B's.
+    """Merge layer A (first) and B into one layer: A's kept units first, then B's
+    (`concat_merge_many` of the two, side A's share r_a)."""
+    return concat_merge_many([a, b], shape, [kv_a, kv_b], [ffn_a, ffn_b], [r_a, 1.0 - r_a], norm)
 
-    `norm="fold"` (ours, exact) folds both sides' pre-norm weights into their projections;
+
+def concat_merge_many(
+    layers: list[LayerWeights],
+    shape: AttnShape,
+    kv: list[list[int]],
+    ffn: list[list[int]],
+    shares: list[float],
+    norm: NormMode = "fold",
+) -> LayerWeights:
+    """Merge adjacent layers (in order; two for a pair, m for `--merge-item m`) into one layer:
+    each side's kept units in turn, KV groups `kv[i]` and FFN units `ffn[i]` of side i.
+
+    `norm="fold"` (ours, exact) folds every side's pre-norm weights into its projections;
     `norm="average"` (OFFICIAL code) keeps raw projections under the mean norm weight.
-    Shared per-head q/k norms (Qwen3, Gemma 3) and output biases are r-weighted (OFFICIAL);
-    post-norm gains are weighted by each block's unit share (module docstring).
-    The result has len(kv_a)+len(kv_b) KV groups and len(ffn_a)+len(ffn_b) channels (MoE:
-    experts, with their router rows; the shared expert whole from one side, module docstring).
+    Shared per-head q/k norms (Qwen3, Gemma 3) and output biases are weighted by `shares`
+    (each side's share of the units, OFFICIAL for two); post-norm gains are weighted by each
+    block's unit share (module docstring). The result has sum(len(kv[i])) KV groups and
+    sum(len(ffn[i])) channels (MoE: experts, with their router rows; the shared expert whole
+    from the side keeping the most routed experts, the first on a tie).
     """
-    _check_same_ffn(a, b)
+    for w in layers[1:]:
+        _check_same_ffn(layers[0], w)
     if norm == "fold":
-        a, b = fold_norms(a), fold_norms(b)
-    sa = select_units(a, shape, kv_a, ffn_a)
-    sb = select_units(b, shape, kv_b, ffn_b)
-    whole_q, whole_k = _whole_projection(a.q_norm, shape), _whole_projection(a.k_norm, shape)
-    shared = a if len(ffn_a) >= len(ffn_b) else b
-    return type(a)(
-        q=_cat(sa.q, sb.q), k=_cat(sa.k, sb.k), v=_cat(sa.v, sb.v), o=_cat(sa.o, sb.o, dim=1),
-        gate=_cat(sa.gate, sb.gate), up=_cat(sa.up, sb.up), down=_cat(sa.down, sb.down, dim=_down_unit_dim(a)),
-        router=_cat(sa.router, sb.router), **{n: getattr(shared, n) for n in _SHARED},
-        attn_norm=_mean(a.attn_norm, b.attn_norm), ffn_norm=_mean(a.ffn_norm, b.ffn_norm),
-        q_bias=_cat(sa.q_bias, sb.q_bias), k_bias=_cat(sa.k_bias, sb.k_bias), v_bias=_cat(sa.v_bias, sb.v_bias),
-        o_bias=_mix(a.o_bias, b.o_bias, r_a), down_bias=_mix(a.down_bias, b.down_bias, r_a),
-        q_norm=_cat(sa.q_norm, sb.q_norm) if whole_q else _mix(a.q_norm, b.q_norm, r_a),
-        k_norm=_cat(sa.k_norm, sb.k_norm) if whole_k else _mix(a.k_norm, b.k_norm, r_a),
-        attn_post_norm=_mix(a.attn_post_norm, b.attn_post_norm, _share(kv_a, kv_b)),
-        ffn_post_norm=_mix(a.ffn_post_norm, b.ffn_post_norm, _share(ffn_a, ffn_b)),
+        layers = [fold_norms(w) for w in layers]
+    sel = [select_units(w, shape, k, f) for w, k, f in zip(layers, kv, ffn)]
+    first = layers[0]
+    whole_q, whole_k = _whole_projection(first.q_norm, shape), _whole_projection(first.k_norm, shape)
+    shared = layers[max(range(len(layers)), key=lambda i: len(ffn[i]))]
+
+    def cat(name: str, dim: int = 0) -> Tensor | None:
+        return _cat([getattr(s, name) for s in sel], dim)
+
+    def mix(name: str, weights: list[float]) -> Tensor | None:
+        return _mix([getattr(w, name) for w in layers], weights)
+
+    return type(first)(
+        q=cat("q"), k=cat("k"), v=cat("v"), o=cat("o", dim=1),
+        gate=cat("gate"), up=cat("up"), down=cat("down", dim=_down_unit_dim(first)),
+        router=cat("router"), **{n: getattr(shared, n) for n in _SHARED},
+        attn_norm=_mean([w.attn_norm for w in layers]), ffn_norm=_mean([w.ffn_norm for w in layers]),
+        q_bias=cat("q_bias"), k_bias=cat("k_bias"), v_bias=cat("v_bias"),
+        o_bias=mix("o_bias", shares), down_bias=mix("down_bias", shares),
+        q_norm=cat("q_norm") if whole_q else mix("q_norm", shares),
+        k_norm=cat("k_norm") if whole_k else mix("k_norm", shares),
+        attn_post_norm=mix("attn_post_norm", _shares(kv)),
+        ffn_post_norm=mix("ffn_post_norm", _shares(ffn)),
     )
 
 

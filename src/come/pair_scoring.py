@@ -16,15 +16,25 @@ from .adapters import Adapter, AttnShape, LayerWeights
 from .layer_refit import refit_layer
 from .merge import concat_merge
 from .profile import LayerStats
-from .selection import joint_split, split_counts, split_ratio
-from .sensitivity import channel_sensitivity, exact_head_sensitivity, head_sensitivity, kv_group_sensitivity, top_units
+from .selection import joint_counts, joint_split, share_counts, split_counts, split_ratio, split_shares
+from .sensitivity import (attn_path_norm, channel_sensitivity, exact_head_sensitivity, ffn_path_norm, head_sensitivity,
+                          kv_group_sensitivity, taylor_unit_sensitivity, top_units)
 
 ERROR_SCORES = ("error", "merge-error")  # pair scores that build each candidate merge
 
 
-def unit_scores(stats: LayerStats, w: LayerWeights, shape: AttnShape, head_score: str) -> tuple[Tensor, Tensor]:
-    """(KV-group sensitivities, FFN-unit sensitivities) of one layer: FFN channels, or in an MoE
-    layer its experts' routed contributions (measured whole by profile.py)."""
+def unit_scores(stats: LayerStats, w: LayerWeights, shape: AttnShape, head_score: str,
+                sensitivity: str = "l1") -> tuple[Tensor, Tensor]:
+    """(KV-group sensitivities, FFN-unit sensitivities) of one layer by `--sensitivity`: FFN
+    channels, or in an MoE layer its experts (l1: their routed contributions, measured whole by
+    profile.py)."""
+    if sensitivity == "magnitude":
+        return (attn_path_norm(w.v, w.o, shape.n_heads, shape.n_kv_heads, w.gain(w.attn_norm),
+                               w.gain(w.attn_post_norm)),
+                ffn_path_norm(w.gate, w.up, w.down, w.gain(w.ffn_norm), w.gain(w.ffn_post_norm)))
+    if sensitivity == "taylor":
+        return (taylor_unit_sensitivity(stats.attn_taylor, shape.n_kv_heads),
+                taylor_unit_sensitivity(stats.ffn_taylor, w.ffn_units))
     if head_score == "exact":
         heads = exact_head_sensitivity(stats.head_out_l1)
     else:
@@ -34,14 +44,16 @@ def unit_scores(stats: LayerStats, w: LayerWeights, shape: AttnShape, head_score
     return kv_group_sensitivity(heads, shape.n_kv_heads), ffn
 
 
-def eligible_pairs(groups: list[list[int]], cfg) -> list[bool]:
-    """Pairs (k, k+1) that may merge: `--protect` layers never, `--no-repeat` merged ones never."""
+def eligible_pairs(groups: list[list[int]], cfg, span: int = 2) -> list[bool]:
+    """Pairs (k, k+1), or windows k..k+span-1 (`--merge-item`), that may merge: `--protect`
+    layers never, `--no-repeat` merged ones never."""
     protect = set(cfg.protect)
     out = []
-    for ga, gb in zip(groups, groups[1:]):
-        ok = not protect.intersection(ga + gb)
+    for k in range(len(groups) - span + 1):
+        window = groups[k:k + span]
+        ok = not protect.intersection(i for g in window for i in g)
         if cfg.no_repeat:
-            ok = ok and len(ga) == 1 and len(gb) == 1
+            ok = ok and all(len(g) == 1 for g in window)
         out.append(ok)
     return out
 
@@ -68,8 +80,8 @@ def choose_units(a: LayerWeights, b: LayerWeights, stats_a: LayerStats, stats_b:
     fixed, so the same joint top-N rule); counts from the split rule, or from `r_a` when forced
     (r_a = 1.0 keeps A whole: dropping B). `--split search` forces every r_a of its grid
     (split_search.py); unforced, as the error pair scores' guess of a pair's split, it is joint."""
-    kv_sa, ffn_sa = unit_scores(stats_a, a, shape, cfg.head_score)
-    kv_sb, ffn_sb = unit_scores(stats_b, b, shape, cfg.head_score)
+    kv_sa, ffn_sa = unit_scores(stats_a, a, shape, cfg.head_score, cfg.sensitivity)
+    kv_sb, ffn_sb = unit_scores(stats_b, b, shape, cfg.head_score, cfg.sensitivity)
     d_ff = a.ffn_units
     if r_a is None and cfg.split in ("joint", "search"):
         n_kv, n_ffn = joint_split(kv_sa, kv_sb, shape.n_kv_heads), joint_split(ffn_sa, ffn_sb, d_ff)
@@ -87,6 +99,40 @@ def read_pair(adapter: Adapter, model, k: int) -> tuple[LayerWeights, LayerWeigh
     layers = adapter.decoder_layers(model)
     return (adapter.read_layer(layers[k]).map(lambda t: t.double()),
             adapter.read_layer(layers[k + 1]).map(lambda t: t.double()))
+
+
+def read_window(adapter: Adapter, model, k: int, span: int) -> list[LayerWeights]:
+    """Current layers k .. k + span - 1 as float64 weights."""
+    layers = adapter.decoder_layers(model)
+    return [adapter.read_layer(layers[j]).map(lambda t: t.double()) for j in range(k, k + span)]
+
+
+@dataclass
+class WindowChoice:
+    """Which units a merge of several layers (`--merge-item` > 2) keeps from each, and each
+    side's share of the merged layer's units (its FFN share)."""
+
+    kv: list[list[int]]
+    ffn: list[list[int]]
+    shares: list[float]
+
+
+def choose_window_units(layers: list[LayerWeights], stats: list[LayerStats], shape: AttnShape, cfg,
+                        n_original: int) -> WindowChoice:
+    """`choose_units` for a window: `--split joint` keeps the top units of all its layers
+    ranked together; `--split bi` gives side i the share normalize(normalize(BI)^p)_i and its
+    top units by that count (the authors' block_ratio)."""
+    scores = [unit_scores(st, w, shape, cfg.head_score, cfg.sensitivity) for st, w in zip(stats, layers)]
+    d_ff = layers[0].ffn_units
+    if cfg.split == "joint":
+        n_kv = joint_counts([kv for kv, _ in scores], shape.n_kv_heads)
+        n_ffn = joint_counts([ffn for _, ffn in scores], d_ff)
+        shares = [n / d_ff for n in n_ffn]
+    else:
+        shares = split_shares([st.bi for st in stats], cfg.skew, cfg.min_max, n_original)
+        n_kv, n_ffn = share_counts(shape.n_kv_heads, shares), share_counts(d_ff, shares)
+    return WindowChoice([top_units(kv, n) for (kv, _), n in zip(scores, n_kv)],
+                        [top_units(ffn, n) for (_, ffn), n in zip(scores, n_ffn)], shares)
 
 
 class ErrorScores:

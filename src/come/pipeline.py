@@ -1,7 +1,8 @@
 """The progressive loop: profile -> choose pair -> merge, until the target sparsity.
 
 Every merge method (methods/) runs through it; the method supplies the operator that
-builds one layer from two. Calibration states are cached at layer inputs
+builds one layer from two (from m adjacent ones with `--merge-item m`, budget.merge_windows:
+the last merge takes only the layers still to go). Calibration states are cached at layer inputs
 (activation_cache.py), so after a merge at position l only layers >= l re-run. No step
 depends on the target, only the number of steps does: a multi-level run hands over each
 smaller level on its way (preparation.reached), the model a run at that level alone makes.
@@ -16,10 +17,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .adapters import AttnShape, LayerWeights
-from .budget import count_params
+from .budget import count_params, merge_windows
 from .errors import ComeError
 from .layer_refit import refit_layer, write_down_proj
-from .pair_scoring import ERROR_SCORES, Choice, ErrorScores, choose_units, eligible_pairs, no_units, read_pair
+from .pair_scoring import (ERROR_SCORES, Choice, ErrorScores, WindowChoice, choose_units, choose_window_units,
+                           eligible_pairs, no_units, read_pair, read_window)
 from .plan import MergeRecord, Plan
 from .preflight import check_finite
 from .preparation import finish, prepare, reached
@@ -44,6 +46,19 @@ class PairToMerge:
     originals: list[LayerWeights] | None  # the original layers of group_a + group_b (method.needs_originals)
 
 
+@dataclass
+class WindowToMerge:
+    """`PairToMerge` for m > 2 adjacent layers (`--merge-item m`): the current layers in
+    order (float64), the original layers each stands for, the units chosen from each."""
+
+    layers: list[LayerWeights]
+    groups: list[list[int]]
+    choice: WindowChoice
+    shape: AttnShape
+    cfg: object
+    originals: list[LayerWeights] | None  # the original layers of every group, in order (method.needs_originals)
+
+
 def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor | None,
                         model_name: str) -> tuple[nn.Module, Plan]:
     """Merge adjacent pairs with `method`'s operator until `cfg.sparsity` (cfg resolved)."""
@@ -56,45 +71,84 @@ def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor 
                  if method.needs_originals else None)
     errors = ErrorScores(cache, shape, cfg) if cfg.pair_score in ERROR_SCORES else None
 
-    for step in tqdm(range(run.n_remove), desc="merging", unit="merge"):
+    windows = merge_windows(run.n_remove, cfg.merge_item)  # layers merged at each step: [2] * n_remove for pairs
+    for step, span in enumerate(tqdm(windows, desc="merging", unit="merge")):
+        cache.set_span(span)
         cache.refresh()
-        eligible = eligible_pairs(groups, cfg)
+        if cfg.sensitivity == "taylor":  # every layer's, after every merge: one backward per step
+            cache.unit_gradients()
+        eligible = eligible_pairs(groups, cfg, span)
         if not any(eligible):
-            raise ComeError(f"target not reachable: no eligible pair left after {step} merges "
+            what = "pair" if span == 2 else f"window of {span} layers"
+            raise ComeError(f"target not reachable: no eligible {what} left after {step} merges "
                             "(--no-repeat/--protect too strict); lower --sparsity")
         scores, choices = errors.scores(groups, eligible) if errors else (cache.pair_scores(), None)
         k = choose_pair(scores, eligible)
-        ga, gb = groups[k], groups[k + 1]
-        a, b = read_pair(adapter, model, k)
-        sa, sb = cache.stats[k], cache.stats[k + 1]
-        pair = PairToMerge(a, b, ga, gb, no_units(), shape, cfg, [originals[i] for i in ga + gb] if originals else None)
-        choice, searched = _choose_units(method, cache, k, pair, choices)
+        window = groups[k:k + span]
         params_before = count_params(model)
+        if span == 2:
+            merged, record = _merge_pair(method, adapter, cache, model, k, shape, cfg, window, originals, choices)
+        else:
+            merged, record = _merge_window(method, adapter, cache, model, k, shape, cfg, window, originals)
         layers = adapter.decoder_layers(model)
-        merged = method.merge(replace(pair, choice=choice))
         adapter.write_layer(layers[k], merged)
-        adapter.keep_layers(model, [i for i in range(len(layers)) if i != k + 1])
-        groups[k:k + 2] = [ga + gb]
-        cache.merged(k)
+        adapter.keep_layers(model, [i for i in range(len(layers)) if not k < i < k + span])
+        groups[k:k + span] = [[i for g in window for i in g]]
+        for _ in range(span - 1):
+            cache.merged(k)
         refit = None
         if cfg.refit == "ls":
             res = refit_layer(cache, k, groups[k], cfg.refit_input)
             if res.kept:
                 write_down_proj(adapter, adapter.decoder_layers(model)[k], res.weight)
             refit = res.record()
-        check_finite(adapter.decoder_layers(model)[k], f"merge {step + 1} (original layers {_span(ga)} + {_span(gb)})",
+        originals_note = " + ".join(_span(g) for g in window)
+        check_finite(adapter.decoder_layers(model)[k], f"merge {step + 1} (original layers {originals_note})",
                      "try --dtype fp32, or --refit none if the refit produced it")
-        record = MergeRecord(step=step, position=k, group_a=ga, group_b=gb, operator=method.operator, kv_a=choice.kv_a,
-                             kv_b=choice.kv_b, ffn_a=choice.ffn_a, ffn_b=choice.ffn_b, r_a=choice.r_a, bi_a=sa.bi,
-                             bi_b=sb.bi, pair_score=scores[k], pair_scores=scores, params_before=params_before,
-                             params_after=count_params(model), refit=refit, split_search=searched)
+        record = MergeRecord(step=step, position=k, operator=method.operator, pair_score=scores[k], pair_scores=scores,
+                             params_before=params_before, params_after=count_params(model), refit=refit, **record)
         plan.merges.append(record)
-        log.info("merge %d/%d: layers %d+%d (original %s + %s) -> kv %d+%d, ffn %d+%d, r_A=%.3f%s; params %.2fM -> %.2fM",
-                 step + 1, run.n_remove, k, k + 1, _span(ga), _span(gb), len(choice.kv_a), len(choice.kv_b),
-                 len(choice.ffn_a), len(choice.ffn_b), choice.r_a, _refit_note(refit), params_before / 1e6,
+        sides = record.sides or [{"kv": record.kv_a, "ffn": record.ffn_a}, {"kv": record.kv_b, "ffn": record.ffn_b}]
+        log.info("merge %d/%d: layers %d-%d (original %s) -> kv %s, ffn %s, r_A=%.3f%s; params %.2fM -> %.2fM",
+                 step + 1, len(windows), k, k + span - 1, originals_note, "+".join(str(len(d["kv"])) for d in sides),
+                 "+".join(str(len(d["ffn"])) for d in sides), record.r_a, _refit_note(refit), params_before / 1e6,
                  record.params_after / 1e6)
         reached(run, groups)
     return model, finish(run, groups)
+
+
+def _merge_pair(method, adapter, cache, model, k: int, shape: AttnShape, cfg, window: list[list[int]],
+                originals: list[LayerWeights] | None, choices: list[Choice | None] | None) -> tuple[LayerWeights, dict]:
+    """The merged weights of current layers k, k + 1, and the Plan record's fields saying how."""
+    ga, gb = window
+    a, b = read_pair(adapter, model, k)
+    sa, sb = cache.stats[k], cache.stats[k + 1]
+    pair = PairToMerge(a, b, ga, gb, no_units(), shape, cfg, [originals[i] for i in ga + gb] if originals else None)
+    choice, searched = _choose_units(method, cache, k, pair, choices)
+    merged = method.merge(replace(pair, choice=choice))
+    return merged, dict(group_a=ga, group_b=gb, kv_a=choice.kv_a, kv_b=choice.kv_b, ffn_a=choice.ffn_a,
+                        ffn_b=choice.ffn_b, r_a=choice.r_a, bi_a=sa.bi, bi_b=sb.bi, split_search=searched)
+
+
+def _merge_window(method, adapter, cache, model, k: int, shape: AttnShape, cfg, window: list[list[int]],
+                  originals: list[LayerWeights] | None) -> tuple[LayerWeights, dict]:
+    """`_merge_pair` for current layers k .. k + m - 1 (`--merge-item m`, m > 2)."""
+    span = len(window)
+    stats = cache.stats[k:k + span]
+    layers = read_window(adapter, model, k, span)
+    if method.keeps_units:
+        choice = choose_window_units(layers, stats, shape, cfg, sum(len(g) for g in window))
+    else:
+        choice = WindowChoice([[] for _ in window], [[] for _ in window], [1.0 / span] * span)
+    merged = method.merge_window(WindowToMerge(layers, window, choice, shape, cfg,
+                                               [originals[i] for g in window for i in g] if originals else None))
+    sides = [{"group": g, "kv": kv, "ffn": ffn, "share": sh, "bi": st.bi}
+             for g, kv, ffn, sh, st in zip(window, choice.kv, choice.ffn, choice.shares, stats)]
+    rest = sides[1:]
+    return merged, dict(group_a=window[0], group_b=[i for d in rest for i in d["group"]], kv_a=choice.kv[0],
+                        kv_b=[u for d in rest for u in d["kv"]], ffn_a=choice.ffn[0],
+                        ffn_b=[u for d in rest for u in d["ffn"]], r_a=choice.shares[0], bi_a=stats[0].bi,
+                        bi_b=sum(d["bi"] for d in rest), sides=sides)
 
 
 def _choose_units(method, cache, k: int, pair: PairToMerge, choices: list[Choice | None] | None,

@@ -20,7 +20,16 @@ PLAN_FILE = "come_plan.json"
 
 @dataclass
 class MergeRecord:
-    """One merge: current layers (position, position+1) became one layer at `position`."""
+    """One merge: current layers (position, position+1), or position .. position+m-1 with
+    `--merge-item m`, became one layer at `position`.
+
+    A merge of m > 2 layers (`--merge-item m`) lists each layer in `sides`, in order:
+    {"group": original layers, "kv": KV groups kept, "ffn": FFN units kept (ids within
+    that layer), "share": its share of the units, "bi": its block influence}. Its pair
+    fields then read side A = the first layer and side B = all the others: group_b is
+    their original layers, kv_b / ffn_b their kept ids one side after another (the
+    sides split them), bi_b the sum of their BIs.
+    """
 
     step: int
     position: int
@@ -42,6 +51,8 @@ class MergeRecord:
     # --split search: {"score": "nll" | "error", "candidates": [[r_a, score], ...]}; left out of
     # the JSON when None, so Plans without a search read as they always did
     split_search: dict | None = None
+    # --merge-item > 2: every merged layer (class docstring); left out of the JSON when None
+    sides: list[dict] | None = None
 
 
 @dataclass
@@ -66,8 +77,9 @@ class Plan:
         """Always valid JSON: a non-finite number (an ineligible pair's inf score) becomes null."""
         data = asdict(self)
         for merge in data["merges"]:
-            if merge["split_search"] is None:
-                del merge["split_search"]
+            for optional in ("split_search", "sides"):
+                if merge[optional] is None:
+                    del merge[optional]
         return json.dumps(_finite(data), indent=1, allow_nan=False)
 
     def save(self, directory: str | Path) -> Path:

@@ -109,7 +109,7 @@ def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: 
 def reached(run: Run, groups: list[list[int]]) -> None:
     """After each removal: hand over every smaller level this many removals reach, with the
     Plan a run at that level alone writes (the model moves on once `receive` returns)."""
-    for sparsity in run.stops.get(len(run.plan.merges), ()):
+    for sparsity in run.stops.get(run.plan.num_layers_before - len(groups), ()):  # layers removed so far
         plan = copy.deepcopy(run.plan)
         plan.settings["sparsity"] = plan.target_sparsity = sparsity
         run.levels.receive(run.model, finish(run, groups, plan))

@@ -31,6 +31,10 @@ class LayerStats:
     head_out_l1: Tensor | None  # E_t ||W_o[:, cols(i)] z_i||_1 per query head (exact head score)
     bi: float  # block influence: 1 - mean over all tokens of cos(in, out)
     expert_out_l1: Tensor | None = None  # MoE: E_t ||w_e expert_e(x)||_1 per routed expert (its unit score)
+    # --sensitivity taylor (backprop.unit_taylor, all layers after each profiling): signed
+    # sum_i W[i, j] dL/dW[i, j] per o_proj input channel, per down_proj input channel / expert
+    attn_taylor: Tensor | None = None
+    ffn_taylor: Tensor | None = None
 
 
 def resolve_device(name: str) -> torch.device:

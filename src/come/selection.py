@@ -44,14 +44,15 @@ def mean_token_distance(h_in: list[Tensor], h_out: list[Tensor], angular: bool =
     return total / n if angular else 1.0 - total / n
 
 
-def skip_scores(last_token_states: list[Tensor]) -> list[float]:
+def skip_scores(last_token_states: list[Tensor], span: int = 2) -> list[float]:
     """OFFICIAL pair score. `last_token_states[k]` is the last-token hidden state entering
     layer k for every calibration sample ([n_samples, hidden]; the final entry is the
     output of the last layer). skip(k) = sum over samples of the angular distance between
-    the state entering k and the one leaving k+1: how much the pair changes it."""
+    the state entering k and the one leaving k+1: how much the pair changes it. A window
+    of `span` layers (`--merge-item`) is scored alike, entering k to leaving k+span-1."""
     return [
-        float(angular_distance(last_token_states[k], last_token_states[k + 2]).sum())
-        for k in range(len(last_token_states) - 2)
+        float(angular_distance(last_token_states[k], last_token_states[k + span]).sum())
+        for k in range(len(last_token_states) - span)
     ]
 
 
@@ -95,6 +96,42 @@ def split_counts(n: int, r_a: float) -> tuple[int, int]:
     else:
         n_b += rest
     return n_a, n_b
+
+
+def split_shares(bis: list[float], p: float = 1.0, min_max: float = 0.0, n_original: int = 2) -> list[float]:
+    """`split_ratio` for a window of several layers (`--merge-item` > 2; the authors'
+    block_ratio): shares normalize(normalize(BI)^p); with min_max > 0 the largest share is
+    raised to at least min_max ** (1 / (n_original - 1)) and the others scaled to the rest."""
+    scores = [max(b, 0.0) for b in bis]
+    total = sum(scores)
+    if total <= 0:
+        return [1.0 / len(bis)] * len(bis)
+    shares = [(s / total) ** p for s in scores]
+    shares = [s / sum(shares) for s in shares]
+    m = min_max ** (1.0 / max(n_original - 1, 1)) if min_max > 0 else 0.0
+    big = max(range(len(shares)), key=shares.__getitem__)
+    if shares[big] < m:
+        rest = sum(shares) - shares[big]
+        shares = [m if i == big else (s * (1.0 - m) / rest if rest > 0 else (1.0 - m) / (len(shares) - 1))
+                  for i, s in enumerate(shares)]
+    return shares
+
+
+def share_counts(n: int, shares: list[float]) -> list[int]:
+    """`split_counts` for several sides: floor each side's share of n, the remainder to the
+    largest share (the first on a tie)."""
+    counts = [math.floor(n * s) for s in shares]
+    counts[max(range(len(shares)), key=shares.__getitem__)] += n - sum(counts)
+    return counts
+
+
+def joint_counts(scores: list[Tensor], n: int) -> list[int]:
+    """`joint_split` over several sides: how many of each side's units the top-n of all of
+    them, ranked together by sensitivity, holds."""
+    top = torch.topk(torch.cat([s.double() for s in scores]), n).indices
+    bounds = torch.tensor([s.numel() for s in scores]).cumsum(0)
+    side = torch.bucketize(top, bounds, right=True)
+    return [int((side == i).sum()) for i in range(len(scores))]
 
 
 def joint_split(scores_a: Tensor, scores_b: Tensor, n: int) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from ..adapters import LayerWeights
 from ..dropping import compress_by_dropping
 from ..errors import ComeError
 from ..pair_scoring import ERROR_SCORES
-from ..pipeline import PairToMerge, merge_progressively
+from ..pipeline import PairToMerge, WindowToMerge, merge_progressively
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -63,17 +63,26 @@ class MergeMethod(Method):
     operator: ClassVar[str]  # recorded in the Plan per merge
     keeps_units: ClassVar[bool] = False  # True: units chosen by sensitivity (concatenation)
     needs_originals: ClassVar[bool] = False  # True: merge() reads the original layers
+    merges_windows: ClassVar[bool] = False  # True: merge_window() builds one layer from m > 2 (--merge-item)
 
     def check(self, cfg) -> None:
         if cfg.pair_score in ERROR_SCORES and not self.keeps_units:
             raise ComeError(f"--pair-score {cfg.pair_score} scores concatenation merges; use angular, "
                             f"bi-all-tokens or angular-all-tokens with --method {self.name}")
+        if cfg.merge_item > 2 and not self.merges_windows:
+            others = sorted(n for n, m in REGISTRY.items() if getattr(m, "merges_windows", False))
+            raise ComeError(f"--method {self.name} merges two layers at a time; drop --merge-item "
+                            f"{cfg.merge_item}, or use --method {' / '.join(others)}")
 
     def needs_dense(self, cfg) -> bool:
         return cfg.refit == "ls" or cfg.pair_score in ERROR_SCORES
 
     def merge(self, pair: PairToMerge) -> LayerWeights:
         """The merged layer's weights (float64; written into A's slot)."""
+        raise NotImplementedError
+
+    def merge_window(self, window: WindowToMerge) -> LayerWeights:
+        """The one layer built from m > 2 adjacent layers (float64; written into the first's slot)."""
         raise NotImplementedError
 
     def compress(self, model, tokenizer, cfg, calib, model_name):

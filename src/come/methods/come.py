@@ -4,7 +4,7 @@ exact), followed by our closed-form refit of the merged layer's down projection.
 
 from __future__ import annotations
 
-from ..merge import concat_merge
+from ..merge import concat_merge, concat_merge_many
 from .base import MergeMethod, register
 
 
@@ -17,7 +17,12 @@ class Come(MergeMethod):
     default_pair_score = "bi-all-tokens"  # DECISION, chosen on held-out documents (BENCHMARKS.md)
     operator = "concat"
     keeps_units = True
+    merges_windows = True
 
     def merge(self, pair):
         c = pair.choice
         return concat_merge(pair.a, pair.b, pair.shape, c.kv_a, c.kv_b, c.ffn_a, c.ffn_b, c.r_a, pair.cfg.norm)
+
+    def merge_window(self, window):
+        c = window.choice
+        return concat_merge_many(window.layers, window.shape, c.kv, c.ffn, c.shares, window.cfg.norm)

@@ -17,7 +17,11 @@ class LaCo(MergeMethod):
     order = 30
     operator = "rdsc"
     needs_originals = True
+    merges_windows = True  # RDSC combines however many original layers the merge stands for
 
     def merge(self, pair):
         layers = [w.map(torch.Tensor.double) for w in pair.originals]
         return linear_combination(layers, rdsc_coefficients(len(layers)))
+
+    def merge_window(self, window):
+        return self.merge(window)
