@@ -53,3 +53,21 @@ def parallel(model, layers, x):
 
 def rel_err(a, b) -> float:
     return float((a - b).detach().norm() / b.detach().norm())
+
+
+def reload_equal(model, tokenizer, plan, out_dir, ids):
+    """Save the compressed model, reload it with plain transformers and check it gives the
+    same logits on `ids` and the saved config the Plan's layer count; returns the reloaded
+    model and the output directory."""
+    import transformers
+
+    from come.checkpoint import save_checkpoint
+
+    with torch.no_grad():
+        logits = model(ids).logits
+    out = save_checkpoint(model, tokenizer, plan, out_dir)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == plan.num_layers_after
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)
+    return reloaded, out

@@ -24,7 +24,7 @@ from come.profile import LayerRunner
 from come.selection import joint_counts, joint_split, share_counts, split_counts, split_ratio, split_shares
 
 from conftest import corpus, tiny_model
-from layer_utils import parallel, rel_err, run_layer
+from layer_utils import parallel, rel_err, reload_equal, run_layer
 
 TOL = 1e-10
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -147,14 +147,7 @@ def test_compress_with_merge_item_3_to_a_stock_checkpoint(family, tokenizer, tmp
         assert sum(len(s["kv"]) for s in m.sides) == n_kv and sum(len(s["ffn"]) for s in m.sides) == d_ff
         assert sum(s["share"] for s in m.sides) == pytest.approx(1.0)
     assert plan.achieved_sparsity >= 0.45 > plan.achieved_sparsity - per_layer / total
-    ids = _calib(tokenizer, 2, 16)
-    with torch.no_grad():
-        logits = model(ids).logits
-    out = save_checkpoint(model, tokenizer, plan, tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    assert reloaded.config.num_hidden_layers == plan.num_layers_after
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, logits)
+    reloaded, out = reload_equal(model, tokenizer, plan, tmp_path / "out", _calib(tokenizer, 2, 16))
     saved = load_plan(out)
     assert saved.groups == plan.groups and [m.sides for m in saved.merges] == [m.sides for m in plan.merges]
     check_pair(dense.config, reloaded.config, saved)  # distill reads the Plan's groups

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from come import CompressConfig, ComeError, compress, load_plan
-from come.checkpoint import save_checkpoint
 from come.data import token_windows
 from come.budget import count_params, merges_needed
 
 from conftest import corpus, tiny_model
+from layer_utils import reload_equal
 
 
 def _calib(tokenizer, n=8, seqlen=32):
@@ -47,12 +46,7 @@ def test_compress_every_family(family, tokenizer, tmp_path):
         cached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
         uncached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
         assert torch.equal(cached, uncached)
-        logits = model(ids).logits
-    out = save_checkpoint(model, tokenizer, plan, tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    assert reloaded.config.num_hidden_layers == plan.num_layers_after
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, logits)
+    _, out = reload_equal(model, tokenizer, plan, tmp_path / "out", ids)
     assert load_plan(out).groups == plan.groups
 
 
