@@ -415,6 +415,9 @@ def _serve() -> None:
 
     from come import cli, compression, distill  # noqa: F401  (and what their commands import on the way)
 
+    # Ctrl-C as at a terminal, also when pytest was started in the background (where the
+    # shell starts it with SIGINT ignored and Python then installs no handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for line in sys.stdin:
         job = json.loads(line)
         pid = os.fork()
