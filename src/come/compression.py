@@ -13,7 +13,7 @@ from .config import CompressConfig
 from .errors import ComeError
 from .methods import MergeMethod, get_method
 from .plan import Plan
-from .preparation import passing
+from .preparation import Levels
 
 
 def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None = None,
@@ -41,8 +41,8 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
 
         calib = load_calibration(resolved.calib, tokenizer, resolved.nsamples, resolved.seqlen, resolved.seed)
     if isinstance(method, MergeMethod):
-        with passing(smaller, on_level) as levels:
-            out = method.compress(model, tokenizer, resolved.at(largest), calib, model_name)
+        levels = Levels(smaller, on_level)
+        out = method.compress(model, tokenizer, resolved.at(largest), calib, model_name, levels)
         if levels.handed != smaller:
             raise ComeError(f"--method {method.name} did not pass the levels {smaller} on its way; give one --sparsity")
         return out

@@ -24,7 +24,7 @@ from .pair_scoring import (ERROR_SCORES, Choice, ErrorScores, WindowChoice, choo
                            eligible_pairs, no_units, read_pair, read_window)
 from .plan import MergeRecord, Plan
 from .preflight import check_finite
-from .preparation import finish, prepare, reached
+from .preparation import Levels, finish, prepare, reached
 from .selection import choose_pair
 from .split_search import search_split
 
@@ -59,11 +59,12 @@ class WindowToMerge:
     originals: list[LayerWeights] | None  # the original layers of every group, in order (method.needs_originals)
 
 
-def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor | None,
-                        model_name: str) -> tuple[nn.Module, Plan]:
-    """Merge adjacent pairs with `method`'s operator until `cfg.sparsity` (cfg resolved)."""
+def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: str,
+                        levels: Levels | None = None) -> tuple[nn.Module, Plan]:
+    """Merge adjacent pairs with `method`'s operator until `cfg.sparsity` (cfg resolved),
+    handing each of `levels` over as the loop reaches it."""
     searched_error = method.keeps_units and cfg.split == "search" and cfg.split_score == "error"
-    run = prepare(model, tokenizer, cfg, calib, model_name, method.needs_dense(cfg) or searched_error)
+    run = prepare(model, tokenizer, cfg, calib, model_name, method.needs_dense(cfg) or searched_error, levels)
     adapter, cache, plan = run.adapter, run.cache, run.plan
     shape = adapter.attn_shape(model.config)
     groups = [[i] for i in range(plan.num_layers_before)]

@@ -1,6 +1,6 @@
 """What every method's run shares: the set-up (budget, device, calibration, embedding,
 the activation cache, the Plan), the finish (the Plan's totals and the log line), and the
-hand-over of the smaller levels a multi-level run passes on its way (`passing`)."""
+hand-over of the smaller levels a multi-level run passes on its way (`Levels`, `reached`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,24 +34,6 @@ class Levels:
     handed: list[float] = field(default_factory=list)
 
 
-# Set by `passing` around a method's run: the loops are reached through each method's own
-# `compress()` (the registry's signature; MKA wraps the loop), so the smaller levels travel
-# beside that call instead of through it. `prepare` reads them into the Run.
-_levels: ContextVar[Levels | None] = ContextVar("come_levels", default=None)
-
-
-@contextmanager
-def passing(sparsities: list[float], receive: Callable[[nn.Module, Plan], None]) -> Iterator[Levels]:
-    """Within the block, a progressive run hands each of `sparsities` to `receive` when it
-    reaches it (`reached`); the Levels yielded say which it handed."""
-    levels = Levels(sparsities, receive)
-    token = _levels.set(levels)
-    try:
-        yield levels
-    finally:
-        _levels.reset(token)
-
-
 @dataclass
 class Run:
     """One compression in progress: the model, its adapter, the cache, the Plan, how many
@@ -70,9 +50,11 @@ class Run:
     stops: dict[int, list[float]] = field(default_factory=dict)
 
 
-def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: str, keep_dense: bool) -> Run:
+def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: str, keep_dense: bool,
+            levels: Levels | None = None) -> Run:
     """Shared set-up of every method (`cfg` already resolved): budget, calibration,
-    embedding, the activation cache, the Plan."""
+    embedding, the activation cache, the Plan; `levels`: the smaller targets a progressive
+    run hands over on its way (`reached`)."""
     t0 = time.perf_counter()
     check_finite(model, "input model", "fix or re-export the model: compressing it would write a broken checkpoint")
     adapter = get_adapter(model.config)
@@ -99,7 +81,6 @@ def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: 
                 versions=library_versions())
     log.info("%s: %d layers, %.1fM params, %.2fM per layer -> %d layers to remove for sparsity %.3f (%s)",
              model_name or "model", n_layers, total / 1e6, per_layer / 1e6, n_remove, cfg.sparsity, cfg.method)
-    levels = _levels.get()
     stops: dict[int, list[float]] = {}
     for sparsity in levels.sparsities if levels else ():
         stops.setdefault(merges_needed(total, per_layer, sparsity), []).append(sparsity)

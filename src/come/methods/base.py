@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from ..activation_cache import ActivationCache
     from ..plan import Plan
+    from ..preparation import Levels
 
 REGISTRY: dict[str, "Method"] = {}
 
@@ -51,8 +52,10 @@ class Method:
         """Whether the run caches the DENSE model's states at every boundary (refit targets)."""
         return cfg.refit == "ls"
 
-    def compress(self, model: "nn.Module", tokenizer, cfg, calib: "Tensor | None",
-                 model_name: str) -> tuple["nn.Module", "Plan"]:
+    def compress(self, model: "nn.Module", tokenizer, cfg, calib: "Tensor | None", model_name: str,
+                 levels: "Levels | None" = None) -> tuple["nn.Module", "Plan"]:
+        """Compress in place to `cfg.sparsity`; `levels` (progressive methods): the smaller
+        targets to hand over on the way (compression.compress makes it)."""
         raise NotImplementedError
 
 
@@ -85,8 +88,8 @@ class MergeMethod(Method):
         """The one layer built from m > 2 adjacent layers (float64; written into the first's slot)."""
         raise NotImplementedError
 
-    def compress(self, model, tokenizer, cfg, calib, model_name):
-        return merge_progressively(self, model, tokenizer, cfg, calib, model_name)
+    def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
+        return merge_progressively(self, model, tokenizer, cfg, calib, model_name, levels)
 
 
 class DropMethod(Method):
@@ -103,5 +106,7 @@ class DropMethod(Method):
         """The `n` original layers to remove (the cache has profiled the dense model)."""
         raise NotImplementedError
 
-    def compress(self, model, tokenizer, cfg, calib, model_name):
+    def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
+        if levels is not None:  # which layers go depends on the level: compression.compress runs each
+            raise ValueError(f"{self.name} drops layers in one shot: run each level on its own")
         return compress_by_dropping(self, model, tokenizer, cfg, calib, model_name)

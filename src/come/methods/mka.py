@@ -146,7 +146,7 @@ class MKA(MergeMethod):
     operator = "weighted-sum"
     similarity: list[float] | None = None  # per original layer; set on a per-run copy by compress()
 
-    def compress(self, model, tokenizer, cfg, calib, model_name):
+    def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
         if calib is None:
             from ..data import load_calibration
 
@@ -154,7 +154,7 @@ class MKA(MergeMethod):
         run = copy.copy(self)
         run.similarity = layer_similarity(model, calib, cfg)
         log.info("mka: layer similarity %s", ", ".join(f"{s:.4f}" for s in run.similarity))
-        model, plan = merge_progressively(run, model, tokenizer, cfg, calib, model_name)
+        model, plan = merge_progressively(run, model, tokenizer, cfg, calib, model_name, levels)
         plan.layer_forwards += len(run.similarity)  # the pass that computed the similarity
         return model, plan
 
