@@ -246,3 +246,33 @@ def test_compare_sets_each_row_against_the_first_method(task_dir, model_dir, tex
     md = (out / "report.md").read_text()
     assert "vs shortgpt (± paired SE)" in md
     assert f"{rows['come']['delta']['average']:+.3f} ± {rows['come']['delta']['se']:.3f}" in md
+
+
+def test_compare_over_levels_pairs_each_level_and_draws_against_params(task_dir, model_dir, text_file, tmp_path):
+    """--sparsity 0.2,0.4: a row per method and level, each the model a one-level run gives,
+    set against the first method at the same level; versus_params.png drawn."""
+    out = tmp_path / "report"
+    args = ["compare", str(model_dir), "--methods", "shortgpt,come", "--calib", str(text_file), "--nsamples", "8",
+            "--seqlen", "32", "--device", "cpu", "--task-data", str(task_dir), "--tasks", "arc_easy",
+            "--ppl-data", str(text_file), "--eval-seqlen", "64", "--ppl-windows", "2"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--sparsity", "0.2,0.4"])
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert list(rows) == ["dense", "shortgpt@0.2", "shortgpt@0.4", "come@0.2", "come@0.4"]
+    for level in ("0.2", "0.4"):
+        delta = rows[f"come@{level}"]["delta"]
+        assert delta["vs"] == f"shortgpt@{level}"
+        assert (delta["average"], delta["se"]) == paired_delta(rows[f"come@{level}"]["tasks"],
+                                                               rows[f"shortgpt@{level}"]["tasks"])
+    assert rows["dense"]["delta"]["vs"] == "shortgpt@0.2"
+    assert rows["come@0.4"]["params"] < rows["come@0.2"]["params"] < rows["dense"]["params"]
+    single = tmp_path / "single"
+    result = CliRunner().invoke(app, [*args, "--out", str(single), "--sparsity", "0.2"])
+    assert result.exit_code == 0, result.output
+    alone = {r["method"]: r for r in json.loads((single / "report.json").read_text())["rows"]}
+    for name in ("shortgpt", "come"):  # the level's row is the one-level run's model, scored the same
+        for key in ("groups", "params", "perplexity", "tasks"):
+            assert rows[f"{name}@0.2"][key] == alone[name][key], (name, key)
+    assert (out / "versus_params.png").is_file() and not (single / "versus_params.png").exists()
+    md = (out / "report.md").read_text()
+    assert "vs first method (± paired SE)" in md and "sparsity 0.2, 0.4 of all params" in md

@@ -79,9 +79,10 @@ def test_bad_lists_are_one_line_errors_before_loading(text, message, model_dir, 
     assert not out.exists()
 
 
-def test_compare_takes_one_sparsity():
-    with pytest.raises(ComeError, match="come compare takes one --sparsity"):
-        method_list("come", CompressConfig(sparsity=LEVELS))
+def test_compare_takes_levels_its_rows_can_run():
+    assert [s.label for s in method_list("come,shortgpt", CompressConfig(sparsity=LEVELS))] == ["come", "shortgpt"]
+    with pytest.raises(ComeError, match="--merge-item 3 takes one --sparsity"):
+        method_list("come:merge_item=3", CompressConfig(sparsity=LEVELS))
 
 
 def test_cli_writes_every_level(model_dir, text_file, tmp_path):

@@ -275,7 +275,8 @@ def compare_(
     evaluation: EvalConfig,
     load: LoadOptions,
 ) -> None:
-    """Compress MODEL with each method (same calibration and seed), evaluate all and the dense model, write a report."""
+    """Compress MODEL with each method (same calibration and seed), evaluate all and the dense model, write a report
+    (several --sparsity levels: a row per method and level, and a plot against parameters)."""
     from pathlib import Path
 
     from .budget import merge_budget
@@ -291,7 +292,7 @@ def compare_(
     config = load_config(model)
     for spec in chosen:
         spec.config(cfg).check_model(config)
-    merge_budget(meta_model(config), cfg.sparsity)
+    merge_budget(meta_model(config), cfg.levels()[-1])
     tokenizer = load_tokenizer(model)
     ids = token_windows(read_text(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     lm, _ = load_model(model, load.dtype, tokenizer)

@@ -34,37 +34,46 @@ def _scored(tasks: dict) -> dict:
 def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"], calib: Tensor, out: Path,
             evaluation: EvalConfig, model_name: str = "", overwrite: bool = False) -> list[dict]:
     """Compress a copy of `model` with each method (same calibration ids), evaluate each
-    and the dense model, and write the report into `out`. Returns the report rows."""
+    and the dense model, and write the report into `out`. Returns the report rows. With
+    several sparsities (`base.sparsity` a list) each method runs once through every level
+    (compress's `on_level`) and gives one row per level, labelled `method@level`."""
     eval_kwargs = evaluation.evaluate_kwargs()
-    rows: list[dict] = []
+    levels = base.levels()
     plans: dict[str, Plan] = {}
-    for spec in [None, *methods]:
-        t0 = time.perf_counter()
-        method = spec.label if spec else "dense"
-        if spec is None:
-            lm, plan = model, None
-        else:
-            lm, plan = compress(copy.deepcopy(model), tokenizer, spec.config(base), calib=calib, model_name=model_name)
-            plans[method] = plan
-        seconds = time.perf_counter() - t0
-        log.info("evaluating %s", method)
+
+    def row(label: str, lm, plan: Plan | None, seconds: float | None) -> dict:
+        """Evaluate one model into a report row (`seconds`: its compression's wall time)."""
+        log.info("evaluating %s", label)
         res = evaluate(lm, tokenizer, **eval_kwargs)
-        rows.append({"method": method, "tasks": _scored(res["tasks"]), "average": res["average"],
-                     "perplexity": res["perplexity"],
-                     "params": plan.params_after if plan else sum(p.numel() for p in model.parameters()),
-                     "layers": plan.num_layers_after if plan else model.config.num_hidden_layers,
-                     "compress_s": seconds if plan else None, "groups": plan.groups if plan else None,
-                     "achieved_sparsity": plan.achieved_sparsity if plan else 0.0})
-        del lm
+        if plan is not None:
+            plans[label] = plan
+        return {"method": label, "sparsity": plan.target_sparsity if plan else 0.0,
+                "tasks": _scored(res["tasks"]), "average": res["average"], "perplexity": res["perplexity"],
+                "params": plan.params_after if plan else sum(p.numel() for p in model.parameters()),
+                "layers": plan.num_layers_after if plan else model.config.num_hidden_layers,
+                "compress_s": seconds, "groups": plan.groups if plan else None,
+                "achieved_sparsity": plan.achieved_sparsity if plan else 0.0}
+
+    rows = [row("dense", model, None, None)]
+    for spec in methods:
+        def on_level(lm, plan: Plan, spec=spec) -> None:  # each level's model is evaluated as the run passes it
+            rows.append(row(spec.label if len(levels) == 1 else f"{spec.label}@{plan.target_sparsity:g}", lm, plan,
+                            plan.wall_time_s))
+
+        on_level(*compress(copy.deepcopy(model), tokenizer, spec.config(base), calib=calib, model_name=model_name,
+                           on_level=on_level if len(levels) > 1 else None))
+    first = {}  # per level, the first method listed: what the others at that level are set against
+    for r in rows[1:]:
+        first.setdefault(r["sparsity"], r)
     dense_avg = rows[0]["average"]
-    ref = rows[1] if len(rows) > 2 else None  # the first method listed: what the others are set against
     for r in rows:
         r["retention_pct"] = 100.0 * r["average"] / dense_avg if dense_avg and r["average"] is not None else None
+        ref = first.get(r["sparsity"], rows[1]) if len(methods) > 1 else None  # dense: the smallest level's
         paired = paired_delta(r["tasks"], ref["tasks"]) if ref is not None and r is not ref else None
         r["delta"] = {"vs": ref["method"], "average": paired[0], "se": paired[1]} if paired else None
     tasks = list(rows[0]["tasks"])
-    header = (f"Model {model_name or 'model'}; sparsity {base.sparsity} of all params; calibration "
-              f"{calib.shape[0]} x {calib.shape[1]} tokens of {base.calib} (seed {base.seed}); "
+    header = (f"Model {model_name or 'model'}; sparsity {', '.join(f'{s:g}' for s in levels)} of all params; "
+              f"calibration {calib.shape[0]} x {calib.shape[1]} tokens of {base.calib} (seed {base.seed}); "
               f"{_evaluated(evaluation, eval_kwargs)}.")
     with atomic_dir(out, overwrite) as tmp:
         write_report(tmp, rows, tasks, plans, header)
@@ -106,8 +115,6 @@ def default_methods() -> str:
 def method_list(text: str, base: CompressConfig | None = None) -> list[MethodSpec]:
     """Parse `--methods`; every row's full config is resolved here, before any work. Overrides
     are parsed like the command line parses the same option."""
-    if base is not None and len(base.levels()) > 1:
-        raise ComeError("come compare takes one --sparsity; a list of levels is for come compress")
     specs = []
     for item in (m.strip() for m in text.split(",")):
         if not item:

@@ -74,8 +74,9 @@ class CompressConfig:
 
     sparsity: float | list[float] = option(
         0.3, "Fraction of ALL params (embeddings and head included) to remove, in (0, 0.9]; every merge removes one "
-             "layer, so the achieved figure is the first one >= this, reported exactly. `come compress` also takes an "
-             "ascending list (0.1,0.2,0.3): one run passes every level and writes OUT/sparsity-0.10, ...",
+             "layer, so the achieved figure is the first one >= this, reported exactly. An ascending list "
+             "(0.1,0.2,0.3): one run passes every level; `come compress` writes OUT/sparsity-0.10, ..., `come compare` "
+             "reports a row per method and level",
         parse=sparsity_levels)
     method: str = option("come", lambda: "The method (peers on the same plumbing): " + _method_help() + ".",
                          choices=method_names)

@@ -1,5 +1,6 @@
 """The figures of `come compare`, each answering one question with labelled axes and units:
 accuracy.png (how does each method score per task? drawn only when tasks ran),
+versus_params.png (what does each method keep as it removes more? several sparsities only),
 merge_map.png (what became of each original layer?), pair_scores.png (which scores chose
 each merge or drop?). Drawn on matplotlib Figures directly: no pyplot, no global backend."""
 
@@ -23,6 +24,8 @@ KIND_COLOURS = {"kept": "tab:blue", "merged": "tab:orange", "dropped": "lightgre
 def write_plots(out: Path, rows: list[dict], tasks: list[str], plans: dict[str, Plan]) -> list[tuple[str, str]]:
     """Draw the figures the run has data for into `out`; (file name, caption) of each."""
     figures = [_accuracy(out, rows, tasks)] if tasks else []
+    if len({r.get("sparsity") for r in rows if r.get("sparsity")}) > 1 and (tasks or rows[0].get("perplexity") is not None):
+        figures.append(_versus_params(out, rows, tasks))
     if plans:
         figures.append(_merge_map(out, plans))
     scored = {name: plan for name, plan in plans.items() if plan.merges and plan.merges[0].pair_scores}
@@ -52,6 +55,32 @@ def _accuracy(out: Path, rows: list[dict], tasks: list[str]) -> tuple[str, str]:
     _save(fig, out, "accuracy.png")
     return "accuracy.png", ("Zero-shot score of every model per task and their average: acc_norm for ARC, HellaSwag, "
                             "OpenBookQA and PIQA, acc for BoolQ and WinoGrande (the papers' choice).")
+
+
+def _versus_params(out: Path, rows: list[dict], tasks: list[str]) -> tuple[str, str]:
+    """What does each method keep as it removes more? Average score and perplexity against
+    parameters, one line per method through its levels, the dense model as a star."""
+    panels = [("average", "average score (fraction right)", False)] if tasks else []
+    if rows[0].get("perplexity") is not None:
+        panels.append(("perplexity", "perplexity (log scale; lower is better)", True))
+    fig = Figure(figsize=(5.5 * len(panels), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    methods = list(dict.fromkeys(r["method"].rpartition("@")[0] for r in rows[1:]))
+    for ax, (key, label, log_y) in zip(axes, panels):
+        for m in methods:
+            pts = sorted((r["params"] / 1e6, r[key]) for r in rows[1:] if r["method"].rpartition("@")[0] == m)
+            ax.plot(*zip(*pts), marker="o", label=m)
+        ax.plot(rows[0]["params"] / 1e6, rows[0][key], marker="*", markersize=12, color="black", linestyle="",
+                label="dense")
+        ax.set_xlabel("parameters (M, all of them)")
+        ax.set_ylabel(label)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_title(f"{key.capitalize()} against size")
+        ax.legend(fontsize=7)
+    _save(fig, out, "versus_params.png")
+    return "versus_params.png", ("Each method through its sparsity levels (points, fewest parameters = highest "
+                                 "sparsity) and the dense model (star): what it keeps as it removes more.")
 
 
 def dropped_layers(plan: Plan) -> set[int]:

@@ -42,11 +42,13 @@ def columns(rows: list[dict], tasks: list[str]) -> list[Column]:
     """The report's columns: those the rows have data for (no task, average, vs or retention
     column without tasks; no perplexity without perplexity text)."""
     cols = [Column("method", lambda r: r["method"]), *(_task_columns(tasks) if tasks else [])]
-    vs = next((r["delta"]["vs"] for r in rows if r.get("delta")), None)
-    if vs:
-        cols.append(Column(f"vs {vs} (± paired SE)", lambda r: delta_cell(r.get("delta")),
-                           f"vs {vs}: this row's average minus {vs}'s, per document on the same documents, with the "
-                           "standard error of that paired difference (a gap under ~2 SE is noise)."))
+    refs = list(dict.fromkeys(r["delta"]["vs"] for r in rows if r.get("delta")))
+    if refs:  # several sparsities: each row is set against the first method at its own level
+        vs = refs[0] if len(refs) == 1 else "the first method at the same sparsity (" + ", ".join(refs) + ")"
+        cols.append(Column(f"vs {refs[0] if len(refs) == 1 else 'first method'} (± paired SE)",
+                           lambda r: delta_cell(r.get("delta")),
+                           f"vs {vs}: this row's average minus that row's, per document on the same documents, with "
+                           "the standard error of that paired difference (a gap under ~2 SE is noise)."))
     if any(r.get("retention_pct") is not None for r in rows):
         cols.append(Column("retention %", lambda r: _fmt(r.get("retention_pct"), ".1f"),
                            "retention: the average as % of the dense model's."))
