@@ -74,27 +74,12 @@ def split_ratio(bi_a: float, bi_b: float, p: float = 1.0, min_max: float = 0.0, 
     min_max ** (1 / (n_original - 1)) (n_original: original layers covered by the pair),
     so deep groups are pushed towards keeping one side whole.
     """
-    scores = [max(bi_a, 0.0), max(bi_b, 0.0)]
-    total = sum(scores)
-    if total <= 0:
-        return 0.5
-    shares = [(s / total) ** p for s in scores]
-    shares = [s / sum(shares) for s in shares]
-    m = min_max ** (1.0 / max(n_original - 1, 1)) if min_max > 0 else 0.0
-    big = 0 if shares[0] >= shares[1] else 1
-    if shares[big] < m:
-        shares[big], shares[1 - big] = m, 1.0 - m
-    return shares[0]
+    return split_shares([bi_a, bi_b], p, min_max, n_original)[0]
 
 
 def split_counts(n: int, r_a: float) -> tuple[int, int]:
     """(N_A, N_B) with N_A + N_B == n: floor each side, the remainder to the larger share."""
-    n_a, n_b = math.floor(n * r_a), math.floor(n * (1.0 - r_a))
-    rest = n - n_a - n_b
-    if r_a >= 0.5:
-        n_a += rest
-    else:
-        n_b += rest
+    n_a, n_b = share_counts(n, [r_a, 1.0 - r_a])
     return n_a, n_b
 
 
@@ -111,8 +96,8 @@ def split_shares(bis: list[float], p: float = 1.0, min_max: float = 0.0, n_origi
     m = min_max ** (1.0 / max(n_original - 1, 1)) if min_max > 0 else 0.0
     big = max(range(len(shares)), key=shares.__getitem__)
     if shares[big] < m:
-        rest = sum(shares) - shares[big]
-        shares = [m if i == big else (s * (1.0 - m) / rest if rest > 0 else (1.0 - m) / (len(shares) - 1))
+        rest = sum(s for i, s in enumerate(shares) if i != big)  # two sides: the other's share, so 1 - m exactly
+        shares = [m if i == big else ((1.0 - m) * (s / rest) if rest > 0 else (1.0 - m) / (len(shares) - 1))
                   for i, s in enumerate(shares)]
     return shares
 
@@ -136,7 +121,5 @@ def joint_counts(scores: list[Tensor], n: int) -> list[int]:
 
 def joint_split(scores_a: Tensor, scores_b: Tensor, n: int) -> tuple[int, int]:
     """`--split joint`: top-n over the union of both sides' units ranked by sensitivity."""
-    both = torch.cat([scores_a.double(), scores_b.double()])
-    top = torch.topk(both, n).indices
-    n_a = int((top < scores_a.numel()).sum())
-    return n_a, n - n_a
+    n_a, n_b = joint_counts([scores_a, scores_b], n)
+    return n_a, n_b
