@@ -210,13 +210,13 @@ def test_cli_distills_writes_a_stock_checkpoint_and_resumes(dirs):
     root, text = dirs
     out = root / "out"
     args = ["--teacher", str(root / "teacher"), "--student", str(root / "student"), "--out", str(out), "--data", text,
-            "--mode", "sp", "--layer-loss", "mse", "--save-every", "2", "--gradient-checkpointing"]
+            "--mode", "sp", "--official", "--layer-loss", "mse", "--save-every", "2", "--gradient-checkpointing"]
     result = _cli(*args, "--steps", "3")
     assert result.exit_code == 0, result.output
     assert "held-out KL" in result.output
     assert re.search(r"training processes\W+1\b", result.output), result.output  # the summary says how many trained
     log = json.loads((out / "distill_log.json").read_text())
-    assert log["settings"]["layer_loss"] == "mse" and len(log["train"]) == 3
+    assert log["settings"]["layer_loss"] == "mse" and len(log["train"]) == 3  # a typed option beats --official
     assert json.loads((out / "come_plan.json").read_text())["groups"] == log["groups"]
     assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == len(log["groups"])
 
@@ -229,14 +229,16 @@ def test_cli_distills_writes_a_stock_checkpoint_and_resumes(dirs):
 
 
 def test_cli_lora_writes_a_stock_checkpoint(dirs):
-    """No adapter key reaches the file (from_pretrained would only warn about them)."""
+    """No adapter key reaches the file (from_pretrained would only warn about them); --official
+    gives the paper's KL layer loss in place of the default mse."""
     root, text = dirs
     out = root / "out_lora"
     result = _cli("--teacher", str(root / "teacher"), "--student", str(root / "student"), "--out", str(out),
-                  "--data", text, "--mode", "mp", "--steps", "2", "--lora-r", "4", "--lora-alpha", "16")
+                  "--data", text, "--mode", "mp", "--steps", "2", "--lora-r", "4", "--lora-alpha", "16", "--official")
     assert result.exit_code == 0, result.output
     settings = json.loads((out / "distill_log.json").read_text())["settings"]
-    assert (settings["lora_r"], settings["lora_alpha"]) == (4, 16)
+    assert (settings["lora_r"], settings["lora_alpha"], settings["layer_loss"]) == (4, 16, "kl")
+    assert DistillConfig().layer_loss == "mse"
     saved, original = (load_file(d / "model.safetensors") for d in (out, root / "student"))
     assert {n: t.shape for n, t in saved.items()} == {n: t.shape for n, t in original.items()}
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)

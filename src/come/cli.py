@@ -77,11 +77,21 @@ def _unless_given(ctx: typer.Context, preset: dict) -> dict:
     return {k: v for k, v in preset.items() if not given(k)}
 
 
+def _flags(preset: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
+
+
 def _official_help() -> str:
     from .config import OFFICIAL
 
-    return ("The authors' choices: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in OFFICIAL.items())
-            + " (with --split search, their CoMe-P: --pair-score angular-all-tokens). Options you give win.")
+    return (f"The authors' choices: {_flags(OFFICIAL)} (with --split search, their CoMe-P: --pair-score "
+            "angular-all-tokens). Options you give win.")
+
+
+def _official_distill_help() -> str:
+    from .distill_config import OFFICIAL
+
+    return f"The paper's recovery loss: {_flags(OFFICIAL)}. Options you give win."
 
 
 @app.command()
@@ -305,11 +315,13 @@ def compare_(
 @one_line_errors
 @with_options(cfg="distill_config.DistillConfig")
 def distill_(
+    ctx: typer.Context,
     teacher: str = typer.Option(..., help="The original model: Hub id, local HF directory, or .gguf file."),
     student: str = typer.Option(..., help="A `come compress` output directory."),
     out: str = _out_dir("checkpoints/ inside; result written atomically"),
     plan: Optional[str] = typer.Option(None, help="come_plan.json, when the student directory has none."),
     overwrite: bool = OVERWRITE,
+    official: bool = typer.Option(False, "--official", help=_official_distill_help),
     *,
     cfg: DistillConfig,
 ) -> None:
@@ -324,9 +336,12 @@ def distill_(
     from .preflight import check_output_dir
     from .distill import check_pair, check_tokenizers
     from .distill import distill as run_distill
+    from .distill_config import OFFICIAL
     from .plan import load_plan
     from .train_state import CHECKPOINTS, resume_point, write_output
 
+    if official:
+        cfg = replace(cfg, **_unless_given(ctx, OFFICIAL))
     ckpt = Path(out) / CHECKPOINTS
     cfg = replace(cfg, checkpoint_dir=str(ckpt))
     cfg.validate()

@@ -25,6 +25,9 @@ def _short_count(n: int) -> str:
     return str(n)
 
 
+OFFICIAL = {"layer_loss": "kl"}  # the paper's recovery loss (`come distill --official`)
+
+
 @dataclass
 class DistillConfig:
     """Settings of `come distill` (shared by the CLI and the Python API, saved in distill_log.json)."""
@@ -53,7 +56,9 @@ class DistillConfig:
     max_grad_norm: float = option(1.0, "Gradient-norm clip: per trainable layer in mp (layers stay independent), "
                                   "global in sp.")
     temperature: float = option(1.0, "Softmax temperature of every KL term.")
-    layer_loss: LayerLoss = option("kl", "kl (through final norm + LM head) | mse (normalized, on hidden states).",
+    layer_loss: LayerLoss = option("mse", "mse (DECISION, BENCHMARKS.md \"Which layer loss\"): normalized MSE between "
+                                          "the student's and the teacher's hidden states | kl (OFFICIAL, the paper's "
+                                          "hierarchical KL): through final norm + LM head at every point.",
                                    choices=get_args(LayerLoss))
     layer_weight: float = option(1.0, "lambda: weight of the summed layer losses (sp).")
     train: Train = option("merged", "merged (layers standing for > 1 original layer) | all.", choices=get_args(Train))

@@ -85,6 +85,8 @@ class _Seeded(torch.autograd.Function):
 
 
 def normalized_mse(h_t: Tensor, h_s: Tensor) -> Tensor:
-    """||h_s - h_t||^2 / ||h_t||^2 in fp32: scale-free across layers whose norms grow with depth."""
-    h_t, h_s = h_t.float(), h_s.float()
-    return (h_s - h_t).pow(2).sum() / h_t.pow(2).sum().clamp_min(1e-12)
+    """Mean over windows (dim 0) of ||h_s - h_t||^2 / ||h_t||^2, in fp32: scale-free across
+    layers whose norms grow with depth, and a mean of per-window terms, so two processes on
+    half a batch each (or two accumulated micro-batches) train as one on the whole batch."""
+    h_t, h_s = h_t.float().flatten(1), h_s.float().flatten(1)
+    return ((h_s - h_t).pow(2).sum(1) / h_t.pow(2).sum(1).clamp_min(1e-12)).mean()
