@@ -176,6 +176,7 @@ def test_windows_with_other_settings_and_methods(kw, tokenizer):
     (dict(merge_item=3, method="shortgpt"), "--method shortgpt drops layers"),
     (dict(merge_item=3, split="search"), "with --split search"),
     (dict(merge_item=3, pair_score="error"), "with --pair-score error"),
+    (dict(merge_item=3, pair_score="nll"), "with --pair-score nll"),
     (dict(merge_item=3, sparsity=[0.1, 0.2]), "takes one --sparsity"),
 ])
 def test_bad_merge_item_settings(kw, message):

@@ -180,3 +180,19 @@ def test_angular_all_tokens_is_the_authors_score_on_the_stock_forward(setup, tok
         want.append(float((torch.arccos(cos) / torch.pi).mean()))
     assert plan.merges[0].pair_scores == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert plan.settings["pair_score"] == "angular-all-tokens"
+
+
+def test_nll_pair_score_is_the_merged_models_loss_and_finds_the_lossless_merge(setup, tokenizer):
+    """`--pair-score nll` (the posterior pair choice, issue 19 item 5): the score of the pair
+    merged is the calibration NLL of the model that merge leaves (recomputed here by the
+    whole model), and on text the model wrote itself the pairs holding the empty layer 3
+    score the dense model's own NLL (their merge is lossless) and win; no layer is protected."""
+    model, ids = setup
+    cfg = CompressConfig(sparsity=0.05, device="cpu", refit="none", pair_score="nll")
+    merged, plan = compress(copy.deepcopy(model), tokenizer, cfg, calib=ids)
+    (m,) = plan.merges
+    assert PAIR + 1 in m.group_a + m.group_b
+    assert m.pair_score == min(m.pair_scores) == pytest.approx(_nll(merged, ids), rel=1e-5)
+    assert m.pair_scores[PAIR] == pytest.approx(_nll(model, ids), rel=1e-5)
+    assert m.pair_scores[PAIR + 1] == pytest.approx(_nll(model, ids), rel=1e-5)
+    assert sum(s > m.pair_score * (1 + 1e-4) for s in m.pair_scores) == len(m.pair_scores) - 2

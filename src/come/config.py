@@ -13,7 +13,7 @@ from .options import check_choices, int_list, option
 from .profile import resolve_device
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
 
-PairScore = Literal["angular", "bi-all-tokens", "angular-all-tokens", "error", "merge-error"]
+PairScore = Literal["angular", "bi-all-tokens", "angular-all-tokens", "error", "merge-error", "nll"]
 Split = Literal["bi", "joint", "search"]
 SplitScore = Literal["nll", "error"]
 Refit = Literal["ls", "none"]
@@ -55,8 +55,8 @@ def _check_merge_item(cfg, levels: list[float], merges: bool) -> None:
     if cfg.split == "search":
         raise ComeError(f"--merge-item {cfg.merge_item} with --split search: the search tries shares of two layers; "
                         "use --split joint or bi")
-    if cfg.pair_score in ("error", "merge-error"):
-        raise ComeError(f"--merge-item {cfg.merge_item} with --pair-score {cfg.pair_score}: the error scores build "
+    if cfg.pair_score in ("error", "merge-error", "nll"):
+        raise ComeError(f"--merge-item {cfg.merge_item} with --pair-score {cfg.pair_score}: that score builds "
                         "pair merges; use bi-all-tokens, angular or angular-all-tokens")
     if getattr(cfg, "reprofile", "full") == "window":
         raise ComeError(f"--merge-item {cfg.merge_item} with --reprofile window: the window re-profiling keeps pair "
@@ -93,7 +93,8 @@ class CompressConfig:
               "angular (OFFICIAL; laco's and average's default): arccos(cos)/pi of those states on the last token of each sample; "
               "angular-all-tokens (OFFICIAL with --split search, the authors' CoMe-P): arccos(cos)/pi over ALL tokens; error: "
               "held-out error of the actual merged + refit layer against the dense group; merge-error: the same "
-              "before the refit. Default: the method's own.", choices=PairScore.__args__)
+              "before the refit; nll: calibration next-token NLL of the whole model with the pair's merge in place "
+              "(the posterior; about L^2/2 layer passes per merge). Default: the method's own.", choices=PairScore.__args__)
     split: Split = option("joint", "joint (DECISION, BENCHMARKS.md): top-N of both layers' units ranked together by "
                                    "sensitivity; bi (OFFICIAL): side A's share r = normalize(normalize(BI)^p); search "
                                    "(CoMe-P, the paper's Alg. 2): try r in {0, 1/g, ..., 1} and keep the merge that "

@@ -1,6 +1,6 @@
 """The calibration next-token loss computed from final hidden states through the model's
 own final norm and LM head, a few rows at a time on the compute device: what the methods
-that score by loss read (SLEB, Taylor+, CoMe-P's split search)."""
+that score by loss read (SLEB, Taylor+, CoMe-P's split search, `--pair-score nll`)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,16 @@ def next_token_nll(cache, states: list[Tensor]) -> float:
     for _, _, x, y, norm, head in head_rows(cache, states):
         total += F.cross_entropy(head(norm(x)).float(), y, reduction="sum").double().cpu()
     return float(total) / n_predicted(cache)
+
+
+def nll_with_merge(cache, k: int, candidate, inputs: list[Tensor]) -> float:
+    """Calibration NLL of the current model with its layers k, k + 1 replaced by `candidate`
+    (run on `inputs`, the states entering layer k); the model itself is not touched. L - k - 1
+    layer passes, each counted into `cache.forwards`, then the head."""
+    layers = cache.adapter.decoder_layers(cache.model)
+    h, _ = cache.runner.run(candidate, inputs, False, position=k)
+    cache.forwards += 1
+    for j in range(k + 2, len(layers)):
+        h, _ = cache.runner.run(layers[j], h, False, position=j)
+        cache.forwards += 1
+    return next_token_nll(cache, h)

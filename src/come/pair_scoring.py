@@ -1,6 +1,7 @@
 """Which pair to merge and which units to keep: unit scores, the split into per-side
-counts, eligibility (`--protect`, `--no-repeat`) and the error pair scores that build a
-candidate merge and measure it against the dense group."""
+counts, eligibility (`--protect`, `--no-repeat`) and the pair scores that build each
+candidate merge: the error scores (measured against the dense group) and the posterior
+(`nll`: the whole model's calibration loss with the merge in place)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from tqdm.auto import tqdm
 from .activation_cache import ActivationCache
 from .adapters import Adapter, AttnShape, LayerWeights
 from .layer_refit import refit_layer
+from .lm_loss import nll_with_merge
 from .merge import concat_merge
 from .profile import LayerStats
 from .selection import joint_counts, joint_split, share_counts, split_counts, split_ratio, split_shares
 from .sensitivity import (attn_path_norm, channel_sensitivity, exact_head_sensitivity, ffn_path_norm, head_sensitivity,
                           kv_group_sensitivity, taylor_unit_sensitivity, top_units)
 
-ERROR_SCORES = ("error", "merge-error")  # pair scores that build each candidate merge
+ERROR_SCORES = ("error", "merge-error")  # pair scores measured against the dense group (need its states)
+BUILT_SCORES = (*ERROR_SCORES, "nll")  # pair scores that build each candidate (concatenation) merge
 
 
 def unit_scores(stats: LayerStats, w: LayerWeights, shape: AttnShape, head_score: str,
@@ -135,6 +138,21 @@ def choose_window_units(layers: list[LayerWeights], stats: list[LayerStats], sha
                         [top_units(ffn, n) for (_, ffn), n in zip(scores, n_ffn)], shares)
 
 
+def write_candidate(adapter: Adapter, scratch, a: LayerWeights, b: LayerWeights, shape: AttnShape, choice: Choice,
+                    cfg) -> None:
+    """Write the concatenation merge of `a` and `b` keeping `choice`'s units into the scratch layer."""
+    adapter.write_layer(scratch, concat_merge(a, b, shape, choice.kv_a, choice.kv_b, choice.ffn_a, choice.ffn_b,
+                                              choice.r_a, cfg.norm))
+
+
+def built_scores(cache: ActivationCache, shape: AttnShape, cfg) -> ErrorScores | PosteriorScores | None:
+    """The scorer of a `--pair-score` that builds each candidate merge, or None for the
+    angle scores the cache computes while profiling."""
+    if cfg.pair_score in ERROR_SCORES:
+        return ErrorScores(cache, shape, cfg)
+    return PosteriorScores(cache, shape, cfg) if cfg.pair_score == "nll" else None
+
+
 class ErrorScores:
     """`--pair-score error` (DECISION): a pair's cost is the held-out error, relative to the
     dense stream, of its ACTUAL merged layer (refit if --refit ls) against the dense group's
@@ -175,10 +193,39 @@ class ErrorScores:
         fitted = cfg.refit == "ls" and cfg.pair_score == "error"
         for r_a in (None, 1.0, 0.0):
             choice = choose_units(a, b, sa, sb, self.shape, cfg, len(group), r_a)
-            cache.adapter.write_layer(scratch, concat_merge(a, b, self.shape, choice.kv_a, choice.kv_b, choice.ffn_a,
-                                                            choice.ffn_b, choice.r_a, cfg.norm))
+            write_candidate(cache.adapter, scratch, a, b, self.shape, choice, cfg)
             res = refit_layer(cache, k, group, "dense", layer=scratch, solve=fitted)
             err = res.err_after if fitted else res.err_before
             if best is None or err < best[0]:
                 best = (err, choice)
         return best
+
+
+class PosteriorScores:
+    """`--pair-score nll` (issue 19 item 5): a pair's cost is the calibration next-token NLL
+    of the CURRENT model with that pair's merge (as merged, before any refit; units by the
+    split rule, as `--split joint` / `bi` would keep them) in place: the posterior CoMe-P
+    scores its splits by (split_search.py), and SLEB its removals by, applied to the choice
+    of pair. It sees what the angle scores cannot: what the concatenation keeps, and the
+    effect on the model's output rather than on one layer's. Every eligible pair is re-scored
+    after every merge (the layers after it changed): L - k - 1 layer passes and the head per
+    pair, about L^2 / 2 layer passes and L heads per merge."""
+
+    def __init__(self, cache: ActivationCache, shape: AttnShape, cfg):
+        self.cache, self.shape, self.cfg = cache, shape, cfg
+
+    def scores(self, groups: list[list[int]], eligible: list[bool]) -> tuple[list[float], list[Choice | None]]:
+        cache, out_s, out_c = self.cache, [], []
+        for k, ok in enumerate(tqdm(eligible, desc="scoring pairs (nll)", leave=False, unit="pair")):
+            if not ok:
+                out_s.append(math.inf)
+                out_c.append(None)
+                continue
+            a, b = read_pair(cache.adapter, cache.model, k)
+            choice = choose_units(a, b, cache.stats[k], cache.stats[k + 1], self.shape, self.cfg,
+                                  len(groups[k]) + len(groups[k + 1]))
+            scratch = copy.deepcopy(cache.adapter.decoder_layers(cache.model)[k])
+            write_candidate(cache.adapter, scratch, a, b, self.shape, choice, self.cfg)
+            out_s.append(nll_with_merge(cache, k, scratch, cache.inputs_at(k)))
+            out_c.append(choice)
+        return out_s, out_c

@@ -20,7 +20,7 @@ from .adapters import AttnShape, LayerWeights
 from .budget import count_params, merge_windows
 from .errors import ComeError
 from .layer_refit import refit_layer, write_down_proj
-from .pair_scoring import (ERROR_SCORES, Choice, ErrorScores, WindowChoice, choose_units, choose_window_units,
+from .pair_scoring import (Choice, WindowChoice, built_scores, choose_units, choose_window_units,
                            eligible_pairs, no_units, read_pair, read_window)
 from .plan import MergeRecord, Plan
 from .preflight import check_finite
@@ -70,7 +70,7 @@ def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor 
     groups = [[i] for i in range(plan.num_layers_before)]
     originals = ([adapter.read_layer(layer) for layer in adapter.decoder_layers(model)]
                  if method.needs_originals else None)
-    errors = ErrorScores(cache, shape, cfg) if cfg.pair_score in ERROR_SCORES else None
+    built = built_scores(cache, shape, cfg)
 
     windows = merge_windows(run.n_remove, cfg.merge_item)  # layers merged at each step: [2] * n_remove for pairs
     for step, span in enumerate(tqdm(windows, desc="merging", unit="merge")):
@@ -83,7 +83,7 @@ def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor 
             what = "pair" if span == 2 else f"window of {span} layers"
             raise ComeError(f"target not reachable: no eligible {what} left after {step} merges "
                             "(--no-repeat/--protect too strict); lower --sparsity")
-        scores, choices = errors.scores(groups, eligible) if errors else (cache.pair_scores(), None)
+        scores, choices = built.scores(groups, eligible) if built else (cache.pair_scores(), None)
         k = choose_pair(scores, eligible)
         window = groups[k:k + span]
         params_before = count_params(model)

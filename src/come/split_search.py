@@ -29,13 +29,11 @@ import logging
 import math
 from collections.abc import Callable
 
-from torch import Tensor
-
 from .activation_cache import ActivationCache
 from .adapters import LayerWeights
 from .errors import ComeError
 from .layer_refit import refit_layer
-from .lm_loss import next_token_nll
+from .lm_loss import nll_with_merge
 from .pair_scoring import Choice
 
 log = logging.getLogger("come")
@@ -45,17 +43,6 @@ def split_grid(granularity: int) -> list[float]:
     """{0, 1/g, ..., 1}, each as i * (1/g): the floats of the authors' np.arange."""
     step = 1.0 / granularity
     return [i * step for i in range(granularity + 1)]
-
-
-def _nll_after(cache: ActivationCache, k: int, candidate, inputs: list[Tensor]) -> float:
-    """Calibration NLL of the current model with layers k, k + 1 replaced by `candidate`."""
-    layers = cache.adapter.decoder_layers(cache.model)
-    h, _ = cache.runner.run(candidate, inputs, False, position=k)
-    cache.forwards += 1
-    for j in range(k + 2, len(layers)):
-        h, _ = cache.runner.run(layers[j], h, False, position=j)
-        cache.forwards += 1
-    return next_token_nll(cache, h)
 
 
 def search_split(cache: ActivationCache, k: int, group: list[int], choose: Callable[[float], Choice],
@@ -70,7 +57,7 @@ def search_split(cache: ActivationCache, k: int, group: list[int], choose: Calla
         choice = choose(r)
         cache.adapter.write_layer(scratch, build(choice))
         if inputs is not None:
-            score = _nll_after(cache, k, scratch, inputs)
+            score = nll_with_merge(cache, k, scratch, inputs)
         else:
             score = refit_layer(cache, k, group, "dense", layer=scratch, solve=False).err_before
         candidates.append([r, score])

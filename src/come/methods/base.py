@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 from ..adapters import LayerWeights
 from ..dropping import compress_by_dropping
 from ..errors import ComeError
-from ..pair_scoring import ERROR_SCORES
+from ..pair_scoring import BUILT_SCORES, ERROR_SCORES
 from ..pipeline import PairToMerge, WindowToMerge, merge_progressively
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class MergeMethod(Method):
     merges_windows: ClassVar[bool] = False  # True: merge_window() builds one layer from m > 2 (--merge-item)
 
     def check(self, cfg) -> None:
-        if cfg.pair_score in ERROR_SCORES and not self.keeps_units:
+        if cfg.pair_score in BUILT_SCORES and not self.keeps_units:
             raise ComeError(f"--pair-score {cfg.pair_score} scores concatenation merges; use angular, "
                             f"bi-all-tokens or angular-all-tokens with --method {self.name}")
         if cfg.merge_item > 2 and not self.merges_windows:
