@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 from .errors import ComeError
 from .methods import REGISTRY, MergeMethod, get_method, method_names
 from .options import check_choices, int_list, option
+from .pair_scoring import BUILT_SCORES
 from .profile import resolve_device
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
 
@@ -55,7 +56,7 @@ def _check_merge_item(cfg, levels: list[float], merges: bool) -> None:
     if cfg.split == "search":
         raise ComeError(f"--merge-item {cfg.merge_item} with --split search: the search tries shares of two layers; "
                         "use --split joint or bi")
-    if cfg.pair_score in ("error", "merge-error", "nll"):
+    if cfg.pair_score in BUILT_SCORES:
         raise ComeError(f"--merge-item {cfg.merge_item} with --pair-score {cfg.pair_score}: that score builds "
                         "pair merges; use bi-all-tokens, angular or angular-all-tokens")
     if getattr(cfg, "reprofile", "full") == "window":
