@@ -27,7 +27,8 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
     returning: the run goes on with it); the largest is returned. A merge method passes
     every level in one progressive run. A drop method's levels are separate runs on copies
     of the dense model: which layers it drops, and the refit of the layers it keeps, depend
-    on the level, so sharing any of it would not give each level's own model.
+    on the level, so sharing any of it would not give each level's own model; except a
+    greedy one's removal order (SLEB), which is computed once and cut at each level.
     """
     resolved = cfg.resolved()
     method = get_method(resolved.method)
@@ -40,7 +41,7 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
         from .data import load_calibration
 
         calib = load_calibration(resolved.calib, tokenizer, resolved.nsamples, resolved.seqlen, resolved.seed)
-    if isinstance(method, MergeMethod):
+    if isinstance(method, MergeMethod) or getattr(method, "greedy", False):
         levels = Levels(smaller, on_level)
         out = method.compress(model, tokenizer, resolved.at(largest), calib, model_name, levels)
         if levels.handed != smaller:

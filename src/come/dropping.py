@@ -5,6 +5,7 @@ refit to reproduce the dense output of its whole group (drop + refit, ReplaceMe'
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Callable
 
 from torch import Tensor, nn
 
@@ -13,6 +14,9 @@ from .errors import ComeError
 from .layer_refit import refit_layer, write_down_proj
 from .plan import MergeRecord, Plan
 from .preparation import finish, prepare
+
+if TYPE_CHECKING:
+    from .activation_cache import ActivationCache
 
 log = logging.getLogger("come")
 
@@ -33,16 +37,17 @@ def absorb(removed: list[int], n_layers: int) -> list[list[int]]:
     return groups
 
 
-def compress_by_dropping(method, model: nn.Module, tokenizer, cfg, calib: Tensor | None,
-                         model_name: str) -> tuple[nn.Module, Plan]:
-    """Remove the layers `method.select` chooses (cfg resolved); refit where asked."""
+def compress_by_dropping(method, model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: str,
+                         select: Callable[[ActivationCache, int, object], list[int]]) -> tuple[nn.Module, Plan]:
+    """Remove the layers `select(cache, n, cfg)` chooses (`method.select`, or a greedy order
+    shared by several levels; cfg resolved); refit where `method` asks."""
     features = method.refit_features
     refit = method.needs_dense(cfg)
     run = prepare(model, tokenizer, cfg, calib, model_name, keep_dense=refit)
     adapter, cache, plan = run.adapter, run.cache, run.plan
     cache.refresh()
     bi = [s.bi for s in cache.stats]
-    removed = method.select(cache, run.n_remove, cfg)
+    removed = select(cache, run.n_remove, cfg)
     groups = absorb(removed, plan.num_layers_before)
     log.info("%s drops original layers %s", cfg.method, removed)
     kept = [next(i for i in g if i not in removed) for g in groups]

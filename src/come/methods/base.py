@@ -9,9 +9,11 @@ registry, so adding a method is one new file.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, ClassVar
 
 from ..adapters import LayerWeights
+from ..budget import merge_budget
 from ..dropping import compress_by_dropping
 from ..errors import ComeError
 from ..pair_scoring import BUILT_SCORES, ERROR_SCORES
@@ -98,15 +100,38 @@ class DropMethod(Method):
 
     refit_features: ClassVar[str] = "channels"  # "channels": our refit; "mlp_out": a hidden x hidden map
     always_refits: ClassVar[bool] = False  # the method's own recovery, whatever --refit says
+    # True: the method removes layers one at a time, each choice seeing the ones before
+    # (`removal_order`), so its choice of n layers is the first n of its choice of more, and
+    # a --sparsity list computes the order once, for the largest level
+    greedy: ClassVar[bool] = False
 
     def needs_dense(self, cfg) -> bool:
         return self.always_refits or cfg.refit == "ls"
 
     def select(self, cache: "ActivationCache", n: int, cfg) -> list[int]:
         """The `n` original layers to remove (the cache has profiled the dense model)."""
+        if self.greedy:
+            return sorted(self.removal_order(cache, n, cfg))
+        raise NotImplementedError
+
+    def removal_order(self, cache: "ActivationCache", n: int, cfg) -> list[int]:
+        """A greedy method's `n` layers in the order it removes them."""
         raise NotImplementedError
 
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        if levels is not None:  # which layers go depends on the level: compression.compress runs each
+        if levels is None:
+            return compress_by_dropping(self, model, tokenizer, cfg, calib, model_name, self.select)
+        if not self.greedy:  # which layers go depends on the level: compression.compress runs each
             raise ValueError(f"{self.name} drops layers in one shot: run each level on its own")
-        return compress_by_dropping(self, model, tokenizer, cfg, calib, model_name)
+        n_largest, order = merge_budget(model, cfg.sparsity)[2], []
+
+        def select(cache, n, level_cfg):  # every level profiles the same dense model: one order serves all
+            if not order:
+                order.extend(self.removal_order(cache, n_largest, cfg))
+            return sorted(order[:n])
+
+        for sparsity in levels.sparsities:  # each level drops (and refits) on its own copy of the dense model
+            levels.receive(*compress_by_dropping(self, copy.deepcopy(model), tokenizer, cfg.at(sparsity), calib,
+                                                 model_name, select))
+            levels.handed.append(sparsity)
+        return compress_by_dropping(self, model, tokenizer, cfg, calib, model_name, select)

@@ -81,5 +81,7 @@ class SLEB(DropMethod):
     order = 60
     compared_by_default = False
 
-    def select(self, cache, n, cfg):
-        return sorted(sleb_order(cache, n, cfg.protect))
+    greedy = True
+
+    def removal_order(self, cache, n, cfg):
+        return sleb_order(cache, n, cfg.protect)
