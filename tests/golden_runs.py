@@ -68,7 +68,8 @@ def weights_record(model) -> dict:
 def run_record(model, tokenizer, calib, overrides: dict, model_name: str = "") -> dict:
     from come import CompressConfig, compress
 
-    cfg = CompressConfig(**{"sparsity": 0.3, "device": "cpu", "batch_size": 4, **overrides})
+    # recorded with full re-profiling, the default until 2026-12-03 (the window has its own tests)
+    cfg = CompressConfig(**{"sparsity": 0.3, "device": "cpu", "batch_size": 4, "reprofile": "full", **overrides})
     out, plan = compress(model, tokenizer, cfg, calib=calib, model_name=model_name)
     return {"plan": _strip(json.loads(plan.to_json())), "weights": weights_record(out)}
 

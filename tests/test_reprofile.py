@@ -79,7 +79,7 @@ def _same_weights(a, b) -> bool:
 def test_window_equals_full_when_it_must(tokenizer, caches, window, early, pair_score):
     """A window as long as the model, or a drift threshold of 0 (every check re-runs all), is
     `full`: the same Plan decisions, the same weights byte for byte, the same layer-forwards."""
-    full_model, full = _compress(tokenizer, pair_score=pair_score, **early)
+    full_model, full = _compress(tokenizer, pair_score=pair_score, reprofile="full", **early)
     model, plan = _compress(tokenizer, pair_score=pair_score, reprofile="window", **window, **early)
     assert len(plan.merges) >= 3
     assert _decisions(plan) == _decisions(full)
@@ -121,7 +121,7 @@ def test_window_counts_its_forwards_and_needs_fewer(tokenizer, caches, monkeypat
     """layer_forwards = the layer passes actually made (each over the 2 calibration batches),
     in both modes; the window, with a threshold its drifts stay under, makes fewer."""
     passes = _count_layer_passes(monkeypatch)
-    _, full = _compress(tokenizer, refit=refit)
+    _, full = _compress(tokenizer, refit=refit, reprofile="full")
     assert passes[0] == full.layer_forwards
     passes[0] = 0
     _, plan = _compress(tokenizer, refit=refit, reprofile="window", reprofile_window=1, reprofile_drift=10.0)
@@ -139,7 +139,7 @@ def test_strided_cache_window(tokenizer, caches, monkeypatch, threshold):
     (the refit's inputs past it run anew): the count stays honest, the windows save passes,
     and threshold 0 is `full`."""
     passes = _count_layer_passes(monkeypatch)
-    full_model, full = _compress(tokenizer, **EARLY, **STRIDE_2)
+    full_model, full = _compress(tokenizer, reprofile="full", **EARLY, **STRIDE_2)
     assert passes[0] == full.layer_forwards
     passes[0] = 0
     model, plan = _compress(tokenizer, **EARLY, reprofile="window", reprofile_window=1, reprofile_drift=threshold,
@@ -190,8 +190,8 @@ def test_refit_reads_true_inputs_in_window_mode(tokenizer, caches, monkeypatch, 
     (dict(reprofile="window", reprofile_drift=math.nan), "--reprofile-drift >= 0"),
     (dict(reprofile="window", reprofile_drift=math.inf), "--reprofile-drift >= 0"),
     (dict(reprofile="sometimes"), "--reprofile must be one of full, window"),
-    (dict(reprofile_window=3), "add --reprofile window"),
-    (dict(reprofile_drift=0.1), "add --reprofile window"),
+    (dict(reprofile="full", reprofile_window=3), "add --reprofile window"),
+    (dict(method="laco", reprofile_drift=0.1), "add --reprofile window"),
 ])
 def test_bad_values_are_one_line(bad, match):
     with pytest.raises(ComeError, match=match) as e:
@@ -233,7 +233,7 @@ def test_dense_targets_survive_a_merge_at_position_0(tokenizer, caches, monkeypa
     model = tiny_model("llama", layers=LAYERS)
     dense = copy.deepcopy(model)
     calib = _calib(tokenizer)
-    compress(model, tokenizer, CompressConfig(sparsity=0.3, device="cpu", batch_size=4), calib=calib)
+    compress(model, tokenizer, CompressConfig(sparsity=0.3, device="cpu", batch_size=4, reprofile="full"), calib=calib)
     assert picks[0] == 0 and len(picks) >= 2  # later merges (and their refits) came after the merge at 0
     cache = caches[-1]
     with torch.no_grad():

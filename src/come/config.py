@@ -26,7 +26,7 @@ HeadScore = Literal["channel", "exact"]
 Sensitivity = Literal["l1", "taylor", "magnitude"]
 
 # The authors' code's choices where our defaults differ (`come compress --official`).
-OFFICIAL = {"norm": "average", "refit": "none", "split": "bi", "pair_score": "angular"}
+OFFICIAL = {"norm": "average", "refit": "none", "split": "bi", "pair_score": "angular", "reprofile": "full"}
 
 
 def official_settings(split: str) -> dict:
@@ -139,14 +139,17 @@ class CompressConfig:
                                      choices=RefitInput.__args__)
     select: Select = option("angle", "replaceme: angle (published block) | bi (ShortGPT's layers).",
                             choices=Select.__args__)
-    reprofile: Reprofile = option(
-        "full", "What re-runs after a merge at layer l. full: layers l..end (fresh statistics and pair scores "
+    reprofile: Reprofile | None = option(
+        None, "What re-runs after a merge at layer l. full: layers l..end (fresh statistics and pair scores "
                 "everywhere); window: layers l..l+W (--reprofile-window) only, the later layers keep the statistics "
                 "and pair scores they had (stale) unless the hidden state leaving the window moved, relative to the "
                 "one they were computed from, by --reprofile-drift or more: then they re-run too. The refit always "
-                "reads the current model's true states (BENCHMARKS.md: Windowed re-profiling).",
+                "reads the current model's true states. Default: window for come (DECISION: within 2% of full's "
+                "perplexity on three splits and within noise on the tasks, 1.5-2x less re-profiling; BENCHMARKS.md: "
+                "Windowed re-profiling), full for the other methods, --split search, --merge-item > 2, the pair scores "
+                "that build merges, and --official (the authors re-run the whole model).",
         choices=Reprofile.__args__)
-    reprofile_window: int = option(2, "--reprofile window: layers after the merged one that re-run (>= 1).")
+    reprofile_window: int = option(4, "--reprofile window: layers after the merged one that re-run (>= 1).")
     reprofile_drift: float = option(0.2, "--reprofile window: relative change of the state leaving the window "
                                          "(Frobenius norm, all calibration tokens) that re-runs every later layer; "
                                          "0 re-runs them always (= full).")
@@ -156,8 +159,11 @@ class CompressConfig:
         is left as it is. One line naming the problem and the fix on bad settings."""
         method = get_method(self.method)
         levels = self.levels()
-        cfg = replace(self, refit=self.refit or method.default_refit,
-                      pair_score=self.pair_score or method.default_pair_score,
+        pair_score = self.pair_score or method.default_pair_score
+        # the window is the default only where it was measured against full (BENCHMARKS.md)
+        window_fits = self.merge_item == 2 and self.split != "search" and pair_score not in BUILT_SCORES
+        cfg = replace(self, refit=self.refit or method.default_refit, pair_score=pair_score,
+                      reprofile=self.reprofile or (method.default_reprofile if window_fits else "full"),
                       sparsity=levels[0] if len(levels) == 1 else levels)
         outside = [s for s in levels if not 0.0 < s <= 0.9]
         if outside:

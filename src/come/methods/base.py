@@ -45,6 +45,7 @@ class Method:
     order: ClassVar[int] = 100  # place in listings
     default_refit: ClassVar[str] = "none"  # what --refit resolves to when not given
     default_pair_score: ClassVar[str] = "angular"  # what --pair-score resolves to when not given
+    default_reprofile: ClassVar[str] = "full"  # what --reprofile resolves to when not given (and it fits)
     compared_by_default: ClassVar[bool] = True  # a row of `come compare` when --methods is not given
 
     def check(self, cfg) -> None:
