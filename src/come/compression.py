@@ -4,14 +4,13 @@ hands over every level on its way to the largest."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 from torch import Tensor, nn
 
 from .config import CompressConfig
 from .errors import ComeError
-from .methods import MergeMethod, get_method
+from .methods import get_method
 from .plan import Plan
 from .preparation import Levels
 
@@ -41,12 +40,8 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
         from .data import load_calibration
 
         calib = load_calibration(resolved.calib, tokenizer, resolved.nsamples, resolved.seqlen, resolved.seed)
-    if isinstance(method, MergeMethod) or getattr(method, "greedy", False):
-        levels = Levels(smaller, on_level)
-        out = method.compress(model, tokenizer, resolved.at(largest), calib, model_name, levels)
-        if levels.handed != smaller:
-            raise ComeError(f"--method {method.name} did not pass the levels {smaller} on its way; give one --sparsity")
-        return out
-    for sparsity in smaller:
-        on_level(*method.compress(copy.deepcopy(model), tokenizer, resolved.at(sparsity), calib, model_name))
-    return method.compress(model, tokenizer, resolved.at(largest), calib, model_name)
+    levels = Levels(smaller, on_level)
+    out = method.compress(model, tokenizer, resolved.at(largest), calib, model_name, levels)
+    if levels.handed != smaller:
+        raise ComeError(f"--method {method.name} did not pass the levels {smaller} on its way; give one --sparsity")
+    return out

@@ -120,18 +120,18 @@ class DropMethod(Method):
         raise NotImplementedError
 
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        if levels is None:
-            return compress_by_dropping(self, model, tokenizer, cfg, calib, model_name, self.select)
-        if not self.greedy:  # which layers go depends on the level: compression.compress runs each
-            raise ValueError(f"{self.name} drops layers in one shot: run each level on its own")
-        n_largest, order = merge_budget(model, cfg.sparsity)[2], []
+        select = self.select
+        if levels is not None and self.greedy:
+            n_largest, order = merge_budget(model, cfg.sparsity)[2], []
 
-        def select(cache, n, level_cfg):  # every level profiles the same dense model: one order serves all
-            if not order:
-                order.extend(self.removal_order(cache, n_largest, cfg))
-            return sorted(order[:n])
+            def select(cache, n, level_cfg):  # every level profiles the same dense model: one order serves all
+                if not order:
+                    order.extend(self.removal_order(cache, n_largest, cfg))
+                return sorted(order[:n])
 
-        for sparsity in levels.sparsities:  # each level drops (and refits) on its own copy of the dense model
+        # which layers go, and the refit of the ones kept, depend on the level: each smaller level
+        # drops (and refits) on its own copy of the dense model
+        for sparsity in levels.sparsities if levels is not None else ():
             levels.receive(*compress_by_dropping(self, copy.deepcopy(model), tokenizer, cfg.at(sparsity), calib,
                                                  model_name, select))
             levels.handed.append(sparsity)
