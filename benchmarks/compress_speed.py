@@ -6,9 +6,10 @@ model after every merge (same code with the activation cache disabled). All in o
     python benchmarks/compress_speed.py --model ~/.cache/come/smollm2-135m --sparsity 0.3
     python benchmarks/compress_speed.py --random-llama-1b --nsamples 8 --seqlen 256
 
-`--window W --drift D` set the `--reprofile window` rows (W layers re-run after each merge,
-D the drift that re-runs the rest; --window 0: no such rows); their layer-forwards are
-printed against one dense pass and against the naive loop.
+`--reprofile full,window` picks the re-profiling modes timed, each with and without the
+refit (window, today's default, re-runs W = `--window` layers after each merge and the rest
+only when the state leaving them drifted by `--drift`); each is printed against one dense
+pass and against the naive loop.
 
 The refit's cost is reported twice: its own steps timed inside the run (robust to a noisy
 machine) and the end-to-end difference between the rows with and without it.
@@ -39,8 +40,11 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive re-profile row (the slowest)")
+    ap.add_argument("--reprofile", type=lambda v: v.split(","), default=["full", "window"],
+                    help="comma list of re-profiling modes to time, each with and without the refit "
+                         "(window is today's default)")
     ap.add_argument("--window", type=int, default=CompressConfig.reprofile_window,
-                    help="--reprofile-window of the window rows (0: no such rows)")
+                    help="--reprofile-window of the window rows")
     ap.add_argument("--drift", type=float, default=CompressConfig.reprofile_drift,
                     help="--reprofile-drift of the window rows")
     ap.add_argument("--repeats", type=int, default=1, help="run every row N times, interleaved; report the fastest")
@@ -59,13 +63,17 @@ def main() -> int:
                 model.model(input_ids=batch, use_cache=False)
         return time.perf_counter() - t0
 
-    runs = [("come (cached, no refit)", {"refit": "none"}), ("come (cached, + refit)", {})]
-    window = {"reprofile": "window", "reprofile_window": a.window, "reprofile_drift": a.drift}
-    if a.window:
-        runs += [(f"come window W={a.window} drift {a.drift:g} (no refit)", {"refit": "none", **window}),
-                 (f"come window W={a.window} drift {a.drift:g} (+ refit)", window)]
+    # one (no refit, + refit) pair of rows per re-profiling mode; "window" is today's default
+    modes = {"full": {"reprofile": "full"},
+             "window": {"reprofile": "window", "reprofile_window": a.window, "reprofile_drift": a.drift}}
+    names = {"full": "come full re-profile", "window": f"come window W={a.window} drift {a.drift:g}"}
+    pairs = {m: (f"{names[m]} (no refit)", f"{names[m]} (+ refit)") for m in a.reprofile}
+    runs = []
+    for m, (plain, fitted) in pairs.items():
+        runs += [(plain, {"refit": "none", **modes[m]}), (fitted, modes[m])]
+    naive = "naive re-profile (no refit)"
     if not a.no_naive:
-        runs.append(("naive re-profile (no refit)", {"refit": "none", "max_cache_gb": 1e-12}))
+        runs.append((naive, {"refit": "none", "reprofile": "full", "max_cache_gb": 1e-12}))
     # repeats interleave (floor, run 1, run 2, ...) so that a slow spell of a shared machine
     # hits every row alike; each row reports its fastest repeat, the usual benchmark estimate
     floors, times = [], {label: [] for label, _ in runs}
@@ -90,27 +98,23 @@ def main() -> int:
         secs, plan = min(times[label]), plans[label]
         print(f"| {label} | {secs:.1f}{_spread(times[label])} | {secs / floor:.2f} | {plan.layer_forwards} | "
               f"{plan.num_layers_after} |")
-    (plain, _), (fitted, _) = runs[:2]
-    extra = min(times[fitted]) - min(times[plain])
-    steps = [m.refit for m in plans[fitted].merges if m.refit]
-    own, solves = sum(r["seconds"] for r in steps), sum(r["solve_seconds"] for r in steps)
-    print(f"\nthe refit's own steps, timed inside the fastest + refit run ({len(steps)} refits: inputs, one layer pass "
-          f"with the Gram accumulation, the solves): {own:.1f}s = {own / floor:.2f} calibration passes "
-          f"(ridge solves {solves:.1f}s = {solves / floor:.2f})")
-    print(f"end to end (fastest repeats): the refit adds {extra / min(times[plain]):+.0%} to the cached run = "
-          f"{extra / floor:.2f} calibration passes (this also holds any difference in merge path: "
-          f"{plans[fitted].layer_forwards} vs {plans[plain].layer_forwards} layer-forwards)")
-    if not a.no_naive:
-        print(f"cached vs naive (no refit): {min(times[runs[-1][0]]) / min(times[plain]):.2f}x faster")
-    if a.window:
-        (w_plain, _), (w_fitted, _) = runs[2:4]
-        naive = plans[runs[-1][0]].layer_forwards if not a.no_naive else None
-        for label, ref in ((w_plain, plain), (w_fitted, fitted)):
-            f = plans[label].layer_forwards
-            vs_naive = f"; {naive / f:.2f}x fewer than naive (no refit, {naive})" if naive else ""
-            print(f"{label}: {f} layer-forwards = {f / n_layers:.2f} dense passes (full: "
-                  f"{plans[ref].layer_forwards / n_layers:.2f}){vs_naive}; same groups as full: "
-                  f"{plans[label].groups == plans[ref].groups}")
+    print()
+    for m, (plain, fitted) in pairs.items():
+        extra = min(times[fitted]) - min(times[plain])
+        steps = [s.refit for s in plans[fitted].merges if s.refit]
+        own, solves = sum(r["seconds"] for r in steps), sum(r["solve_seconds"] for r in steps)
+        print(f"{m}: the refit's own steps, timed inside the fastest + refit run ({len(steps)} refits: inputs, one "
+              f"layer pass with the Gram accumulation, the solves): {own:.1f}s = {own / floor:.2f} calibration "
+              f"passes (ridge solves {solves:.1f}s = {solves / floor:.2f}); end to end (fastest repeats) it adds "
+              f"{extra / min(times[plain]):+.0%} = {extra / floor:.2f} passes (this also holds any difference in "
+              f"merge path: {plans[fitted].layer_forwards} vs {plans[plain].layer_forwards} layer-forwards)")
+        if not a.no_naive:
+            f = plans[plain].layer_forwards
+            print(f"{m} vs naive (no refit): {min(times[naive]) / min(times[plain]):.2f}x faster; "
+                  f"{plans[naive].layer_forwards / f:.2f}x fewer layer-forwards ({f} vs {plans[naive].layer_forwards})")
+    if set(pairs) == {"full", "window"}:
+        for full, window in zip(pairs["full"], pairs["window"]):
+            print(f"{window}: same groups as full: {plans[window].groups == plans[full].groups}")
     return 0
 
 

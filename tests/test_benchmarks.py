@@ -51,13 +51,14 @@ def test_benchmarks_import_only_common():
 def test_compress_speed_model_flags():
     """compress_speed takes the shared model options but, running on the CPU only, no --device."""
     out = _run(str(BENCH / "compress_speed.py"), "--help")
-    assert all(flag in out for flag in ("--model", "--random-llama-1b", "--quick", "--no-naive", "--repeats"))
+    assert all(flag in out for flag in ("--model", "--random-llama-1b", "--quick", "--no-naive", "--repeats", "--reprofile"))
     assert "--device" not in out
 
 
 def test_compress_speed_quick():
     out = _run(str(BENCH / "compress_speed.py"), "--quick")
     assert "x floor" in out and "naive re-profile" in out and "faster" in out and "calibration passes" in out
+    assert "come full re-profile (+ refit)" in out and "come window W=4 drift 0.2 (+ refit)" in out
 
 
 def test_inference_quick():
