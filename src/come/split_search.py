@@ -29,6 +29,8 @@ import logging
 import math
 from collections.abc import Callable
 
+from tqdm.auto import tqdm
+
 from .activation_cache import ActivationCache
 from .adapters import LayerWeights
 from .errors import ComeError
@@ -53,7 +55,8 @@ def search_split(cache: ActivationCache, k: int, group: list[int], choose: Calla
     scratch = copy.deepcopy(cache.adapter.decoder_layers(cache.model)[k])
     inputs = cache.inputs_at(k) if cfg.split_score == "nll" else None
     candidates, best = [], None
-    for r in split_grid(cfg.granularity):
+    # with the nll score each candidate runs the rest of the model: minutes a merge on a CPU
+    for r in tqdm(split_grid(cfg.granularity), desc=f"split search ({cfg.split_score})", leave=False, unit="split"):
         choice = choose(r)
         cache.adapter.write_layer(scratch, build(choice))
         if inputs is not None:

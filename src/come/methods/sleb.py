@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..errors import ComeError
 from ..lm_loss import next_token_nll
@@ -46,7 +47,8 @@ def candidate_losses(cache, kept: list[int], protect=()) -> dict[int, float]:
         return runner.run(layers[i], h, False, position=i)[0]
 
     losses, h = {}, cache.states[0]
-    for j, c in enumerate(kept):
+    # a step is K^2/2 layer passes: minutes on a CPU, so it shows its candidates go by
+    for j, c in enumerate(tqdm(kept, desc="sleb: scoring removals", leave=False, unit="block")):
         if c not in protect:
             out = h
             for i in kept[j + 1:]:
