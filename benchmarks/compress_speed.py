@@ -33,6 +33,14 @@ def _spread(times: list[float]) -> str:
     return f" (all: {', '.join(f'{t:.1f}' for t in times)})" if len(times) > 1 else ""
 
 
+def _modes(value: str) -> list[str]:
+    """--reprofile's comma list, checked here so a typo is one argparse line, not a KeyError."""
+    modes = value.split(",")
+    if not modes or any(m not in ("full", "window") for m in modes):
+        raise argparse.ArgumentTypeError(f"a comma list of full and window (got {value!r})")
+    return modes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap, device=False)  # the rows run on the CPU
@@ -40,7 +48,7 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive re-profile row (the slowest)")
-    ap.add_argument("--reprofile", type=lambda v: v.split(","), default=["full", "window"],
+    ap.add_argument("--reprofile", type=_modes, default=["full", "window"],
                     help="comma list of re-profiling modes to time, each with and without the refit "
                          "(window is today's default)")
     ap.add_argument("--window", type=int, default=CompressConfig.reprofile_window,
