@@ -33,12 +33,14 @@ def _spread(times: list[float]) -> str:
     return f" (all: {', '.join(f'{t:.1f}' for t in times)})" if len(times) > 1 else ""
 
 
-def _modes(value: str) -> list[str]:
-    """--reprofile's comma list, checked here so a typo is one argparse line, not a KeyError."""
-    modes = value.split(",")
-    if not modes or any(m not in ("full", "window") for m in modes):
-        raise argparse.ArgumentTypeError(f"a comma list of full and window (got {value!r})")
-    return modes
+def _comma_list(*allowed: str):
+    """A comma-list argument type, checked here so a typo is one argparse line, not a KeyError."""
+    def parse(value: str) -> list[str]:
+        items = value.split(",")
+        if any(m not in allowed for m in items):
+            raise argparse.ArgumentTypeError(f"a comma list of {' and '.join(allowed)} (got {value!r})")
+        return items
+    return parse
 
 
 def main() -> int:
@@ -48,9 +50,12 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive re-profile row (the slowest)")
-    ap.add_argument("--reprofile", type=_modes, default=["full", "window"],
+    ap.add_argument("--reprofile", type=_comma_list("full", "window"), default=["full", "window"],
                     help="comma list of re-profiling modes to time, each with and without the refit "
                          "(window is today's default)")
+    ap.add_argument("--refit", type=_comma_list("none", "ls"), default=["none", "ls"],
+                    help="comma list of the refits each mode is timed with (ls: today's default; "
+                         "only ls skips the slow no-refit rows)")
     ap.add_argument("--window", type=int, default=CompressConfig.reprofile_window,
                     help="--reprofile-window of the window rows")
     ap.add_argument("--drift", type=float, default=CompressConfig.reprofile_drift,
@@ -75,10 +80,9 @@ def main() -> int:
     modes = {"full": {"reprofile": "full"},
              "window": {"reprofile": "window", "reprofile_window": a.window, "reprofile_drift": a.drift}}
     names = {"full": "come full re-profile", "window": f"come window W={a.window} drift {a.drift:g}"}
+    refits = {"none": ("no refit", {"refit": "none"}), "ls": ("+ refit", {"refit": "ls"})}
+    runs = [(f"{names[m]} ({refits[r][0]})", {**refits[r][1], **modes[m]}) for m in a.reprofile for r in a.refit]
     pairs = {m: (f"{names[m]} (no refit)", f"{names[m]} (+ refit)") for m in a.reprofile}
-    runs = []
-    for m, (plain, fitted) in pairs.items():
-        runs += [(plain, {"refit": "none", **modes[m]}), (fitted, modes[m])]
     naive = "naive re-profile (no refit)"
     if not a.no_naive:
         runs.append((naive, {"refit": "none", "reprofile": "full", "max_cache_gb": 1e-12}))
@@ -108,20 +112,23 @@ def main() -> int:
               f"{plan.num_layers_after} |")
     print()
     for m, (plain, fitted) in pairs.items():
-        extra = min(times[fitted]) - min(times[plain])
-        steps = [s.refit for s in plans[fitted].merges if s.refit]
-        own, solves = sum(r["seconds"] for r in steps), sum(r["solve_seconds"] for r in steps)
-        print(f"{m}: the refit's own steps, timed inside the fastest + refit run ({len(steps)} refits: inputs, one "
-              f"layer pass with the Gram accumulation, the solves): {own:.1f}s = {own / floor:.2f} calibration "
-              f"passes (ridge solves {solves:.1f}s = {solves / floor:.2f}); end to end (fastest repeats) it adds "
-              f"{extra / min(times[plain]):+.0%} = {extra / floor:.2f} passes (this also holds any difference in "
-              f"merge path: {plans[fitted].layer_forwards} vs {plans[plain].layer_forwards} layer-forwards)")
-        if not a.no_naive:
+        if fitted in plans:
+            steps = [s.refit for s in plans[fitted].merges if s.refit]
+            own, solves = sum(r["seconds"] for r in steps), sum(r["solve_seconds"] for r in steps)
+            print(f"{m}: the refit's own steps, timed inside the fastest + refit run ({len(steps)} refits: inputs, one "
+                  f"layer pass with the Gram accumulation, the solves): {own:.1f}s = {own / floor:.2f} calibration "
+                  f"passes (ridge solves {solves:.1f}s = {solves / floor:.2f})")
+        if fitted in plans and plain in plans:
+            extra = min(times[fitted]) - min(times[plain])
+            print(f"{m}: end to end (fastest repeats) the refit adds {extra / min(times[plain]):+.0%} = "
+                  f"{extra / floor:.2f} passes (this also holds any difference in merge path: "
+                  f"{plans[fitted].layer_forwards} vs {plans[plain].layer_forwards} layer-forwards)")
+        if not a.no_naive and plain in plans:
             f = plans[plain].layer_forwards
             print(f"{m} vs naive (no refit): {min(times[naive]) / min(times[plain]):.2f}x faster; "
                   f"{plans[naive].layer_forwards / f:.2f}x fewer layer-forwards ({f} vs {plans[naive].layer_forwards})")
     if set(pairs) == {"full", "window"}:
-        for full, window in zip(pairs["full"], pairs["window"]):
+        for full, window in zip(*(tuple(r for r in pairs[m] if r in plans) for m in ("full", "window"))):
             print(f"{window}: same groups as full: {plans[window].groups == plans[full].groups}")
     return 0
 

@@ -131,7 +131,7 @@ def test_collect_refit_runs_the_layer_as_the_model_does(family, batches):
             lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out) and None)
         try:
             features = "channels" if adapter.experts(layer) is None else "mlp_out"  # MoE: the map (layer_refit.py)
-            train, hold = runner.collect_refit(layer, ins[k], want[k], [False, True], features, position=k)
+            train, hold, _ = runner.collect_refit(layer, ins[k], want[k], [False, True], features, position=k)
         finally:
             hook.remove()
         torch.testing.assert_close(seen, want[k], **EXACT, msg=lambda m, k=k: f"layer {k}: {m}")
@@ -152,6 +152,49 @@ def test_cache_and_refit_use_each_position_type(family, batches):
         torch.testing.assert_close(cache.inputs_at(k), ins[k], **EXACT)
         assert refit_layer(cache, k, [k], "compressed", solve=False).err_before < 1e-6, k
         assert refit_layer(cache, k, [k], "dense", layer=copy.deepcopy(layer), solve=False).err_before < 1e-6, k
+
+
+def test_a_kept_refit_pass_stands_in_for_the_layer_pass(family, batches):
+    """refit_layer(keep=True) keeps its pass where the layer's output is x1 + down(a) (no
+    post-norm, not MoE): after the refit's write, the re-profiling reads from it the very
+    outputs and statistics a layer pass gives, bit for bit. Elsewhere it keeps nothing."""
+    model, adapter, runner = _setup(family)
+    cfg = SimpleNamespace(pair_score="bi", head_score="exact", refit_holdout=0.5, max_cache_gb=1.0)
+    cache = ActivationCache(model, adapter, runner, cfg, runner.embed(batches), stride=1, dense_batches=2)
+    cache.refresh()
+    kept = []
+    for k, layer in enumerate(adapter.decoder_layers(model)):
+        cache.kept_pass = None
+        refit_layer(cache, k, [k], "compressed", keep=True)
+        kept.append(cache.kept_pass is not None)
+        if not kept[-1]:
+            continue
+        assert cache.kept_pass.holds_for(k, cache.inputs_at(k)) and not cache.kept_pass.holds_for(k + 1, cache.inputs_at(k))
+        with torch.no_grad():  # what the refit writes: a new down projection
+            adapter.ffn_output_proj(layer).weight.mul_(0.5).add_(0.01)
+        got, got_st = cache.kept_pass.finish(runner, layer)
+        want, want_st = runner.run(layer, cache.inputs_at(k), True, "exact", position=k)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), k
+        for field in ("attn_abs_mean", "ffn_abs_mean", "head_out_l1"):
+            assert torch.equal(getattr(got_st, field), getattr(want_st, field)), (k, field)
+        assert got_st.bi == want_st.bi, k
+    # kept in every layer of the families whose FFN output adds as it is, in none of the others
+    assert kept == [family in ("llama", "mistral", "phi3", "qwen2", "qwen3")] * len(kept)
+
+
+def test_a_kept_pass_needs_room_in_the_cache_budget(batches):
+    """The kept activations count against --max-cache-gb: with no room, nothing is kept."""
+    model, adapter, runner = _setup("llama")
+    cfg = SimpleNamespace(pair_score="bi", head_score="channel", refit_holdout=0.5, max_cache_gb=1e-6)
+    cache = ActivationCache(model, adapter, runner, cfg, runner.embed(batches), stride=1, dense_batches=2)
+    cache.refresh()
+    refit_layer(cache, 1, [1], "compressed", keep=True)
+    assert cache.kept_pass is None
+    cache.cfg.max_cache_gb = 1.0
+    refit_layer(cache, 1, [1], "compressed", keep=True)
+    assert cache.kept_pass is not None
+    cache.forget_after(0)  # layer 0 changed: the pass over layer 1 no longer holds
+    assert cache.kept_pass is None
 
 
 def test_mixed_types_need_the_position(batches):

@@ -86,7 +86,7 @@ def test_layer_refit_to_its_own_output_keeps_its_weights(tokenizer):
     h = runner.embed(list(ids.split(2)))
     layer = adapter.decoder_layers(model)[2]
     y, _ = runner.run(layer, h, False)
-    train, hold = runner.collect_refit(layer, h, y, [False, False, False, True])
+    train, hold, _ = runner.collect_refit(layer, h, y, [False, False, False, True])
     w0 = layer.mlp.down_proj.weight.detach().clone()
     res = fit(train, hold, w0)
     assert res.err_before < 1e-12
@@ -157,7 +157,7 @@ def test_replaceme_map_recovers_an_exactly_linear_block(tokenizer):
     with torch.no_grad():
         target_layer.mlp.down_proj.weight.copy_(m_true @ w0)
     y, _ = runner.run(target_layer, h, False)
-    train, hold = runner.collect_refit(layer, h, y, [False, False, False, True], features="mlp_out")
+    train, hold, _ = runner.collect_refit(layer, h, y, [False, False, False, True], features="mlp_out")
     res = fit_map(train, hold, w0)
     assert res.kept and res.err_after < 1e-3 * res.err_before
     torch.testing.assert_close(res.weight, m_true @ w0, rtol=5e-2, atol=5e-3)  # fp32 Gram products

@@ -241,3 +241,15 @@ def test_dense_targets_survive_a_merge_at_position_0(tokenizer, caches, monkeypa
             hs = dense(batch, output_hidden_states=True).hidden_states
             for k in range(1, LAYERS):  # the last entry has the final norm applied
                 torch.testing.assert_close(cache.dense[k][i], hs[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reprofile", ["window", "full"])
+def test_the_refit_pass_stands_in_for_the_merged_layers_profiling(tokenizer, monkeypatch, reprofile):
+    """The refit's pass over a merged layer, kept (profile.KeptPass), saves the re-profiling
+    pass over that layer after every merge but the last, and changes nothing: the same
+    decisions and the same weights as a run with no room to keep it."""
+    model, plan = _compress(tokenizer, reprofile=reprofile)
+    monkeypatch.setattr(ActivationCache, "has_room", lambda self, nbytes: False)
+    rerun_model, rerun = _compress(tokenizer, reprofile=reprofile)
+    assert _decisions(plan) == _decisions(rerun) and _same_weights(model, rerun_model)
+    assert rerun.layer_forwards - plan.layer_forwards == len(plan.merges) - 1 > 0

@@ -10,7 +10,9 @@ ran in), unless the hidden state leaving the window has moved, relative to the s
 stale statistics were computed from, by `--reprofile-drift` or more: then every later layer
 re-runs, as in `full`. Only TRUE states of the current model are ever cached in `states`
 (what `inputs_at`, so the refit, reads): the states a stale layer's statistics came from are
-kept apart in `ref`, for the drift check alone.
+kept apart in `ref`, for the drift check alone. After a merge, the refit's pass over the
+merged layer may be kept (profile.KeptPass, when it fits in the budget): the re-profiling
+then takes that layer's outputs and statistics from it instead of running the layer again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter
 from .backprop import unit_taylor
 from .errors import ComeError
-from .profile import LayerRunner, LayerStats
+from .profile import KeptPass, LayerRunner, LayerStats
 from .selection import ALL_TOKEN_SCORES, mean_token_distance, skip_scores
 
 log = logging.getLogger("come")
@@ -60,6 +62,8 @@ class ActivationCache:
         self.window = getattr(cfg, "reprofile", "full") == "window"
         self.ref: dict[int, list[Tensor]] = {}
         self.drifts: list[tuple[int, int, float, bool]] = []
+        # a refit pass over the layer just merged, standing in for its re-profiling (profile.KeptPass)
+        self.kept_pass: KeptPass | None = None
         n_hold = max(1, round(cfg.refit_holdout * dense_batches))
         self.held_out = [i >= dense_batches - n_hold for i in range(dense_batches)]
 
@@ -87,8 +91,13 @@ class ActivationCache:
         window = self.window and not first_pass
         rerun = False  # window mode: the state leaving the window moved too far, every later layer re-runs
         for k in tqdm(range(start, len(layers)), desc="profiling layers", leave=False, unit="layer"):
-            out, st = self.runner.run(layers[k], h, self.stats[k] is None or rerun, self.cfg.head_score, position=k)
-            self.forwards += 1
+            want = self.stats[k] is None or rerun
+            if self.kept_pass is not None and self.kept_pass.holds_for(k, h):  # the refit pass over layer k
+                (out, st), self.kept_pass = self.kept_pass.finish(self.runner, layers[k]), None
+                st = st if want else None
+            else:
+                out, st = self.runner.run(layers[k], h, want, self.cfg.head_score, position=k)
+                self.forwards += 1
             if st is not None:
                 self.stats[k] = st
                 self.ref.pop(k, None)
@@ -147,7 +156,7 @@ class ActivationCache:
     def layers_removed(self) -> None:
         """Layers were dropped (one-shot methods): only the embedding cache still holds."""
         n = len(self.adapter.decoder_layers(self.model))
-        self.states, self.ref = {0: self.states[0]}, {}
+        self.states, self.ref, self.kept_pass = {0: self.states[0]}, {}, None
         self.stats, self.last_tok, self.pair_all = [None] * n, [None] * (n + 1), [None] * max(n - 1, 0)
 
     def pair_scores(self) -> list[float]:
@@ -181,8 +190,16 @@ class ActivationCache:
         self.forget_after(position)
 
     def forget_after(self, k: int) -> None:
-        """Layer k changed: cached inputs of the layers after it no longer hold."""
+        """Layer k changed: cached inputs of the layers after it, and a kept pass over it, no
+        longer hold."""
         self.states = {j: h for j, h in self.states.items() if j <= k}
+        self.kept_pass = None
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether `nbytes` more fit in --max-cache-gb beside the states cached now."""
+        held = {id(t): t.numel() * t.element_size()
+                for part in (self.states, self.dense or {}, self.ref) for batches in part.values() for t in batches}
+        return sum(held.values()) + nbytes <= getattr(self.cfg, "max_cache_gb", 0.0) * 2**30
 
 
 def relative_change(new: list[Tensor], old: list[Tensor]) -> float:

@@ -25,7 +25,7 @@ log = logging.getLogger("come")
 
 
 def refit_layer(cache: ActivationCache, k: int, group: list[int], inputs: str, features: str = "channels",
-                layer: nn.Module | None = None, solve: bool = True) -> RefitResult:
+                layer: nn.Module | None = None, solve: bool = True, keep: bool = False) -> RefitResult:
     """Refit current layer k's down projection to reproduce the dense output of `group`.
 
     inputs="compressed": the states entering layer k in the current model (corrects the
@@ -34,22 +34,30 @@ def refit_layer(cache: ActivationCache, k: int, group: list[int], inputs: str, f
     refit cost it); the caller decides what to write. solve=False: only the held-out
     error of the layer as it is (no solves). `layer` (default: current layer k) runs as the
     model runs position k: with k's attention type, whatever layer it is.
+    keep=True (a merge loop that will re-profile layer k next): where the pass can stand in
+    for that re-profiling (profile.KeptPass) and its activations fit in the cache budget, it
+    keeps them in the cache, which then skips one layer pass.
     """
     t0 = time.perf_counter()
+    keep = keep and layer is None and inputs == "compressed"
     layer = layer if layer is not None else cache.adapter.decoder_layers(cache.model)[k]
     proj = cache.adapter.ffn_output_proj(layer)
     moe = isinstance(proj, ExpertUnits)
     features = "mlp_out" if moe else features
     x = cache.inputs_at(k) if inputs == "compressed" else cache.dense[group[0]]
-    train, hold = cache.runner.collect_refit(layer, x, cache.dense[group[-1] + 1], cache.held_out, features,
-                                              position=k)
+    targets = cache.dense[group[-1] + 1]
+    block = cache.adapter.ffn_output(layer, cache.model.config)
+    keep = keep and features == "channels" and block is None and _room_to_keep(cache, proj, x, targets)
+    train, hold, kept = cache.runner.collect_refit(layer, x, targets, cache.held_out, features, position=k,
+                                                   keep=keep, head_score=cache.cfg.head_score)
     cache.forwards += 1
+    if kept is not None:
+        cache.kept_pass = kept
     # MoE: the weight is the map M itself (fit_map returns M @ I); write_down_proj folds it into the experts
     w0 = torch.eye(proj.out_features, dtype=torch.float64) if moe else proj.weight.detach()
     if moe and solve:
         log.info("layer %d is MoE: the refit fits one hidden x hidden map of its FFN output, folded into every "
                  "expert's down projection", k)
-    block = cache.adapter.ffn_output(layer, cache.model.config)
     gain = None if block is None else block.gain.to(w0.device).reshape(-1, 1)
     w_fit = w0 if gain is None else gain * w0.double()  # collect_refit poses the fit for gain * W
     if not solve:
@@ -64,6 +72,15 @@ def refit_layer(cache: ActivationCache, k: int, group: list[int], inputs: str, f
             res = _checked(cache, k, group, inputs, layer, res, w0)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _room_to_keep(cache: ActivationCache, proj: nn.Module, x: list[Tensor], targets: list[Tensor]) -> bool:
+    """Whether a KeptPass of this refit covers every calibration batch (its targets may be
+    fewer: the cache budget) and its x1 and FFN activations fit in the cache budget."""
+    if isinstance(proj, ExpertUnits) or len(targets) != len(x):
+        return False
+    tokens = sum(h[..., 0].numel() for h in x)
+    return cache.has_room(tokens * (proj.in_features + proj.out_features) * x[0].element_size())
 
 
 def _checked(cache: ActivationCache, k: int, group: list[int], inputs: str, layer: nn.Module, res: RefitResult,

@@ -99,7 +99,7 @@ def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor 
             cache.merged(k)
         refit = None
         if cfg.refit == "ls":
-            res = refit_layer(cache, k, groups[k], cfg.refit_input)
+            res = refit_layer(cache, k, groups[k], cfg.refit_input, keep=step + 1 < len(windows))
             if res.kept:
                 write_down_proj(adapter, adapter.decoder_layers(model)[k], res.weight)
             refit = res.record()

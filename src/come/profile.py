@@ -8,7 +8,7 @@ Statistics come from forward hooks on the stock modules (no forked modeling code
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import chain
 
@@ -135,6 +135,102 @@ class _Catch(nn.Module):
         return h
 
 
+class _UnitStats:
+    """The statistics hooks of one layer pass (LayerStats), as a context: `run` profiles with
+    them, and so does a refit pass that keeps its activations (KeptPass), so the layer need
+    not run again after the refit. `active=False`: no hooks, nothing summed."""
+
+    def __init__(self, runner: "LayerRunner", layer: nn.Module, head_score: str, active: bool = True):
+        self.runner, self.layer, self.head_score, self.active = runner, layer, head_score, active
+        self.acc = {"z": 0.0, "a": 0.0, "experts": 0.0, "head": 0.0, "cos": 0.0, "n": 0}
+        self.hooks: list = []
+
+    def __enter__(self) -> "_UnitStats":
+        if not self.active:
+            return self
+        adapter, config, acc, shape = self.runner.adapter, self.runner.model.config, self.acc, self.runner.shape
+        o_proj, experts = adapter.attn_output_proj(self.layer), adapter.experts(self.layer)
+        attn_out, ffn_out = adapter.attn_output(self.layer, config), adapter.ffn_output(self.layer, config)
+        self.moe = experts is not None
+
+        # |.| in the activations' dtype, sums in float64: a float64 copy of every batch's
+        # activations cost a fifth of a profiling layer pass
+        def on_o(mod, args, out):
+            z = _per_token_scaled(args[0], attn_out, out)
+            acc["z"] = acc["z"] + z.abs().sum(dim=(0, 1), dtype=torch.float64)
+            if self.head_score == "exact":
+                z = z.double()
+                zh = z.reshape(*z.shape[:2], shape.n_heads, shape.head_dim)
+                w = mod.weight.double()
+                if attn_out is not None:
+                    w = attn_out.gain.to(w.device).reshape(-1, 1) * w
+                w = w.T.reshape(shape.n_heads, shape.head_dim, -1)
+                acc["head"] = acc["head"] + torch.stack([(zh[:, :, h] @ w[h]).abs().sum() for h in range(shape.n_heads)])
+
+        def on_down(_mod, args, out):
+            acc["a"] = acc["a"] + _per_token_scaled(args[0], ffn_out, out).abs().sum(dim=(0, 1), dtype=torch.float64)
+
+        def on_experts(mod, args, _out):
+            acc["experts"] = acc["experts"] + routed_expert_l1(*args[:3], mod.gate_up_proj, mod.down_proj, mod.act_fn)
+
+        ffn, on_ffn = (experts, on_experts) if self.moe else (adapter.ffn_output_proj(self.layer), on_down)
+        self.hooks = [o_proj.register_forward_hook(on_o), ffn.register_forward_hook(on_ffn)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hk in self.hooks:
+            hk.remove()
+        self.hooks = []
+
+    def add_tokens(self, h: Tensor, y: Tensor) -> None:
+        """One batch's block influence terms: cos(layer input, layer output) per token."""
+        if self.active:
+            self.acc["cos"] += float(token_cosines(h, y).sum(dtype=torch.float64))
+            self.acc["n"] += h.shape[0] * h.shape[1]
+
+    def stats(self) -> LayerStats:
+        acc, n = self.acc, self.acc["n"]
+        return LayerStats(
+            attn_abs_mean=(acc["z"] / n).cpu(),
+            ffn_abs_mean=(acc["a"] / n).cpu() if not self.moe else torch.zeros(0, dtype=torch.float64),
+            head_out_l1=(acc["head"] / n).cpu() if self.head_score == "exact" else None,
+            bi=1.0 - acc["cos"] / n,
+            expert_out_l1=(acc["experts"] / n).cpu() if self.moe else None,
+        )
+
+
+@dataclass
+class KeptPass:
+    """A refit pass over current layer `position` that kept what the layer's output is made
+    of: out = x1 + down(a) (x1 the stream after attention, a the FFN activations), plus the
+    unit statistics, which a refit does not change. The refit writes only the down
+    projection, so the re-profiling after it gets the layer's outputs and statistics from
+    `finish` for one small matmul instead of a layer pass (the same values, bit for bit).
+    Only for a layer whose FFN output adds as it is (no post-norm, not MoE)."""
+
+    position: int
+    inputs: list[Tensor]
+    x1: list[Tensor]
+    a: list[Tensor]
+    unit_stats: _UnitStats
+
+    def holds_for(self, position: int, inputs: list[Tensor]) -> bool:
+        """Whether this pass ran layer `position` on these very states."""
+        return position == self.position and len(inputs) == len(self.inputs) and all(
+            h is g or torch.equal(h, g) for h, g in zip(inputs, self.inputs))
+
+    @torch.no_grad()
+    def finish(self, runner: "LayerRunner", layer: nn.Module) -> tuple[list[Tensor], LayerStats]:
+        """The layer's outputs with its current down projection, and its statistics."""
+        down, outputs = runner.adapter.ffn_output_proj(layer), []
+        with on_device(down, runner.device):
+            for h, x1, a in zip(self.inputs, self.x1, self.a):
+                y = x1.to(runner.device) + down(a.to(runner.device))
+                self.unit_stats.add_tokens(h.to(runner.device), y)
+                outputs.append(y.to(runner.cache_device))
+        return outputs, self.unit_stats.stats()
+
+
 class LayerRunner:
     """Embeds calibration batches once, then runs any decoder layer over cached inputs.
 
@@ -197,66 +293,20 @@ class LayerRunner:
             position: int | None = None) -> tuple[list[Tensor], LayerStats | None]:
         """Outputs of `layer`, run as the model runs current layer `position`, on every cached
         input batch, and its statistics if asked."""
-        o_proj = self.adapter.attn_output_proj(layer)
-        experts = self.adapter.experts(layer)
-        attn_out = self.adapter.attn_output(layer, self.model.config)
-        ffn_out = self.adapter.ffn_output(layer, self.model.config)
-        acc = {"z": 0.0, "a": 0.0, "experts": 0.0, "head": 0.0, "cos": 0.0, "n": 0}
-
-        # |.| in the activations' dtype, sums in float64: a float64 copy of every batch's
-        # activations cost a fifth of a profiling layer pass
-        def on_o(mod, args, out):
-            z = _per_token_scaled(args[0], attn_out, out)
-            acc["z"] = acc["z"] + z.abs().sum(dim=(0, 1), dtype=torch.float64)
-            if head_score == "exact":
-                z = z.double()
-                zh = z.reshape(*z.shape[:2], self.shape.n_heads, self.shape.head_dim)
-                w = mod.weight.double()
-                if attn_out is not None:
-                    w = attn_out.gain.to(w.device).reshape(-1, 1) * w
-                w = w.T.reshape(self.shape.n_heads, self.shape.head_dim, -1)
-                acc["head"] = acc["head"] + torch.stack(
-                    [(zh[:, :, h] @ w[h]).abs().sum() for h in range(self.shape.n_heads)]
-                )
-
-        def on_down(_mod, args, out):
-            acc["a"] = acc["a"] + _per_token_scaled(args[0], ffn_out, out).abs().sum(dim=(0, 1), dtype=torch.float64)
-
-        def on_experts(mod, args, _out):
-            acc["experts"] = acc["experts"] + routed_expert_l1(*args[:3], mod.gate_up_proj, mod.down_proj, mod.act_fn)
-
-        ffn, on_ffn = (experts, on_experts) if experts is not None else (self.adapter.ffn_output_proj(layer), on_down)
-        hooks = [o_proj.register_forward_hook(on_o), ffn.register_forward_hook(on_ffn)] if want_stats else []
         outputs = []
-        try:
-            with on_device(layer, self.device):
-                for h, kw in zip(inputs, self.kwargs_at(position)):
-                    h_dev = h.to(self.device)
-                    y = layer(h_dev, **kw)
-                    y = y[0] if isinstance(y, tuple) else y
-                    if want_stats:
-                        acc["cos"] += float(token_cosines(h_dev, y).sum(dtype=torch.float64))
-                        acc["n"] += h.shape[0] * h.shape[1]
-                    outputs.append(y.to(self.cache_device))
-        finally:
-            for hk in hooks:
-                hk.remove()
-        if not want_stats:
-            return outputs, None
-        n = acc["n"]
-        stats = LayerStats(
-            attn_abs_mean=(acc["z"] / n).cpu(),
-            ffn_abs_mean=(acc["a"] / n).cpu() if experts is None else torch.zeros(0, dtype=torch.float64),
-            head_out_l1=(acc["head"] / n).cpu() if head_score == "exact" else None,
-            bi=1.0 - acc["cos"] / n,
-            expert_out_l1=(acc["experts"] / n).cpu() if experts is not None else None,
-        )
-        return outputs, stats
+        with _UnitStats(self, layer, head_score, want_stats) as acc, on_device(layer, self.device):
+            for h, kw in zip(inputs, self.kwargs_at(position)):
+                h_dev = h.to(self.device)
+                y = layer(h_dev, **kw)
+                y = y[0] if isinstance(y, tuple) else y
+                acc.add_tokens(h_dev, y)
+                outputs.append(y.to(self.cache_device))
+        return outputs, acc.stats() if want_stats else None
 
     @torch.no_grad()
     def collect_refit(self, layer: nn.Module, inputs: list[Tensor], targets: list[Tensor], held_out: list[bool],
-                      features: str = "channels", *, position: int | None = None,
-                      ) -> tuple[NormalEquations, NormalEquations]:
+                      features: str = "channels", *, position: int | None = None, keep: bool = False,
+                      head_score: str = "channel") -> tuple[NormalEquations, NormalEquations, KeptPass | None]:
         """Least-squares statistics for refitting `layer`'s down projection so that its output
         on `inputs` matches `targets` (the original group's output), split train / held-out.
         `layer` runs as the model runs current layer `position` (its attention type's mask).
@@ -266,6 +316,8 @@ class LayerRunner:
         layer's only refit, layer_refit.py).
         Where the FFN output does not add as it is (adapter.ffn_output), the problem is posed
         for gain * W instead of W (`_linear_in_gain`; layer_refit.py converts back).
+        keep=True (the caller checked KeptPass's conditions and its memory): the pass also
+        profiles the layer and keeps x1 and a of every batch, returned as a KeptPass.
         """
         down = self.adapter.ffn_output_proj(layer)
         moe = isinstance(down, ExpertUnits)
@@ -279,10 +331,14 @@ class LayerRunner:
         n_f = down.in_features if features == "channels" else down.out_features
         eqs = (NormalEquations.empty(n_f, down.out_features, self.device),
                NormalEquations.empty(n_f, down.out_features, self.device))
+        kept = KeptPass(position, list(inputs), [], [], _UnitStats(self, layer, head_score)) if keep else None
         try:
-            with on_device(layer, self.device):
+            with on_device(layer, self.device), (kept.unit_stats if keep else nullcontext()):
                 for h, y, kw, hold in zip(inputs, targets, self.kwargs_at(position), held_out):
                     layer(h.to(self.device), **kw)
+                    if keep:
+                        kept.x1.append(seen["x1"].to(self.cache_device))
+                        kept.a.append(seen["a"].to(self.cache_device))
                     y = y.to(self.device)
                     target = y - seen["x1"]
                     f = seen["a"] if features == "channels" else seen["u"]
@@ -295,4 +351,4 @@ class LayerRunner:
         finally:
             for hk in hooks:
                 hk.remove()
-        return eqs
+        return (*eqs, kept)
