@@ -66,7 +66,8 @@ def test_only_layers_after_the_merge_are_rerun(tokenizer, pair_score):
     naive = sum(6 - i for i in range(len(plan.merges)))
     assert plan.layer_forwards < naive
     _, refit_plan = _compress("llama", tokenizer, **kw)
-    assert refit_plan.layer_forwards == expected + len(plan.merges)  # one refit pass per merge
+    # one refit pass per merge; each but the last stands in for its layer's re-profiling (KeptPass)
+    assert refit_plan.layer_forwards == expected + len(plan.merges) - (len(plan.merges) - 1)
 
 
 def test_strided_cache_gives_the_same_plan(tokenizer):
