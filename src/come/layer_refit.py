@@ -74,10 +74,10 @@ def refit_layer(cache: ActivationCache, k: int, group: list[int], inputs: str, f
     return res
 
 
-def _room_to_keep(cache: ActivationCache, proj: nn.Module, x: list[Tensor], targets: list[Tensor]) -> bool:
+def _room_to_keep(cache: ActivationCache, proj: nn.Linear, x: list[Tensor], targets: list[Tensor]) -> bool:
     """Whether a KeptPass of this refit covers every calibration batch (its targets may be
     fewer: the cache budget) and its x1 and FFN activations fit in the cache budget."""
-    if isinstance(proj, ExpertUnits) or len(targets) != len(x):
+    if len(targets) != len(x):
         return False
     tokens = sum(h[..., 0].numel() for h in x)
     return cache.has_room(tokens * (proj.in_features + proj.out_features) * x[0].element_size())

@@ -8,7 +8,7 @@ Statistics come from forward hooks on the stock modules (no forked modeling code
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import chain
 
@@ -331,9 +331,10 @@ class LayerRunner:
         n_f = down.in_features if features == "channels" else down.out_features
         eqs = (NormalEquations.empty(n_f, down.out_features, self.device),
                NormalEquations.empty(n_f, down.out_features, self.device))
-        kept = KeptPass(position, list(inputs), [], [], _UnitStats(self, layer, head_score)) if keep else None
+        unit_stats = _UnitStats(self, layer, head_score, active=keep)
+        kept = KeptPass(position, list(inputs), [], [], unit_stats) if keep else None
         try:
-            with on_device(layer, self.device), (kept.unit_stats if keep else nullcontext()):
+            with on_device(layer, self.device), unit_stats:
                 for h, y, kw, hold in zip(inputs, targets, self.kwargs_at(position), held_out):
                     layer(h.to(self.device), **kw)
                     if keep:
