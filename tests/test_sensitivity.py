@@ -8,7 +8,7 @@ import torch
 from come.adapters import get_adapter
 from come.profile import LayerRunner
 from come.selection import choose_pair, joint_split, skip_scores, split_counts, split_ratio
-from come.sensitivity import channel_sensitivity, head_sensitivity, top_units
+from come.sensitivity import channel_abs_sum, channel_sensitivity, head_sensitivity, top_units
 
 from conftest import tiny_model
 from layer_utils import masked, run_layer
@@ -101,3 +101,14 @@ def test_skip_scores_pick_the_pair_that_changes_least():
     assert len(scores) == 3
     assert choose_pair(scores, [True] * 3) == 1
     assert choose_pair(scores, [True, False, True]) in (0, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_abs_sum_matches_one_float64_pass(dtype):
+    """The blocked sum is the plain float64 sum of |x| over every leading dim, to rounding
+    (300 rows: the last block is short)."""
+    x = (torch.randn(3, 100, 37, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 37)).to(dtype)
+    want = x.abs().double().sum(dim=(0, 1))
+    got = channel_abs_sum(x)
+    assert got.dtype == torch.float64 and got.shape == (37,)
+    assert torch.allclose(got, want, rtol=1e-13, atol=0)

@@ -19,7 +19,7 @@ from .adapters import Adapter, BlockOutput, ExpertUnits
 from .errors import ComeError
 from .refit import NormalEquations
 from .selection import token_cosines
-from .sensitivity import routed_expert_l1
+from .sensitivity import channel_abs_sum, routed_expert_l1
 
 
 @dataclass
@@ -153,11 +153,11 @@ class _UnitStats:
         attn_out, ffn_out = adapter.attn_output(self.layer, config), adapter.ffn_output(self.layer, config)
         self.moe = experts is not None
 
-        # |.| in the activations' dtype, sums in float64: a float64 copy of every batch's
-        # activations cost a fifth of a profiling layer pass
+        # |.| in the activations' dtype, sums in float64 (channel_abs_sum): a float64 copy of
+        # every batch's activations cost a fifth of a profiling layer pass
         def on_o(mod, args, out):
             z = _per_token_scaled(args[0], attn_out, out)
-            acc["z"] = acc["z"] + z.abs().sum(dim=(0, 1), dtype=torch.float64)
+            acc["z"] = acc["z"] + channel_abs_sum(z)
             if self.head_score == "exact":
                 z = z.double()
                 zh = z.reshape(*z.shape[:2], shape.n_heads, shape.head_dim)
@@ -168,7 +168,7 @@ class _UnitStats:
                 acc["head"] = acc["head"] + torch.stack([(zh[:, :, h] @ w[h]).abs().sum() for h in range(shape.n_heads)])
 
         def on_down(_mod, args, out):
-            acc["a"] = acc["a"] + _per_token_scaled(args[0], ffn_out, out).abs().sum(dim=(0, 1), dtype=torch.float64)
+            acc["a"] = acc["a"] + channel_abs_sum(_per_token_scaled(args[0], ffn_out, out))
 
         def on_experts(mod, args, _out):
             acc["experts"] = acc["experts"] + routed_expert_l1(*args[:3], mod.gate_up_proj, mod.down_proj, mod.act_fn)

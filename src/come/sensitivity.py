@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .row_blocks import row_blocks
+
 
 def channel_sensitivity(act_abs_mean: Tensor, w_out: Tensor, gain: Tensor | None = None) -> Tensor:
     """S_j = E_t|a_j| * ||g * W_out[:, j]||_1 for the input channels j of an output projection.
@@ -30,6 +32,14 @@ def channel_sensitivity(act_abs_mean: Tensor, w_out: Tensor, gain: Tensor | None
         raise ValueError(f"{act_abs_mean.shape[0]} activations for a projection with {w_out.shape[1]} inputs")
     w = w_out.double() if gain is None else gain.double().reshape(-1, 1) * w_out.double()
     return act_abs_mean.double() * w.abs().sum(dim=0)
+
+
+def channel_abs_sum(x: Tensor) -> Tensor:
+    """sum_t |x_t,j| per channel j (last dim) over every leading dim, summed in float64: the
+    numerator of E_t |a_j|. Over row blocks (row_blocks.py): in one pass over a batch it took
+    a tenth of a compression run on a CPU. The blocks change the order of the float64 sums only."""
+    return sum((b.abs().sum(dim=0, dtype=torch.float64) for b, in row_blocks(x)),
+               torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device))
 
 
 def head_sensitivity(attn_channel_s: Tensor, n_heads: int) -> Tensor:
