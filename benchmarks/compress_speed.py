@@ -81,8 +81,12 @@ def main() -> int:
              "window": {"reprofile": "window", "reprofile_window": a.window, "reprofile_drift": a.drift}}
     names = {"full": "come full re-profile", "window": f"come window W={a.window} drift {a.drift:g}"}
     refits = {"none": ("no refit", {"refit": "none"}), "ls": ("+ refit", {"refit": "ls"})}
-    runs = [(f"{names[m]} ({refits[r][0]})", {**refits[r][1], **modes[m]}) for m in a.reprofile for r in a.refit]
-    pairs = {m: (f"{names[m]} (no refit)", f"{names[m]} (+ refit)") for m in a.reprofile}
+
+    def row_label(mode: str, refit: str) -> str:
+        return f"{names[mode]} ({refits[refit][0]})"
+
+    runs = [(row_label(m, r), {**refits[r][1], **modes[m]}) for m in a.reprofile for r in a.refit]
+    pairs = {m: (row_label(m, "none"), row_label(m, "ls")) for m in a.reprofile}
     naive = "naive re-profile (no refit)"
     if not a.no_naive:
         runs.append((naive, {"refit": "none", "reprofile": "full", "max_cache_gb": 1e-12}))
@@ -128,7 +132,8 @@ def main() -> int:
             print(f"{m} vs naive (no refit): {min(times[naive]) / min(times[plain]):.2f}x faster; "
                   f"{plans[naive].layer_forwards / f:.2f}x fewer layer-forwards ({f} vs {plans[naive].layer_forwards})")
     if set(pairs) == {"full", "window"}:
-        for full, window in zip(*(tuple(r for r in pairs[m] if r in plans) for m in ("full", "window"))):
+        for r in a.refit:
+            full, window = row_label("full", r), row_label("window", r)
             print(f"{window}: same groups as full: {plans[window].groups == plans[full].groups}")
     return 0
 

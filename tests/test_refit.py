@@ -11,7 +11,7 @@ from come import CompressConfig, ComeError, compress
 from come.adapters import get_adapter
 from come.data import token_windows
 from come.profile import LayerRunner
-from come.refit import NormalEquations, fit, fit_map, ridge_solve, sq_error
+from come.refit import NormalEquations, fit, fit_map, gram, ridge_solve, sq_error
 
 from conftest import corpus, tiny_model
 
@@ -161,3 +161,10 @@ def test_replaceme_map_recovers_an_exactly_linear_block(tokenizer):
     res = fit_map(train, hold, w0)
     assert res.kept and res.err_after < 1e-3 * res.err_before
     torch.testing.assert_close(res.weight, m_true @ w0, rtol=5e-2, atol=5e-3)  # fp32 Gram products
+
+
+@pytest.mark.parametrize("n", [48, 700])  # below and above the blocked path's width
+def test_gram_is_f_transpose_f(n):
+    """The block-triangle Gram is F^T F, both triangles (each entry the same dot product)."""
+    f = torch.randn(300, n, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(gram(f), f.T @ f, rtol=1e-5, atol=1e-4)
