@@ -70,7 +70,7 @@ GRAM_BLOCKED_MIN = 512  # features; below it one product is as fast
 
 def gram(f: Tensor) -> Tensor:
     """F^T F. On a CPU, for a wide F, from its upper block triangle (the rest is its
-    transpose): 5/8 of the multiply-adds in 4 column blocks, 0.64-0.72x the time of one F^T @ F
+    transpose): 5/8 of the multiply-adds in 4 column blocks, 0.65-0.73x the time of one F^T @ F
     at 512-8192 x 1536 rows (1 and 2 threads), and the same values (each entry is the same
     dot product over the rows)."""
     n = f.shape[1]
