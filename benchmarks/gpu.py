@@ -124,7 +124,8 @@ def bench_distill(a: argparse.Namespace, report: Report) -> None:
     args = ["--quick"] if a.quick else ["--random-llama-1b", "--device", a.device, "--steps", str(a.steps),
                                         "--seqlen", str(a.seqlen), "--batch-size", str(a.batch_size)]
     out = subprocess.run([sys.executable, str(Path(__file__).with_name("distill_speed.py")), *args,
-                          "--sparsity", str(a.sparsity), "--peak-tflops", str(a.peak_tflops)],
+                          "--sparsity", str(a.sparsity), "--peak-tflops", str(a.peak_tflops),
+                          "--layer-loss", a.layer_loss],
                          stdout=subprocess.PIPE, text=True, check=True).stdout
     table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
                                                for line in out.splitlines() if line.startswith("| "))}
@@ -133,12 +134,13 @@ def bench_distill(a: argparse.Namespace, report: Report) -> None:
     for run in DISTILL_RUNS:
         tok_s, gflop = float(table[run][0]), float(table[run][2])
         report.add(label, f"{run} training tokens/s / plain fine-tuning", tok_s, plain, "tokens/s",
-                   gflop_per_token=gflop, mfu=gflop * 1e9 * tok_s / (a.peak_tflops * 1e12))
+                   layer_loss=a.layer_loss, gflop_per_token=gflop, mfu=gflop * 1e9 * tok_s / (a.peak_tflops * 1e12))
 
 
 def print_table(report: Report, a: argparse.Namespace) -> None:
     print(f"\n{report.header['device']}, bf16, calibration {a.nsamples} x {a.seqlen} tokens (batch {a.batch_size}), "
           f"decode batch {a.batch} x prompt {a.prompt} + {a.new} tokens (median of {a.repeats}); "
+          f"distill --layer-loss {a.layer_loss}; "
           f"{report.rows[-1]['at_s']:.0f} s in all\n")
     print("| model | measurement | value | baseline | ratio | unit | MFU |")
     print("|---|---|---|---|---|---|---|")
@@ -164,6 +166,8 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=64, help="decoded tokens")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed distill / fine-tuning steps")
+    ap.add_argument("--layer-loss", choices=["mse", "kl"], default="mse",
+                    help="come distill --layer-loss timed (mse: come's default; kl: the paper's)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 / H200 SXM: 989)")
     a = ap.parse_args()
     shapes = SHAPES

@@ -140,6 +140,8 @@ def test_gpu_quick(tmp_path):
         assert r["baseline"] > 0 and (r["value"] is None) == gpu_only, r
     assert rows[("tiny mha", "compress come 0.3")]["layers"][1] < rows[("tiny mha", "compress come 0.3")]["layers"][0]
     assert rows[("distill_speed --quick", distill[0])]["ratio"] == 1.0
+    # distillation is timed with come distill's default layer loss, and each row says which
+    assert {rows[("distill_speed --quick", w)]["layer_loss"] for w in distill} == {"mse"}
 
 
 def test_paired_across_runs(tmp_path):
