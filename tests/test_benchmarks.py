@@ -162,3 +162,11 @@ def test_paired_across_runs(tmp_path):
     bad = subprocess.run([sys.executable, str(BENCH / "paired.py"), str(tmp_path / "b.json")], capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "--ref 'shortgpt'" in bad.stderr
+
+
+def test_gpu_peak_phase_quick():
+    """The tracer wraps come's functions (the compress runs through them) and reports a phase table."""
+    out = _run(str(BENCH / "gpu_peak_phase.py"), "--quick")
+    calls = int(out.split(" calls;")[0].split()[-1])
+    assert calls > 100 and "calls around the overall peak" in out
+    assert len(_table(out)) == 8  # --top phases
