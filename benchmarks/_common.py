@@ -119,7 +119,8 @@ def model_shape(model: nn.Module) -> dict:
 
 
 # The refit's normal equations live on the compute device (refit.NormalEquations), in float64:
-REFIT_SOLVE = 6 * 8  # x d_ff^2 bytes live in refit.fit: train, held-out, their sum, eye, A, chol(A)
+REFIT_SOLVE = 6 * 8  # x d_ff^2 bytes in refit.fit: train, held-out, A, chol(A), + 2 for the solver's copies and
+# the d_ff x hidden right-hand sides (on an H200, the code before the in-place A measured 8.6: BENCHMARKS.md)
 REFIT_COLLECT = (2 + 1) * 8 + 4  # x d_ff^2 while collecting: train, held-out, a batch's F^T F in fp32 and in fp64
 GPU_FORMULA = ("T·e·(2h + 4q + 2kv + 4·d_ff) [hidden in, out; queries, attention output, keys and values repeated "
                "to the query heads; keys, values; gate, up, act(gate), product] + T·8·(2·d_ff + 2q + 2h) [the "

@@ -37,6 +37,24 @@ def test_streamed_accumulation_equals_one_batch():
     assert sq_error(whole, w) == pytest.approx(float(((f @ w.T - t) ** 2).sum()), rel=1e-5)
 
 
+def test_solving_two_statistics_equals_solving_their_formed_sum():
+    """fit's final solve passes (train, held-out) without forming their sum (a d_ff^2 float64
+    copy fewer at compress's GPU peak): bit for bit the solve of the formed sum, and of the
+    old A = F^T F + lam' * eye."""
+    g = torch.Generator().manual_seed(3)
+    parts = [_eq(torch.randn(90, 16, generator=g), torch.randn(90, 7, generator=g)) for _ in range(2)]
+    formed = NormalEquations(parts[0].ff + parts[1].ff, parts[0].ft + parts[1].ft, 0.0, 0.0, 180)
+    w0 = torch.randn(7, 16, generator=g)
+    before = [(p.ff.clone(), p.ft.clone()) for p in parts]
+    for lam in (1e-3, 1.0):
+        assert torch.equal(ridge_solve(parts, w0, lam), ridge_solve(formed, w0, lam))
+        scale = lam * float(formed.ff.diagonal().mean())
+        a = formed.ff + scale * torch.eye(16, dtype=torch.float64)
+        old = torch.cholesky_solve(formed.ft + scale * w0.double().T, torch.linalg.cholesky(a)).T
+        assert torch.equal(ridge_solve(formed, w0, lam), old)
+    assert all(torch.equal(p.ff, ff) and torch.equal(p.ft, ft) for p, (ff, ft) in zip(parts, before))  # untouched
+
+
 def test_refit_recovers_exact_linear_map_and_is_noop_at_optimum():
     g = torch.Generator().manual_seed(1)
     w_true = torch.randn(6, 20, dtype=torch.float64, generator=g)

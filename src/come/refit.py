@@ -16,6 +16,7 @@ A held-out slice of the calibration picks lam and vetoes a refit that does not h
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,10 +60,6 @@ class NormalEquations:
         self.yy += float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
         self.n += f.shape[0]
 
-    def __add__(self, other: "NormalEquations") -> "NormalEquations":
-        return NormalEquations(self.ff + other.ff, self.ft + other.ft, self.tt + other.tt, self.yy + other.yy,
-                               self.n + other.n)
-
 
 GRAM_BLOCKS = 4
 GRAM_BLOCKED_MIN = 512  # features; below it one product is as fast
@@ -85,15 +82,24 @@ def gram(f: Tensor) -> Tensor:
     return g
 
 
-def ridge_solve(eq: NormalEquations, w0: Tensor, lam: float) -> Tensor:
+def ridge_solve(eq: NormalEquations | Sequence[NormalEquations], w0: Tensor, lam: float) -> Tensor:
     """argmin_W ||F W^T - T||^2 + lam' ||W - W0||^2 with lam' = lam * mean(diag(F^T F)).
 
     Scaling lam by the mean feature energy makes one grid serve every layer and model.
+    Several statistics (train and held-out) are solved as their sum, summed straight into
+    A = F^T F + lam' I: the refit's solve is compress's GPU memory peak (BENCHMARKS.md, "GPU
+    benchmark"), and this holds one d_ff x d_ff float64 matrix fewer than forming the sum
+    and then A (the same values: the same additions in the same order).
     """
-    w0 = w0.to(eq.ff.device, torch.float64)
-    scale = lam * float(eq.ff.diagonal().mean().clamp_min(1e-12))
-    a = eq.ff + scale * torch.eye(eq.ff.shape[0], dtype=torch.float64, device=eq.ff.device)
-    b = eq.ft + scale * w0.T
+    eqs = [eq] if isinstance(eq, NormalEquations) else list(eq)
+    a, b = eqs[0].ff.clone(), eqs[0].ft.clone()
+    for other in eqs[1:]:
+        a += other.ff
+        b += other.ft
+    w0 = w0.to(a.device, torch.float64)
+    scale = lam * float(a.diagonal().mean().clamp_min(1e-12))
+    a.diagonal().add_(scale)
+    b += scale * w0.T
     chol, info = torch.linalg.cholesky_ex(a)
     sol = torch.cholesky_solve(b, chol) if int(info) == 0 else torch.linalg.lstsq(a, b).solution
     return sol.T
@@ -139,7 +145,7 @@ def fit(train: NormalEquations, hold: NormalEquations, w0: Tensor, lambdas=LAMBD
     if best_lam is None:
         weight, kept, best_err = w0, False, before
     else:
-        weight, kept = ridge_solve(train + hold, w0, best_lam), True
+        weight, kept = ridge_solve((train, hold), w0, best_lam), True
     secs = time.perf_counter() - t0
     return RefitResult(weight, kept, best_lam, before, best_err, secs, train.n + hold.n, secs)
 
