@@ -19,6 +19,8 @@ from torch import nn
 # Model shapes the scripts build with random weights (no download).
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama-1.1B
+TINY_GQA = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # the GPU scripts' --quick
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)  # LLaMA-2-7B
 

@@ -36,15 +36,14 @@ import transformers
 from come import CompressConfig, compress
 from come.adapters import get_adapter
 from come.profile import LayerRunner, resolve_device
-from _common import GPU_FORMULA, LLAMA2_7B, LLAMA_1B, generation_speed, gpu_prediction, model_shape, random_llama, sync
+from _common import GPU_FORMULA, LLAMA2_7B, LLAMA_1B, TINY_GQA, generation_speed, gpu_prediction, model_shape, random_llama, sync
 
 SHAPES = {"llama-2-7b": LLAMA2_7B, "llama-1.1b": LLAMA_1B}
 # --quick: the same two roles (multi-head attention, grouped-query attention), tiny
 QUICK_SHAPES = {
     "tiny mha": dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
-    "tiny gqa": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "tiny gqa": TINY_GQA,
 }
 DISTILL_RUNS = ("plain fine-tuning", "distill sp", "distill mp")
 MFU = "MFU = model GFLOP/token (distill_speed.py's count, printed there) x tokens/s / --peak-tflops"

@@ -28,11 +28,9 @@ import torch
 import come
 import come.methods
 from come import CompressConfig, compress
-from _common import LLAMA2_7B, random_llama
+from _common import LLAMA2_7B, TINY_GQA, model_shape, random_llama
 
 GIB = 2**30
-TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
 def instrument(events: list, cuda: bool) -> None:
@@ -80,7 +78,7 @@ def main() -> int:
     cuda = not a.quick
     if cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark is for a GPU (--quick runs its code on the CPU)")
-    shape, dtype, device, (n, s) = (TINY, torch.float32, "cpu", (8, 64)) if a.quick else \
+    shape, dtype, device, (n, s) = (TINY_GQA, torch.float32, "cpu", (8, 64)) if a.quick else \
         (LLAMA2_7B, torch.bfloat16, "cuda", (16, 2048))
     events: list = []
     instrument(events, cuda)
@@ -92,7 +90,7 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
     calib = torch.randint(0, shape["vocab_size"], (n, s), generator=torch.Generator().manual_seed(0))
     compress(model, None, CompressConfig(sparsity=a.sparsity, device=device, batch_size=4), calib=calib)
-    layer = sum(p.numel() for p in model.model.layers[0].parameters()) * model.dtype.itemsize / GIB
+    layer = model_shape(model)["layer_bytes"] / GIB
     print(f"\n{time.perf_counter() - t0:.0f} s, {len(events)} calls; one layer = {layer:.4f} GiB\n")
     print("| phase | allocated before (GiB) | peak since the last return (GiB) | allocated after (GiB) |")
     print("|---|---|---|---|")
