@@ -40,7 +40,8 @@ def test_compare_report(tmp_path, model_dir, text_file):
         assert f"| {r['method']} |" in md and f"{r['perplexity']:.2f}" in md
     # --tasks none: no accuracy figure, and nothing in the text about task scores
     assert {p.name for p in out.glob("*.png")} == {"merge_map.png", "pair_scores.png"}
-    assert "docs per task" not in md and "Task scores" not in md and "vs " not in md and "retention" not in md
+    assert "docs per task" not in md and "Task scores" not in md and "retention" not in md
+    assert "| vs come (± paired SE)" not in md and "| KL vs come (± paired SE)" in md  # no task delta; the KL one
     bad = runner.invoke(app, ["compare", str(model_dir), "--out", str(tmp_path / "r2"), "--methods", "come,magic",
                               "--calib", str(text_file), "--tasks", "none", "--ppl-data", "none"])
     assert bad.exit_code == 2 and "unknown method 'magic'" in bad.output

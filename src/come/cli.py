@@ -178,6 +178,9 @@ def eval_(
     device: str = typer.Option("auto", help="cuda | cpu | auto (the whole model moves there)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the results JSON here."),
     baseline: Optional[str] = typer.Option(None, help="Dense model (evaluated the same way) or its results JSON: adds retention."),
+    reference: Optional[str] = typer.Option(None, help="Reference model (the dense one): adds per-token KL(reference || "
+                                            "model) (mean, median, p90, p99, max), top-1 agreement and the NLL "
+                                            "difference on the perplexity windows, per window in the JSON."),
     *,
     evaluation: EvalConfig,
     load: LoadOptions,
@@ -185,6 +188,7 @@ def eval_(
     """Zero-shot tasks (lm-eval) and perplexity of MODEL; with --baseline, each metric as % of the dense one."""
     import contextlib
     import json
+    import tempfile
     from pathlib import Path
 
     from .evaluate import retention
@@ -194,6 +198,8 @@ def eval_(
 
     evaluation.check()
     resolve_device(device)
+    if reference and evaluation.evaluate_kwargs()["ppl_data"] is None:
+        raise ComeError("--reference compares next-token distributions on the perplexity windows; drop --ppl-data none")
     if out:
         check_output_file(out)
     dense = None
@@ -202,8 +208,10 @@ def eval_(
             dense = json.loads(Path(baseline).read_text())
         except (OSError, ValueError) as exc:
             raise ComeError(f"cannot read --baseline results {baseline}: {exc}") from None
-    with hf_offline() if evaluation.task_data else contextlib.nullcontext():
-        results = _evaluate_model(model, device, load.dtype, evaluation)
+    with hf_offline() if evaluation.task_data else contextlib.nullcontext(), \
+            tempfile.TemporaryDirectory(prefix="come-reference-") as ref_dir:
+        ref = _reference(reference, device, load.dtype, evaluation, ref_dir) if reference else None
+        results = _evaluate_model(model, device, load.dtype, evaluation, ref)
         if baseline and dense is None:
             dense = _evaluate_model(baseline, device, load.dtype, evaluation)
     if dense is not None:
@@ -218,11 +226,9 @@ def eval_(
             err.print(f"updated the evaluation section of {Path(model) / 'README.md'}")
 
 
-def _evaluate_model(name: str, device: str, dtype: str, evaluation: EvalConfig) -> dict:
-    """Load one model, move it to the device, evaluate it, let it go (so a baseline never
-    shares memory with it)."""
+def _on_device(name: str, device: str, dtype: str):
+    """(model, tokenizer) loaded and moved to the device."""
     from .checkpoint import load_model
-    from .evaluate import evaluate
     from .profile import resolve_device
 
     lm, tokenizer = load_model(name, dtype)
@@ -230,9 +236,29 @@ def _evaluate_model(name: str, device: str, dtype: str, evaluation: EvalConfig) 
         lm.to(resolve_device(device))
     except (RuntimeError, ValueError) as exc:
         raise ComeError(f"cannot use --device {device}: {str(exc).splitlines()[0]}") from None
-    results = evaluate(lm, tokenizer, **evaluation.evaluate_kwargs())
+    return lm, tokenizer
+
+
+def _evaluate_model(name: str, device: str, dtype: str, evaluation: EvalConfig, reference=None) -> dict:
+    """Load one model, evaluate it, let it go (so a baseline never shares memory with it)."""
+    from .evaluate import evaluate
+
+    lm, tokenizer = _on_device(name, device, dtype)
+    results = evaluate(lm, tokenizer, **evaluation.evaluate_kwargs(), reference=reference)
     results["settings"]["model"] = name
     return results
+
+
+def _reference(name: str, device: str, dtype: str, evaluation: EvalConfig, directory: str):
+    """The reference model's next-token distributions on the perplexity windows, kept in
+    `directory` (one pass; the model is let go before the evaluated one loads)."""
+    from .evaluate import perplexity_windows
+    from .fidelity import ReferenceLogprobs
+
+    lm, tokenizer = _on_device(name, device, dtype)
+    kw = evaluation.evaluate_kwargs()
+    windows = perplexity_windows(tokenizer, kw["ppl_data"], kw["task_data"], kw["seqlen"], kw["ppl_windows"])
+    return ReferenceLogprobs.build(lm, windows, directory, name)
 
 
 def print_eval(model: str, results: dict) -> None:
@@ -263,6 +289,12 @@ def print_eval(model: str, results: dict) -> None:
     for label, key in (("average (paper metrics)", "average"), (ppl_label, "perplexity")):
         value = results[key]
         summary.add_row(label, "-" if value is None else f"{value:.4f}", *([pct(ret[key])] if ret else []))
+    if fid := results.get("fidelity"):
+        kl = fid["kl"]
+        for label, value in ((f"KL to {fid['reference']} (mean)", kl["mean"]), ("KL median / p90 / p99 / max",
+                             f"{kl['median']:.4f} / {kl['p90']:.4f} / {kl['p99']:.4f} / {kl['max']:.4f}"),
+                             ("top-1 agreement", fid["top1"]), ("NLL - reference NLL", fid["nll_delta"])):
+            summary.add_row(label, value if isinstance(value, str) else f"{value:.4f}", *(["-"] if ret else []))
     con = Console(file=sys.stdout)
     if results["tasks"]:
         con.print(table)

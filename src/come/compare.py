@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from .compression import compress
 from .config import CompressConfig, EvalConfig
 from .errors import ComeError
 from .evaluate import evaluate, paired_delta, paper_score
+from .fidelity import ReferenceWriter, paired_fidelity
 from .methods import REGISTRY, method_names
 from .options import override
 from .plan import Plan
@@ -40,37 +42,19 @@ def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"],
     eval_kwargs = evaluation.evaluate_kwargs()
     levels = base.levels()
     plans: dict[str, Plan] = {}
+    with tempfile.TemporaryDirectory(prefix="come-reference-") as ref_dir:
+        # the dense row's perplexity pass records its distributions: every row's KL reuses them
+        writer = ReferenceWriter(ref_dir, "dense") if eval_kwargs["ppl_data"] else None
+        rows = [_row("dense", model, None, None, tokenizer, eval_kwargs, plans, writer=writer)]
+        reference = writer.close() if writer else None
+        for spec in methods:
+            def on_level(lm, plan: Plan, spec=spec) -> None:  # each level's model is evaluated as the run passes it
+                label = spec.label if len(levels) == 1 else f"{spec.label}@{plan.target_sparsity:g}"
+                rows.append(_row(label, lm, plan, plan.wall_time_s, tokenizer, eval_kwargs, plans, reference))
 
-    def row(label: str, lm, plan: Plan | None, seconds: float | None) -> dict:
-        """Evaluate one model into a report row (`seconds`: its compression's wall time)."""
-        log.info("evaluating %s", label)
-        res = evaluate(lm, tokenizer, **eval_kwargs)
-        if plan is not None:
-            plans[label] = plan
-        return {"method": label, "sparsity": plan.target_sparsity if plan else 0.0,
-                "tasks": _scored(res["tasks"]), "average": res["average"], "perplexity": res["perplexity"],
-                "params": plan.params_after if plan else sum(p.numel() for p in model.parameters()),
-                "layers": plan.num_layers_after if plan else model.config.num_hidden_layers,
-                "compress_s": seconds, "groups": plan.groups if plan else None,
-                "achieved_sparsity": plan.achieved_sparsity if plan else 0.0}
-
-    rows = [row("dense", model, None, None)]
-    for spec in methods:
-        def on_level(lm, plan: Plan, spec=spec) -> None:  # each level's model is evaluated as the run passes it
-            rows.append(row(spec.label if len(levels) == 1 else f"{spec.label}@{plan.target_sparsity:g}", lm, plan,
-                            plan.wall_time_s))
-
-        on_level(*compress(copy.deepcopy(model), tokenizer, spec.config(base), calib=calib, model_name=model_name,
-                           on_level=on_level if len(levels) > 1 else None))
-    first = {}  # per level, the first method listed: what the others at that level are set against
-    for r in rows[1:]:
-        first.setdefault(r["sparsity"], r)
-    dense_avg = rows[0]["average"]
-    for r in rows:
-        r["retention_pct"] = 100.0 * r["average"] / dense_avg if dense_avg and r["average"] is not None else None
-        ref = first.get(r["sparsity"], rows[1]) if len(methods) > 1 else None  # dense: the smallest level's
-        paired = paired_delta(r["tasks"], ref["tasks"]) if ref is not None and r is not ref else None
-        r["delta"] = {"vs": ref["method"], "average": paired[0], "se": paired[1]} if paired else None
+            on_level(*compress(copy.deepcopy(model), tokenizer, spec.config(base), calib=calib, model_name=model_name,
+                               on_level=on_level if len(levels) > 1 else None))
+    _set_against_first(rows, len(methods) > 1)
     tasks = list(rows[0]["tasks"])
     header = (f"Model {model_name or 'model'}; sparsity {', '.join(f'{s:g}' for s in levels)} of all params; "
               f"calibration {calib.shape[0]} x {calib.shape[1]} tokens of {base.calib} (seed {base.seed}); "
@@ -78,6 +62,38 @@ def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"],
     with atomic_dir(out, overwrite) as tmp:
         write_report(tmp, rows, tasks, plans, header)
     return rows
+
+
+def _row(label: str, lm, plan: Plan | None, seconds: float | None, tokenizer, eval_kwargs: dict,
+         plans: dict[str, Plan], reference=None, writer: ReferenceWriter | None = None) -> dict:
+    """Evaluate one model into a report row (`seconds`: its compression's wall time)."""
+    log.info("evaluating %s", label)
+    res = evaluate(lm, tokenizer, **eval_kwargs, reference=reference, writer=writer)
+    if plan is not None:
+        plans[label] = plan
+    return {"method": label, "sparsity": plan.target_sparsity if plan else 0.0,
+            "tasks": _scored(res["tasks"]), "average": res["average"], "perplexity": res["perplexity"],
+            "fidelity": res["fidelity"],
+            "params": plan.params_after if plan else sum(p.numel() for p in lm.parameters()),
+            "layers": plan.num_layers_after if plan else lm.config.num_hidden_layers,
+            "compress_s": seconds, "groups": plan.groups if plan else None,
+            "achieved_sparsity": plan.achieved_sparsity if plan else 0.0}
+
+
+def _set_against_first(rows: list[dict], several: bool) -> None:
+    """Retention against dense; with several methods, each row's paired differences (task
+    average, KL to dense) against the first method listed at its level."""
+    first = {}  # per level, the first method listed: what the others at that level are set against
+    for r in rows[1:]:
+        first.setdefault(r["sparsity"], r)
+    dense_avg = rows[0]["average"]
+    for r in rows:
+        r["retention_pct"] = 100.0 * r["average"] / dense_avg if dense_avg and r["average"] is not None else None
+        ref = first.get(r["sparsity"], rows[1]) if several else None  # dense: the smallest level's
+        paired = paired_delta(r["tasks"], ref["tasks"]) if ref is not None and r is not ref else None
+        r["delta"] = {"vs": ref["method"], "average": paired[0], "se": paired[1]} if paired else None
+        kl = paired_fidelity(r["fidelity"], ref["fidelity"]) if ref is not None and r is not ref else None
+        r["kl_delta"] = {"vs": ref["method"], "kl": kl[0], "se": kl[1]} if kl and r["sparsity"] else None
 
 
 def _evaluated(evaluation: EvalConfig, kwargs: dict) -> str:

@@ -2,7 +2,8 @@
 
 `evaluate()` returns (and `come eval --out` writes) one dict:
 `{"tasks": {task: {"acc", "acc_norm", "n", "split", "usual_split"}}, "average": float | None,
-"perplexity": float | None, "settings": {...}}`.
+"perplexity": float | None, "fidelity": dict | None, "settings": {...}}`; "fidelity" (with a
+reference model: KL, top-1 agreement, NLL difference) is fidelity.py's `summarize`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import eval_windows, read_text
 from .errors import ComeError
+from .fidelity import ReferenceLogprobs, ReferenceWriter, score_windows
 from .tasks import DEFAULT_TASKS, SOURCES, TASK_DATA_HINT, hf_offline, resolve_split, run_tasks
 
 log = logging.getLogger(__name__)
@@ -158,27 +160,42 @@ def paired_delta(a: dict[str, dict], b: dict[str, dict]) -> tuple[float, float] 
     return sum(deltas) / len(deltas), math.sqrt(var) / len(deltas)
 
 
+def perplexity_windows(tokenizer, ppl_data: str, task_data: str | Path | None = None, seqlen: int = 2048,
+                       ppl_windows: int | None = None) -> Tensor:
+    """The windows perplexity (and fidelity to a reference) is measured on: `ppl_data`'s text
+    cut into non-overlapping `seqlen`-token windows, the first `ppl_windows` of them."""
+    with hf_offline() if task_data else contextlib.nullcontext():
+        return eval_windows(ppl_text(ppl_data, task_data), tokenizer, seqlen)[:ppl_windows]
+
+
 def evaluate(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, task_data: str | Path | None = None,
              limit: int | None = None, ppl_data: str | None = "wikitext2", seqlen: int = 2048,
-             batch_size: int = 8, ppl_windows: int | None = None, skip: int = 0) -> dict:
+             batch_size: int = 8, ppl_windows: int | None = None, skip: int = 0,
+             reference: ReferenceLogprobs | None = None, writer: ReferenceWriter | None = None) -> dict:
     """Zero-shot `tasks` (lm-eval, offline from `task_data` when given) and perplexity on
     `ppl_data` (None or "none": skipped) of a loaded model, on the device it is on.
 
     `limit`: N documents of each task, after the first `skip` (default: the first N); `ppl_windows`: the first N perplexity windows
-    (default all: the papers' protocol; a cap keeps CPU runs short). Returns the dict in this module's
-    docstring; "average" is over the tasks run, with AVERAGE_METRIC's metric per task.
+    (default all: the papers' protocol; a cap keeps CPU runs short). `reference`: a reference
+    model's distributions on the same windows (fidelity.py): adds KL / top-1 agreement / NLL
+    difference, from the same pass as the perplexity; `writer`: records THIS model as a reference
+    during that pass. Returns the dict in this module's docstring; "average" is over the tasks
+    run, with AVERAGE_METRIC's metric per task.
     """
     start = time.perf_counter()
     tasks, ppl_data = list(tasks), None if ppl_data == "none" else ppl_data
     check_inputs(tasks, task_data, ppl_data, limit, seqlen, batch_size, ppl_windows, skip)
+    if (reference is not None or writer is not None) and ppl_data is None:
+        raise ComeError("fidelity to a reference is measured on the perplexity windows; give --ppl-data")
+    windows = perplexity_windows(tokenizer, ppl_data, task_data, seqlen, ppl_windows) if ppl_data else None
     with hf_offline() if task_data else contextlib.nullcontext():
-        windows = eval_windows(ppl_text(ppl_data, task_data), tokenizer, seqlen)[:ppl_windows] if ppl_data else None
         scores = run_tasks(model, tokenizer, tasks, task_data, limit, batch_size, skip) if tasks else {}
-    ppl = perplexity(model, windows) if windows is not None else None
+    ppl, fidelity = score_windows(model, windows, reference, writer=writer) if windows is not None else (None, None)
     return {
         "tasks": scores,
         "average": average(scores),
         "perplexity": ppl,
+        "fidelity": fidelity,
         "settings": {"limit": limit, "skip": skip, "ppl_data": ppl_data, "seqlen": seqlen, "ppl_windows": ppl_windows,
                      "ppl_tokens": windows.numel() if windows is not None else 0,
                      "task_data": str(task_data) if task_data else None,

@@ -54,6 +54,19 @@ def columns(rows: list[dict], tasks: list[str]) -> list[Column]:
                            "retention: the average as % of the dense model's."))
     if any(r.get("perplexity") is not None for r in rows):
         cols.append(Column("perplexity", lambda r: _fmt(r.get("perplexity"), ".2f")))
+    if any(r.get("fidelity") for r in rows):
+        cols += [Column("KL to dense", lambda r: _fmt((r.get("fidelity") or {}).get("kl", {}).get("mean"), ".4f"),
+                        "KL to dense: mean per-token KL(dense || model) on the perplexity windows (nats; 0 is the "
+                        "dense model itself); top-1: share of tokens where the model's most likely next token is "
+                        "the dense model's."),
+                 Column("top-1", lambda r: _fmt((r.get("fidelity") or {}).get("top1"), ".3f"))]
+    kl_refs = list(dict.fromkeys(r["kl_delta"]["vs"] for r in rows if r.get("kl_delta")))
+    if kl_refs:
+        cols.append(Column(f"KL vs {kl_refs[0] if len(kl_refs) == 1 else 'first method'} (± paired SE)",
+                           lambda r: "-" if not r.get("kl_delta") else
+                           f"{r['kl_delta']['kl']:+.4f} ± {r['kl_delta']['se']:.4f}",
+                           "KL vs: this row's mean KL minus that row's, paired over the same perplexity windows, "
+                           "with the standard error over windows (negative: closer to dense)."))
     return cols + [Column("params", lambda r: f"{r['params'] / 1e6:.2f}M", "params: all parameters, embeddings and "
                           "head included."),
                    Column("layers", lambda r: str(r["layers"])),

@@ -1,0 +1,198 @@
+"""Fidelity to a reference model, measured like llama.cpp measures quantization: per-token
+KL(reference || model), top-1 agreement and the NLL difference on the perplexity windows.
+
+The reference's next-token distributions are computed once (`ReferenceLogprobs.build`) and
+reused for every model scored against them, so N models cost N + 1 passes. A full-vocabulary
+distribution per token is too large to keep (20K tokens x a 49K vocabulary is 4 GB in fp32),
+so each token keeps the reference's most probable tokens up to `1 - tail` of its mass, plus the
+rest as one bucket. KL is then the KL of the two distributions coarsened to those tokens and
+the bucket: exact with `tail=0`, and never above the full KL (coarsening cannot raise KL); the
+gap is at most the bucket's share of the full KL, a few thousandths of a nat at the default.
+
+Per-window values are kept so two models scored on the same windows compare PAIRED
+(`paired_fidelity`: mean difference and its standard error over windows).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .errors import ComeError
+
+DEFAULT_TAIL = 1e-4  # reference mass left in the bucket per token
+MARKER = "come_reference.json"
+STATS = ("kl", "top1", "nll_delta")  # the per-window means two models pair on
+
+
+def _log_probs(logits: Tensor) -> Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+_SORT_ELEMENTS = 2**25  # logits sorted at once by `compact` (its int64 order is 8 bytes each)
+
+
+def compact(ref_logp: Tensor, tail: float = DEFAULT_TAIL) -> dict[str, Tensor]:
+    """One window's reference log-probs [T, V] as the smallest set of most probable tokens per
+    row holding >= 1 - tail of its mass: flat `idx` / `logp` (row by row, most probable first),
+    `offsets` [T + 1] into them. `tail=0` keeps every token. Sorted a block of rows at a time."""
+    step = max(1, _SORT_ELEMENTS // ref_logp.shape[1])
+    idx, logp, keeps = [], [], []
+    for block in ref_logp.split(step):
+        sorted_logp, order = block.sort(dim=-1, descending=True)
+        if tail > 0:
+            p = sorted_logp.exp()
+            keep = ((p.cumsum(-1) - p) < 1.0 - tail).sum(-1).clamp(min=1)  # mass ranked above < 1 - tail
+        else:
+            keep = torch.full((block.shape[0],), block.shape[1], dtype=torch.long, device=block.device)
+        mask = torch.arange(block.shape[1], device=block.device).unsqueeze(0) < keep.unsqueeze(1)
+        idx.append(order[mask].to(torch.int32))
+        logp.append(sorted_logp[mask])
+        keeps.append(keep)
+    offsets = torch.nn.functional.pad(torch.cat(keeps).cumsum(0), (1, 0))
+    return {"idx": torch.cat(idx), "logp": torch.cat(logp).contiguous(), "offsets": offsets}
+
+
+def token_stats(ref: dict[str, Tensor], logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Per-token KL(reference || model) over the kept tokens and the bucket, top-1 agreement
+    (the model's argmax is the reference's) and the model's NLL minus the reference's, from the
+    model's logits [T, V] and the next tokens [T]. Pure tensors, float64 sums."""
+    logq = _log_probs(logits)
+    offsets = ref["offsets"]
+    counts = offsets[1:] - offsets[:-1]
+    rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    idx, logp = ref["idx"].long(), ref["logp"].double()
+    p = logp.exp()
+    q_kept = logq[rows, idx].double()
+    kl_kept = torch.zeros(len(counts), dtype=torch.float64, device=p.device).index_add_(0, rows, p * (logp - q_kept))
+    partial = counts < logq.shape[-1]  # rows with a bucket; a full row's is empty, not a rounding residue
+    p_tail = torch.where(partial, 1.0 - torch.zeros_like(kl_kept).index_add_(0, rows, p), 0.0).clamp(min=0.0)
+    kept = torch.zeros_like(logq, dtype=torch.bool)
+    kept[rows, idx] = True
+    log_q_tail = torch.logsumexp(logq.masked_fill(kept, -math.inf), dim=-1).double()  # -inf on full rows
+    bucket = torch.where(p_tail > 0, p_tail * (p_tail.clamp(min=1e-300).log() - log_q_tail), 0.0)
+    top1 = (logq.argmax(-1) == ref["idx"][offsets[:-1]].long()).double()
+    nll = -logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
+    return {"kl": (kl_kept + bucket).clamp(min=0.0), "top1": top1, "nll_delta": nll - ref["nll"].double()}
+
+
+def summarize(per_token: dict[str, Tensor], windows: list[dict[str, float]], reference: str) -> dict:
+    """The JSON `fidelity` section: KL mean / median / p90 / p99 / max over all tokens, top-1
+    agreement, mean NLL difference, and each window's means (for paired comparisons)."""
+    kl = per_token["kl"]
+    q = torch.quantile(kl, torch.tensor([0.5, 0.9, 0.99], dtype=kl.dtype)).tolist() if kl.numel() <= 2**24 else \
+        [float(kl.kthvalue(max(1, math.ceil(f * kl.numel()))).values) for f in (0.5, 0.9, 0.99)]
+    return {"reference": reference, "tokens": kl.numel(),
+            "kl": {"mean": float(kl.mean()), "median": q[0], "p90": q[1], "p99": q[2], "max": float(kl.max())},
+            "top1": float(per_token["top1"].mean()), "nll_delta": float(per_token["nll_delta"].mean()),
+            "per_window": {k: [w[k] for w in windows] for k in STATS}}
+
+
+def paired_fidelity(a: dict, b: dict, stat: str = "kl") -> tuple[float, float] | None:
+    """(mean of `a`'s per-window `stat` minus `b`'s, standard error over windows): two models
+    scored against the same reference on the same windows. None when they are not comparable."""
+    if not a or not b or a.get("reference") != b.get("reference") or a.get("tokens") != b.get("tokens"):
+        return None
+    xa, xb = a["per_window"][stat], b["per_window"][stat]
+    if not xa or len(xa) != len(xb):
+        return None
+    d = torch.tensor(xa, dtype=torch.float64) - torch.tensor(xb, dtype=torch.float64)
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return float(d.mean()), se
+
+
+class ReferenceLogprobs:
+    """The reference model's compacted next-token distributions on a fixed list of windows,
+    one safetensors file per window in `directory` (with its token ids, so a model is only ever
+    scored on the same tokens). Written by `ReferenceWriter` (or `build`)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        try:
+            meta = json.loads((self.directory / MARKER).read_text())
+        except (OSError, ValueError):
+            raise ComeError(f"{self.directory} is not a reference written by come (no readable {MARKER}); "
+                            "pass the reference model instead") from None
+        self.name, self.windows, self.tail = meta["reference"], meta["windows"], meta["tail"]
+
+    @classmethod
+    def build(cls, model, windows: Tensor, directory: str | Path, name: str, tail: float = DEFAULT_TAIL,
+              device: str | torch.device | None = None) -> "ReferenceLogprobs":
+        """Run `model` over `windows` [N, T] once and keep its distributions in `directory`."""
+        writer = ReferenceWriter(directory, name, tail)
+        score_windows(model, windows, device=device, writer=writer)
+        return writer.close()
+
+    def window(self, i: int) -> dict[str, Tensor]:
+        return load_file(str(self.directory / f"window-{i:06d}.safetensors"))
+
+    def check_windows(self, windows: Tensor) -> None:
+        """The model is scored on exactly the reference's tokens (same text, tokenizer, seqlen)."""
+        if len(windows) != self.windows or any(not torch.equal(self.window(i)["ids"], w) for i, w in enumerate(windows)):
+            raise ComeError(f"the reference {self.name!r} was computed on other tokens than this model's perplexity "
+                            "windows; use the same --ppl-data, --seqlen, --ppl-windows and a model with the "
+                            "reference's tokenizer")
+
+
+class ReferenceWriter:
+    """Fills a reference directory window by window, during the reference model's own
+    perplexity pass (so the reference costs no pass of its own); the marker file is written
+    last by `close`, so a half-written reference is never read."""
+
+    def __init__(self, directory: str | Path, name: str, tail: float = DEFAULT_TAIL):
+        if not 0.0 <= tail < 1.0:
+            raise ComeError(f"the reference tail mass must be in [0, 1), got {tail}")
+        self.directory, self.name, self.tail, self.count = Path(directory), name, tail, 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, logits: Tensor, window: Tensor) -> None:
+        """One window's logits [T - 1, V] (any device) and its token ids [T]."""
+        logp = _log_probs(logits)
+        nll = -logp.gather(-1, window[1:].to(logp.device).unsqueeze(-1)).squeeze(-1)
+        kept = {k: v.cpu().contiguous() for k, v in {**compact(logp, self.tail), "nll": nll}.items()}
+        save_file({**kept, "ids": window.cpu().contiguous()}, str(self.directory / f"window-{self.count:06d}.safetensors"))
+        self.count += 1
+
+    def close(self) -> ReferenceLogprobs:
+        meta = {"reference": self.name, "windows": self.count, "tail": self.tail}
+        (self.directory / MARKER).write_text(json.dumps(meta) + "\n")
+        return ReferenceLogprobs(self.directory)
+
+
+@torch.no_grad()
+def score_windows(model, windows: Tensor, reference: ReferenceLogprobs | None = None,
+                  device: str | torch.device | None = None, writer: ReferenceWriter | None = None,
+                  ) -> tuple[float, dict | None]:
+    """(perplexity of `model` on `windows`, its `fidelity` section against `reference` or None)
+    from ONE pass, one window per forward (full-vocabulary fp32 logits are the memory peak);
+    with `writer`, the pass also records this model as a reference."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = device or next(model.parameters()).device
+    if reference is not None:
+        reference.check_windows(windows)
+    nll, count, per_token, per_window = 0.0, 0, [], []
+    for i, window in enumerate(tqdm(windows, desc="perplexity", leave=False, unit="window")):
+        ids = window.unsqueeze(0).to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        target = ids[0, 1:]
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        count += target.numel()
+        if writer is not None:
+            writer.add(logits, window)
+        if reference is not None:
+            ref = {k: v.to(device) for k, v in reference.window(i).items()}
+            stats = {k: v.cpu() for k, v in token_stats(ref, logits, target).items()}
+            per_token.append(stats)
+            per_window.append({k: float(v.mean()) for k, v in stats.items()})
+    ppl = math.exp(nll / count)
+    if reference is None:
+        return ppl, None
+    joined = {k: torch.cat([t[k] for t in per_token]) for k in STATS}
+    return ppl, summarize(joined, per_window, reference.name)
