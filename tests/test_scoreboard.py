@@ -1,0 +1,59 @@
+"""The scoreboard (benchmarks/scoreboard.py): its quick mode runs the locked protocol's code
+path on a tiny model, writes one JSON per row and seed as each finishes, skips what is written,
+and its tables are generated from the JSON; BENCHMARKS.md's scoreboard block is exactly what
+the committed JSON files generate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import scoreboard  # noqa: E402
+
+
+def test_benchmarks_block_equals_the_committed_json():
+    text = scoreboard.BENCHMARKS_MD.read_text()
+    block = text[text.index(scoreboard.START):text.index(scoreboard.END) + len(scoreboard.END)]
+    assert block == scoreboard.markdown(scoreboard.RESULTS, scoreboard.PROTOCOL), \
+        "BENCHMARKS.md's scoreboard is stale: run python benchmarks/scoreboard.py tables"
+
+
+def test_quick_run_writes_rows_and_tables_from_them(tmp_path, model_dir, text_file):
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    args = [sys.executable, str(BENCH / "scoreboard.py"), "run", "--quick", "--model", str(model_dir), "--text",
+            str(text_file), "--results", str(results), "--cache", str(cache)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1",
+                                                                                  **__import__("os").environ})
+    assert done.returncode == 0, done.stderr[-2000:]
+    protocol = scoreboard.quick_protocol(str(text_file))
+    rows = sorted((results / "quick").glob("*/*.json"))
+    want = {f"{scoreboard._slug(r)}-seed{s}.json" for r in protocol["models"]["quick"]["rows"]
+            for s in protocol["calibration"]["seeds"]}
+    assert {p.name for p in rows} == want
+    row = json.loads(rows[0].read_text())
+    for name, (split, _, n) in scoreboard._texts(protocol).items():
+        fid = row["texts"][name]["fidelity"]
+        assert row["texts"][name]["split"] == split and len(fid["per_window"]["kl"]) <= n and fid["kl"]["mean"] > 0
+        assert fid["top_k"] == protocol["kl"]["top_k"]
+    seeds = {json.loads(p.read_text())["seed"]: json.loads(p.read_text()) for p in rows if p.name.startswith("come-")}
+    assert seeds[0]["texts"]["wiki-test"]["fidelity"] != seeds[1]["texts"]["wiki-test"]["fidelity"]  # other calibration
+    stamps = {p: p.stat().st_mtime_ns for p in rows}
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and {p: p.stat().st_mtime_ns for p in rows} == stamps  # written rows are kept
+    md = scoreboard.markdown(results, protocol)
+    for p in rows:
+        r = json.loads(p.read_text())
+        if r["seed"] == 0:
+            assert f"{r['texts']['wiki-test']['fidelity']['kl']['mean']:.4f}" in md and r["row"] in md
+    best = min((json.loads(p.read_text()) for p in rows if json.loads(p.read_text())["seed"] == 0),
+               key=lambda r: r["texts"]["wiki-test"]["fidelity"]["kl"]["mean"])
+    assert f"| **{best['row']}** |" in md
+    target = tmp_path / "B.md"
+    target.write_text(f"# B\n\n{scoreboard.START}\nold\n{scoreboard.END}\n\nrest\n")
+    scoreboard.write_tables(results, protocol, target)
+    assert target.read_text() == f"# B\n\n{md}\n\nrest\n"
