@@ -140,6 +140,9 @@ def test_distill_never_writes_over_its_inputs(sandbox):
     refused(root, command("distill", root, str(root / "student"), "--overwrite"), "is the input --student")
     refused(root, command("distill", root, str(root), "--overwrite", "--plan", str(plan)), "holds the input")
     refused(root, command("distill", root, str(root / "student"), "--resume"), "is the input --student")
+    through_link = command("distill", root, str(root / "student"), "--overwrite")
+    through_link[through_link.index("--student") + 1] = str(root / "student-link")
+    refused(root, through_link, "is the input --student")  # the student named through a link
 
 
 def test_eval_out_replaces_only_come_results(sandbox):
