@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def test_outputs_are_normal_directories_and_leftovers_are_cleaned(tokenizer, tmp
     from come.checkpoint import save_checkpoint
 
     out = tmp_path / "out"
-    stale = tmp_path / ".out.tmp-999999999-abc"  # a pid that is not running
+    stale = tmp_path / ".out.tmp-999999999-abcdefgh"  # a pid that is not running (test_data_safety.py: other names)
     stale.mkdir()
     (stale / "model.safetensors").write_text("half")
     umask = os.umask(0o022)
@@ -166,9 +167,10 @@ def test_outputs_are_normal_directories_and_leftovers_are_cleaned(tokenizer, tmp
         os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert not stale.exists()
-    live = tmp_path / f".out.tmp-{os.getpid()}-live"  # this process: a run in progress
+    live = tmp_path / f".out.tmp-{os.getpid()}-livelive"  # this process: a run in progress
     live.mkdir()
-    save_checkpoint(tiny_model("llama", layers=2), tokenizer, None, out, overwrite=True)
+    shutil.rmtree(out)  # a checkpoint without a Plan is no come output: --overwrite would be refused
+    save_checkpoint(tiny_model("llama", layers=2), tokenizer, None, out)
     assert live.exists()
 
 

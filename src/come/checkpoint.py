@@ -20,6 +20,7 @@ from .adapters import get_adapter
 from .errors import ComeError
 from .hub import OFFLINE_HINT, hub_access
 from .model_card import CARD_FILE, front_matter, looks_like_hub_id, model_card
+from .outputs import LOG_FILE, temp_prefix, temp_sibling
 from .plan import Plan
 from .preflight import check_model_dir, check_output_dir, check_tokenizer_dir
 
@@ -113,21 +114,27 @@ def _plain_copy(gguf_model, dtype):
     return model
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` may be running (another user's, or a number no pid can be: kept as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        pass
+    return True
+
+
 def _stale_siblings(out: Path) -> None:
-    """Temporary siblings left by killed runs (their pid no longer alive) are removed; ones of
-    another live run are left alone."""
-    for old in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = old.name[len(f".{out.name}.tmp-"):].split("-")[0]
-        alive = True
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            alive = False
-        except PermissionError:
-            pass
-        if not alive and old.is_dir():
-            log.warning("removing %s, left by an interrupted run", old)
-            shutil.rmtree(old, ignore_errors=True)
+    """Temporary siblings of `out` left by killed runs are removed: only directories named
+    exactly as atomic_dir names them (outputs.temp_sibling) whose pid is no longer alive;
+    another live run's, and anything else however it is named, are left alone."""
+    for old in out.parent.iterdir():
+        temp = temp_sibling(old.name)
+        if temp is None or temp[0] != out.name or old.is_symlink() or not old.is_dir() or _alive(temp[1]):
+            continue
+        log.warning("removing %s, left by an interrupted run", old)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class _Terminated(BaseException):
@@ -189,18 +196,20 @@ def _write_error(out: Path, exc: Exception) -> ComeError:
 
 
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, overwrite: bool = False, keep: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of `out` to fill; it is renamed to `out` only when the block
     ends without error, so an interrupted run (SIGINT, SIGTERM, a failed write) leaves no
     half-written directory and no temporary one (and the next run removes what a killed one
-    left). A replaced `out` is moved aside, not deleted, until the new one is in place.
-    A write the file system refuses is a one-line ComeError."""
-    out = check_output_dir(out, overwrite)
+    left). `out` is checked first (preflight.check_output_dir: with `overwrite`, only an
+    output `come` wrote is replaced). A replaced `out` is moved aside, not deleted, until the
+    new one is in place; its entries named in `keep` (distill's checkpoints/) move into the
+    new one. A write the file system refuses is a one-line ComeError."""
+    out = check_output_dir(out, overwrite, kept=keep)
     with _signals_for_write():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             _stale_siblings(out)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
         except _WRITE_ERRORS as exc:
             raise _write_error(out, exc) from None
         try:
@@ -209,7 +218,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is a normal directory
             yield tmp
             with signals_held():
-                _swap(tmp, out)
+                _swap(tmp, out, keep)
         except _WRITE_ERRORS as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise _write_error(out, exc) from None
@@ -218,36 +227,48 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
             raise
 
 
-def _swap(tmp: Path, out: Path) -> None:
-    """`tmp` becomes `out`; a replaced `out` is moved aside first and deleted once the new one is in."""
+def _move(names: tuple[str, ...], src: Path, dst: Path) -> None:
+    for name in names:
+        if (src / name).exists():
+            os.replace(src / name, dst / name)
+
+
+def _swap(tmp: Path, out: Path, keep: tuple[str, ...] = ()) -> None:
+    """`tmp` becomes `out`; a replaced `out` is moved aside first (its `keep` entries into
+    `tmp`) and deleted once the new one is in; on a failed rename all goes back."""
     old = tmp.with_name(f"{tmp.name}-replaced")
     if out.exists():
         os.replace(out, old)
+        _move(keep, old, tmp)
     try:
         os.replace(tmp, out)
     except OSError:
         if old.exists():
+            _move(keep, tmp, old)
             os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(model, tokenizer, plan: Plan | None, out: str | Path, overwrite: bool = False, *,
-                    results: dict | None = None, distill_log: dict | None = None) -> Path:
+                    results: dict | None = None, distill_log: dict | None = None,
+                    keep: tuple[str, ...] = ()) -> Path:
     """Write model (safetensors) + config + tokenizer + come_plan.json + the model card
-    (README.md, when there is a Plan) to `out`, atomically. `results` (`come eval`'s dict) and
-    `distill_log` (distill_log.json) add their sections to the card."""
+    (README.md, when there is a Plan) to `out`, atomically (atomic_dir: `overwrite` and `keep`).
+    `results` (`come eval`'s dict) adds its section to the card; `distill_log` its section and
+    distill_log.json."""
     out = Path(out)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, keep) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:
             plan.save(tmp)
             base_model, license = source_metadata(plan.model)
-            name = None if out.name.startswith(".") else out.name  # a staging sibling's name is no use to a reader
             (tmp / CARD_FILE).write_text(model_card(plan, results, distill_log, base_model=base_model,
-                                                    license=license, name=name))
+                                                    license=license, name=out.name))
+        if distill_log is not None:
+            (tmp / LOG_FILE).write_text(json.dumps(distill_log, indent=1))
     return out
 
 

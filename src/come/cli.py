@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the options objects load torch: imported when a command is 
     from .distill_config import DistillConfig
 
 MODEL_ARG = typer.Argument(..., metavar="MODEL", help="Hub id, local HF directory, or .gguf file.")
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace a non-empty --out.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing --out that come wrote (never anything else).")
 
 
 def _out_dir(what: str):
@@ -119,9 +119,11 @@ def compress(
     if official:
         cfg = replace(cfg, **_unless_given(ctx, official_settings(cfg.split)))
     cfg = cfg.resolved()
+    inputs = {"MODEL": model, "--calib": cfg.calib}
+    check_output_dir(out, overwrite, inputs=inputs)  # with several levels: the folder of sparsity-* outputs
     outs = _level_dirs(out, cfg.levels())
     for path in outs.values():
-        check_output_dir(path, overwrite)
+        check_output_dir(path, overwrite, inputs=inputs)
     config = load_config(model)
     cfg.check_model(config)
     merge_budget(meta_model(config), cfg.levels()[-1])
@@ -177,6 +179,7 @@ def eval_(
     model: str = MODEL_ARG,
     device: str = typer.Option("auto", help="cuda | cpu | auto (the whole model moves there)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the results JSON here."),
+    overwrite: bool = OVERWRITE,
     baseline: Optional[str] = typer.Option(None, help="Dense model (evaluated the same way) or its results JSON: adds retention."),
     reference: Optional[str] = typer.Option(None, help="Reference model (the dense one): adds per-token KL(reference || "
                                             "model) (mean, median, p90, p99, max), top-1 agreement and the NLL "
@@ -192,6 +195,7 @@ def eval_(
     from pathlib import Path
 
     from .evaluate import retention
+    from .outputs import write_text_atomic
     from .preflight import check_output_file
     from .profile import resolve_device
     from .tasks import hf_offline
@@ -200,8 +204,9 @@ def eval_(
     resolve_device(device)
     if reference and evaluation.evaluate_kwargs()["ppl_data"] is None:
         raise ComeError("--reference compares next-token distributions on the perplexity windows; drop --ppl-data none")
-    if out:
-        check_output_file(out)
+    if out is not None:
+        check_output_file(out, overwrite, inputs={"MODEL": model, "--baseline": baseline, "--reference": reference,
+                                                  "--ppl-data": evaluation.ppl_data, "--task-data": evaluation.task_data})
     dense = None
     if baseline and baseline.endswith(".json"):
         try:
@@ -217,8 +222,12 @@ def eval_(
     if dense is not None:
         results["retention"] = retention(results, dense)
     print_eval(model, results)
-    if out:
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    if out is not None:
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(Path(out), json.dumps(results, indent=2) + "\n")
+        except OSError as exc:
+            raise ComeError(f"cannot write {out}: {exc.strerror or exc}; choose another --out") from None
         err.print(f"wrote {out}")
         from .model_card import add_eval_to_card
 
@@ -329,7 +338,8 @@ def compare_(
     from .report import markdown_table
 
     chosen = method_list(methods or default_methods(), cfg)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs={"MODEL": model, "--calib": cfg.calib, "--ppl-data": evaluation.ppl_data,
+                                             "--task-data": evaluation.task_data})
     evaluation.check()
     config = load_config(model)
     for spec in chosen:
@@ -378,10 +388,12 @@ def distill_(
     cfg = replace(cfg, checkpoint_dir=str(ckpt))
     cfg.validate()
     resume = cfg.resume
+    # --resume continues the run OUT holds: its checkpoints/ stay, an older result is replaced
+    check_output_dir(out, overwrite or resume, inputs={"--teacher": teacher, "--student": student, "--plan": plan,
+                                                       "--data": cfg.data, "--eval-data": cfg.eval_data},
+                     kept=(CHECKPOINTS,) if resume else ())
     if resume:
         resume_point(ckpt, cfg, processes=PartialState().num_processes)
-    else:
-        check_output_dir(out, overwrite)
     the_plan = load_plan(plan or student)
     check_pair(load_config(teacher), load_config(student), the_plan)
     tokenizer = load_tokenizer(student)

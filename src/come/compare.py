@@ -21,6 +21,7 @@ from .fidelity import ReferenceWriter, paired_fidelity
 from .methods import REGISTRY, method_names
 from .options import override
 from .plan import Plan
+from .preflight import check_output_dir
 from .report import write_report
 
 SHARED = ("method", "sparsity", "calib", "nsamples", "seqlen", "seed", "protect")  # the same in every row
@@ -38,7 +39,9 @@ def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"],
     """Compress a copy of `model` with each method (same calibration ids), evaluate each
     and the dense model, and write the report into `out`. Returns the report rows. With
     several sparsities (`base.sparsity` a list) each method runs once through every level
-    (compress's `on_level`) and gives one row per level, labelled `method@level`."""
+    (compress's `on_level`) and gives one row per level, labelled `method@level`. `out` is
+    checked before any work (empty, or with `overwrite` a come output: atomic_dir)."""
+    check_output_dir(out, overwrite, inputs={"model": model_name, "calib": base.calib})
     eval_kwargs = evaluation.evaluate_kwargs()
     levels = base.levels()
     plans: dict[str, Plan] = {}

@@ -13,12 +13,12 @@ of a card this module wrote (in place, atomically).
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
-from .plan import PLAN_FILE, Plan
+from .errors import ComeError
+from .outputs import write_text_atomic
+from .plan import PLAN_FILE, Plan, load_plan
 
 log = logging.getLogger("come")
 
@@ -189,8 +189,9 @@ def eval_section(results: dict | None) -> str:
 def add_eval_to_card(model_dir: str | Path, results: dict) -> Path | None:
     """Rewrite the evaluation section of `model_dir`'s come card with `results`, in place and
     atomically (a temporary file renamed over it); the same results twice leave the same card.
-    None (nothing written) when `model_dir` has no card this module wrote, or refuses the write
-    (a warning: the results themselves are already saved by then)."""
+    None (nothing written) when `model_dir` has no card this module wrote, or when its
+    come_plan.json is missing or corrupt (a come output no longer: a warning), or refuses the
+    write (a warning: the results themselves are already saved by then)."""
     path = Path(model_dir) / CARD_FILE
     try:
         text = path.read_text()
@@ -199,22 +200,18 @@ def add_eval_to_card(model_dir: str | Path, results: dict) -> Path | None:
     start, end = text.find(EVAL_START), text.find(EVAL_END)
     if start < 0 or end < start:
         return None
+    try:
+        load_plan(model_dir)
+    except ComeError as exc:
+        log.warning("%s was left as it is: %s", path, exc)
+        return None
     tail = text[end + len(EVAL_END):]
     new = text[:start] + eval_section(results) + (tail[1:] if tail.startswith("\n") else tail)
     if new == text:
         return path
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{CARD_FILE}.tmp-", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(new)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        if not isinstance(exc, OSError):
-            raise
+        write_text_atomic(path, new)
+    except OSError as exc:
         log.warning("could not update the evaluation section of %s (%s)", path, exc.strerror or exc)
         return None
     return path

@@ -23,10 +23,9 @@ from pathlib import Path
 from torch import nn
 
 from .errors import ComeError
+from .outputs import CHECKPOINTS
 from .plan import Plan
 
-LOG_FILE = "distill_log.json"
-CHECKPOINTS = "checkpoints"
 RECORD = "come_checkpoint.json"  # written last: a step_N without it is incomplete
 _STEP = re.compile(r"step_(\d+)")
 _TEMP = ".step_*.tmp-*"
@@ -180,21 +179,10 @@ def write_checkpoint(accelerator, state: TrainState, directory: str) -> None:
 def write_output(student: nn.Module, tokenizer, plan: Plan, log_dict: dict, out: str | Path) -> Path:
     """Write the distilled checkpoint + Plan + distill_log.json to `out` atomically.
 
-    `out` may already hold the run's checkpoints/ (kept, moved into the result) and, with
-    --overwrite, an older result (replaced): everything is assembled in a sibling first, then
-    swapped in by renames with SIGINT / SIGTERM held until the replaced one is gone."""
-    from .checkpoint import save_checkpoint, signals_held
+    `out` may already hold the run's checkpoints/ (carried into the result) and, with
+    --overwrite or --resume, an older come output (replaced; the CLI checked `out` before the
+    run): save_checkpoint assembles the result in a temporary sibling and swaps it in with
+    SIGINT / SIGTERM held."""
+    from .checkpoint import save_checkpoint
 
-    out = Path(out)
-    staging, old = out.with_name(f".{out.name}.distilled"), out.with_name(f".{out.name}.replaced")
-    shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the renames and the clean-up
-    save_checkpoint(student, tokenizer, plan, staging, overwrite=True, distill_log=log_dict)
-    (staging / LOG_FILE).write_text(json.dumps(log_dict, indent=1))
-    with signals_held():
-        if out.exists():
-            os.replace(out, old)
-            if (old / CHECKPOINTS).is_dir():
-                os.replace(old / CHECKPOINTS, staging / CHECKPOINTS)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    return out
+    return save_checkpoint(student, tokenizer, plan, out, overwrite=True, distill_log=log_dict, keep=(CHECKPOINTS,))
