@@ -137,6 +137,10 @@ class CompressConfig:
     refit_input: RefitInput = option("compressed", "The refit's inputs: the compressed model's states (corrects upstream "
                                                   "error) or the dense model's.",
                                      choices=RefitInput.__args__)
+    candidates: str = option(
+        "come,shortgpt:refit=ls,magnitude:refit=ls",
+        "--method auto: the recipes tried (`come compare --methods` specs); the one with the lowest KL to the dense "
+        "model on held-out calibration windows is kept.")
     select: Select = option("angle", "replaceme: angle (published block) | bi (ShortGPT's layers).",
                             choices=Select.__args__)
     reprofile: Reprofile | None = option(

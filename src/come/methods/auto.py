@@ -1,0 +1,90 @@
+"""`--method auto`: compress with each candidate recipe and keep the one closest to the dense
+model, by KL(dense || model) on held-out calibration windows.
+
+No recipe wins everywhere (BENCHMARKS.md, the scoreboard): a peer with our refit ties or beats
+the concatenation on some models. So auto tries a short list (`--candidates`, `come compare`
+specs) on the same calibration and lets the model decide, as NVIDIA ModelOpt's Minitron search
+scores candidate architectures. An eighth of the calibration windows (at least one) is held out:
+every candidate calibrates on the rest, and is scored on those by the per-token KL to the dense
+model, whose distributions are computed once (fidelity.py). The Plan records every candidate's
+score under settings["auto"]; the model written is the best candidate's, as that recipe made it
+on the rest of the windows.
+
+Memory: the dense model, the best candidate so far and the one being built.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+
+from ..errors import ComeError
+from .base import REGISTRY, Method, register
+
+log = logging.getLogger("come")
+
+HOLDOUT = 1 / 8  # share of the calibration windows that scores the candidates
+SET_BY_CANDIDATE = ("refit", "pair_score")  # each candidate's own default unless its spec sets it
+
+
+@register
+class Auto(Method):
+    name = "auto"
+    summary = ("try each of --candidates on the same calibration, keep the one with the lowest KL to the dense model "
+               "on held-out calibration windows")
+    order = 5
+    default_refit = None
+    default_pair_score = None
+    default_reprofile = None
+    compared_by_default = False
+
+    def check(self, cfg) -> None:
+        from ..compare import method_list
+
+        given = [f"--{f.replace('_', '-')}" for f in SET_BY_CANDIDATE if getattr(cfg, f) is not None]
+        if given:
+            raise ComeError(f"{', '.join(given)} with --method auto: each candidate has its own; set it in the "
+                            "candidate's spec, e.g. --candidates come,shortgpt:refit=ls")
+        if len(cfg.levels()) > 1:
+            raise ComeError("--method auto takes one --sparsity: the best recipe may differ by level; run each level")
+        if cfg.nsamples < 2:
+            raise ComeError(f"--method auto holds out calibration windows to score the candidates: needs --nsamples "
+                            f">= 2, got {cfg.nsamples}")
+        if self.name in (item.split(":")[0].strip() for item in cfg.candidates.split(",")):
+            raise ComeError("--candidates: auto cannot be its own candidate")
+        method_list(cfg.candidates, cfg)  # every candidate resolves, or one line names the problem
+
+    def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
+        from ..compare import method_list
+        from ..data import load_calibration
+        from ..fidelity import ReferenceWriter, score_windows
+
+        if calib is None:
+            calib = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+        n_held = max(1, round(len(calib) * HOLDOUT))
+        fit, held = calib[:-n_held], calib[-n_held:]
+        scores, best = [], None
+        with tempfile.TemporaryDirectory(prefix="come-auto-") as ref_dir:
+            writer = ReferenceWriter(ref_dir, "dense")
+            dense_ppl = score_windows(model, held, writer=writer)[0]
+            reference = writer.close()
+            for spec in method_list(cfg.candidates, cfg):
+                t0 = time.perf_counter()
+                own = spec.config(cfg).resolved()
+                built, plan = REGISTRY[own.method].compress(copy.deepcopy(model), tokenizer, own, fit, model_name)
+                seconds = time.perf_counter() - t0
+                ppl, fid = score_windows(built, held, reference)
+                scores.append({"spec": spec.label, "kl": fid["kl"]["mean"], "top1": fid["top1"], "ppl": ppl,
+                               "seconds": round(seconds, 1)})
+                log.info("auto: %s: KL %.4f to the dense model, top-1 %.3f, on %d held-out tokens (%.0f s)",
+                         spec.label, fid["kl"]["mean"], fid["top1"], fid["tokens"], seconds)
+                if best is None or fid["kl"]["mean"] < best[2]:
+                    best = (built, plan, fid["kl"]["mean"], spec.label)
+                del built
+        built, plan, _, label = best
+        log.info("auto: chose %s", label)
+        plan.settings["auto"] = {"candidates": scores, "chosen": label, "holdout_windows": n_held,
+                                 "holdout_tokens": int(held[:, 1:].numel()), "dense_ppl": dense_ppl}
+        return built, plan
