@@ -99,17 +99,23 @@ def bounds_of(f: dataclasses.Field) -> Bounds | None:
     return f.metadata.get("bounds")
 
 
+def check_bounds(f: dataclasses.Field, value: Any, flag: str) -> None:
+    """The field's value is a finite number within its bounds, each item of a list too (None
+    allowed where the default is None): one line naming the flag, the value and the range."""
+    allowed = bounds_of(f)
+    if allowed is None or (value is None and f.default is None):
+        return
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if not allowed.holds(item):
+            kind = "float" if "float" in str(f.type) else "int"
+            raise ComeError(f"{flag} must be {allowed.describe(kind)}, got {item!r}")
+
+
 def check_ranges(obj: Any) -> None:
-    """Every field with bounds holds a finite number within them, each item of a list too
-    (None allowed where the default is None): one line naming the flag, the value and the range."""
+    """Every field of an options object within its bounds (the API's check; the command line's
+    text is checked as it is read, by `convert`, naming the flag as typed: --eval-seqlen)."""
     for f in dataclasses.fields(obj):
-        allowed, value = bounds_of(f), getattr(obj, f.name)
-        if allowed is None or (value is None and f.default is None):
-            continue
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if not allowed.holds(item):
-                kind = "float" if "float" in str(f.type) else "int"
-                raise ComeError(f"{flag_of(f)} must be {allowed.describe(kind)}, got {item!r}")
+        check_bounds(f, getattr(obj, f.name), flag_of(f))
 
 
 def int_list(text: str) -> list[int]:
@@ -143,10 +149,17 @@ def base_type(tp: Any) -> tuple[Any, bool]:
 
 def convert(f: dataclasses.Field, tp: Any, text: str | None, flag: str) -> Any:
     """The field's value from its command-line text: the one parser of the CLI and of
-    `come compare`'s per-row overrides (method:key=value)."""
-    base, optional = base_type(tp)
+    `come compare`'s per-row overrides (method:key=value); a number is checked against the
+    field's bounds here, where the flag is known as typed."""
     if text is None or not isinstance(text, str):
         return text
+    value = _parsed(f, tp, text, flag)
+    check_bounds(f, value, flag)
+    return value
+
+
+def _parsed(f: dataclasses.Field, tp: Any, text: str, flag: str) -> Any:
+    base, optional = base_type(tp)
     if f.metadata.get("parse"):
         return f.metadata["parse"](text)
     if optional and text.lower() == "none" and "none" not in (choices_of(f) or ()):

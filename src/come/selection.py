@@ -92,10 +92,12 @@ def split_shares(bis: list[float], p: float = 1.0, min_max: float = 0.0, n_origi
     block_ratio): shares normalize(normalize(BI)^p); with min_max > 0 the largest share is
     raised to at least min_max ** (1 / (n_original - 1)) and the others scaled to the rest."""
     scores = [max(b, 0.0) for b in bis]
-    top = max(scores)  # normalize(BI)^p scaled by the largest term, 1, so no --skew underflows their sum to 0
-    if top <= 0:
+    total = sum(scores)
+    if total <= 0:
         return [1.0 / len(bis)] * len(bis)
-    shares = [(s / top) ** p for s in scores]
+    shares = [(s / total) ** p for s in scores]
+    if not sum(shares) > 0:  # a large p underflowed every term: their limit, all to the highest BI
+        shares = [float(s == max(scores)) for s in scores]
     shares = [s / sum(shares) for s in shares]
     m = min_max ** (1.0 / max(n_original - 1, 1)) if min_max > 0 else 0.0
     big = max(range(len(shares)), key=shares.__getitem__)
