@@ -186,7 +186,7 @@ def test_a_weight_gone_non_finite_is_never_checkpointed(dirs, tokenizer, tmp_pat
     monkeypatch.setattr(distill_mod._Run, "step", poisoned)
     cfg = DistillConfig(data=str(root / "train.txt"), seqlen=32, batch_size=2, eval_windows=2, device="cpu", steps=4,
                         save_every=1, checkpoint_dir=str(tmp_path / "checkpoints"))
-    with pytest.raises(ComeError, match=r"^distillation stopped at step 2: a trained weight is nan") as exc:
+    with pytest.raises(ComeError, match=r"^distillation stopped at step 2: a trained weight is NaN or infinite") as exc:
         distill(teacher, copy.deepcopy(student), tokenizer, plan, cfg)
     assert "\n" not in str(exc.value) and str(tmp_path / "checkpoints" / "step_1") in str(exc.value)
     assert _assert_finite_checkpoints(tmp_path / "checkpoints") == ["step_1"]

@@ -222,21 +222,25 @@ class _Distiller:
 
 # ---- the loop ----------------------------------------------------------------------------------
 
-def _finite(value: float, what: str, state: TrainState, cfg: DistillConfig) -> None:
-    """Stop a run whose loss, held-out score or weights left the finite numbers: one line, and
-    nothing more written (the checkpoints before it were checked the same way, so they are good)."""
-    if math.isfinite(value):
-        return
+def _stopped(state: TrainState, cfg: DistillConfig, problem: str) -> ComeError:
+    """The one line of a run whose loss, held-out score or weights left the finite numbers; nothing
+    more is written (the checkpoints before it were checked the same way, so they are good)."""
     kept = last_complete(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    raise ComeError(f"distillation stopped at step {state.step}: {what} is {value}, not a finite number; nothing "
-                    f"written{f', the last good checkpoint is {kept}' if kept else ''}; lower --lr (or "
-                    "--max-grad-norm) and start over")
+    return ComeError(f"distillation stopped at step {state.step}: {problem}; nothing written"
+                     f"{f', the last good checkpoint is {kept}' if kept else ''}; lower --lr (or --max-grad-norm) "
+                     "and start over")
+
+
+def _finite(value: float, what: str, state: TrainState, cfg: DistillConfig) -> None:
+    if not math.isfinite(value):
+        raise _stopped(state, cfg, f"{what} is {value}, not a finite number")
 
 
 def _check_weights(layers: Mapping[int, nn.Module], state: TrainState, cfg: DistillConfig) -> None:
     """Every trained weight finite (one device sync): checked before each checkpoint and the result."""
-    flags = torch.stack([p.detach().isfinite().all() for layer in layers.values() for p in layer.parameters()])
-    _finite(0.0 if bool(flags.all()) else math.nan, "a trained weight", state, cfg)
+    finite = torch.stack([p.detach().isfinite().all() for layer in layers.values() for p in layer.parameters()])
+    if not bool(finite.all()):
+        raise _stopped(state, cfg, "a trained weight is NaN or infinite")
 
 
 def _ppl(mean_nll: float) -> float:

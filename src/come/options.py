@@ -58,8 +58,8 @@ class Bounds:
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
            bounds: str | None = None, flag: str | None = None, short: str | None = None, cli: bool = True,
-           parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None, envvar: str | None = None,
-           default_factory: Callable[[], Any] | None = None) -> Any:
+           parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None,
+           envvar: str | None = None, default_factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field carrying its CLI help.
 
     choices: the allowed values (or a function returning them, e.g. the method registry);
