@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from come import ComeError, DistillConfig, distill
 from come.checkpoint import save_checkpoint
 from come.cli import app
-from come.options import base_type, bounds_of
+from come.options import base_type, bounds_of, count
 from come.selection import split_ratio
 
 distill_mod = importlib.import_module("come.distill")  # the module; `come.distill` is the API function
@@ -37,9 +37,9 @@ CANDIDATES = {int: ["nan", "inf", "-inf", "-1", str(10**30)], float: ["nan", "in
 def _numeric_flags(command: str) -> list[tuple[str, dataclasses.Field, type]]:
     """(flag, field, int or float) of every numeric option the command generates from its options
     objects (cli_options.with_options), read from the command itself: what a user can type."""
-    spec = app.deferred[command].callback.__wrapped__._spec[1]
+    spec = app.deferred[command].callback.__wrapped__._spec[1]  # one_line_errors wraps with_options' function
     return [(flag, f, base) for _, _, entries in spec for _, f, tp, flag in entries
-            if (base := base_type(tp)[0]) in (int, float) and base is not bool]
+            if (base := base_type(tp)[0]) in (int, float)]
 
 
 def _refused(base: type, text: str, f: dataclasses.Field) -> bool:
@@ -95,6 +95,8 @@ def test_bounds_name_the_flag_the_value_and_the_range():
         DistillConfig(warmup=math.nan).validate()
     with pytest.raises(ComeError, match=r"^--batch-size must be >= 1, got 0$"):
         DistillConfig(batch_size=0).validate()
+    with pytest.raises(ComeError, match=r"^--tokens must be a count such as 20M"):  # not an OverflowError
+        count("infM")
 
 
 @pytest.mark.parametrize("argv, flag", [
