@@ -171,7 +171,7 @@ def test_mismatched_teacher_is_one_line_error(pair, tokenizer):
     (dict(lora_r=-1), "--lora-r must be >= 0"),
     (dict(lora_r=4, lora_alpha=0.0), "--lora-alpha must be a finite number > 0"),
     (dict(lora_r=4, lora_alpha=float("nan")), "--lora-alpha must be a finite number > 0"),
-    (dict(lora_r=4, lora_dropout=1.0), "--lora-dropout is a probability"),
+    (dict(lora_r=4, lora_dropout=1.0), r"--lora-dropout must be in \[0, 1\), got 1.0"),
     (dict(lora_alpha=8.0), "need --lora-r > 0"),
 ])
 def test_bad_lora_settings_are_one_line_errors(lora, message):

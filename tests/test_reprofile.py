@@ -185,10 +185,10 @@ def test_refit_reads_true_inputs_in_window_mode(tokenizer, caches, monkeypatch, 
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(reprofile="window", reprofile_window=0), "--reprofile-window >= 1"),
-    (dict(reprofile="window", reprofile_drift=-0.1), "--reprofile-drift >= 0"),
-    (dict(reprofile="window", reprofile_drift=math.nan), "--reprofile-drift >= 0"),
-    (dict(reprofile="window", reprofile_drift=math.inf), "--reprofile-drift >= 0"),
+    (dict(reprofile="window", reprofile_window=0), "--reprofile-window must be >= 1, got 0"),
+    (dict(reprofile="window", reprofile_drift=-0.1), "--reprofile-drift must be a finite number >= 0"),
+    (dict(reprofile="window", reprofile_drift=math.nan), "--reprofile-drift must be a finite number >= 0"),
+    (dict(reprofile="window", reprofile_drift=math.inf), "--reprofile-drift must be a finite number >= 0"),
     (dict(reprofile="sometimes"), "--reprofile must be one of full, window"),
     (dict(reprofile="full", reprofile_window=3), "add --reprofile window"),
     (dict(method="laco", reprofile_drift=0.1), "add --reprofile window"),

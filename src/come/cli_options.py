@@ -21,7 +21,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from typer.models import CommandInfo, ParameterInfo
 
-from .options import base_type, choices_of, cli_fields, convert, flag_of
+from .options import base_type, bounds_of, choices_of, cli_fields, convert, flag_of
 
 GroupSpec = typing.Union[type, str, tuple[typing.Union[type, str], str, tuple[str, ...]]]
 
@@ -38,7 +38,8 @@ def _metavar(f: dataclasses.Field, base: Any) -> str:
 
 def _help(f: dataclasses.Field) -> str:
     h = f.metadata.get("help", "")
-    return h() if callable(h) else h
+    h = h() if callable(h) else h
+    return f"{h} Range: {bounds_of(f).text}." if bounds_of(f) else h
 
 
 def _default(f: dataclasses.Field) -> Any:

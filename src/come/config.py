@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 from typing import ClassVar, Literal
 
 from .errors import ComeError
 from .methods import REGISTRY, MergeMethod, get_method, method_names
-from .options import check_choices, int_list, option
+from .options import SEEDS, check_choices, check_ranges, int_list, option
 from .pair_scoring import BUILT_SCORES
 from .profile import resolve_device
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
@@ -78,15 +77,16 @@ class CompressConfig:
              "layer, so the achieved figure is the first one >= this, reported exactly. An ascending list "
              "(0.1,0.2,0.3): one run passes every level; `come compress` writes OUT/sparsity-0.10, ..., `come compare` "
              "reports a row per method and level",
-        parse=sparsity_levels)
+        parse=sparsity_levels, bounds="(0, 0.9]")
     method: str = option("come", lambda: "The method (peers on the same plumbing): " + _method_help() + ".",
                          choices=method_names)
     calib: str = option("wikitext2", "Calibration text: wikitext2, c4 (via `datasets`), or a local .txt / .jsonl "
                                      "({\"text\": ...} per line) file.")
-    nsamples: int = option(128, "Calibration windows: nsamples non-overlapping random windows of seqlen tokens.")
-    seqlen: int = option(2048, "Tokens per calibration window.")
-    seed: int = option(0, "Seed of the calibration windows.")
-    batch_size: int = option(4, "Calibration windows per forward.")
+    nsamples: int = option(128, "Calibration windows: nsamples non-overlapping random windows of seqlen tokens.",
+                           bounds=">= 1")
+    seqlen: int = option(2048, "Tokens per calibration window.", bounds=">= 2")
+    seed: int = option(0, "Seed of the calibration windows.", bounds=SEEDS)
+    batch_size: int = option(4, "Calibration windows per forward.", bounds=">= 1")
     device: str = option("auto", "cuda | cpu | auto (layers visit it one at a time).")
     pair_score: PairScore | None = option(
         None, "Which adjacent pair merges next. bi-all-tokens (DECISION, come's default, BENCHMARKS.md): block "
@@ -100,14 +100,16 @@ class CompressConfig:
                                    "sensitivity; bi (OFFICIAL): side A's share r = normalize(normalize(BI)^p); search "
                                    "(CoMe-P, the paper's Alg. 2): try r in {0, 1/g, ..., 1} and keep the merge that "
                                    "scores best (--granularity, --split-score).", choices=Split.__args__)
-    granularity: int = option(20, "Grid steps g of --split search: r_A in {0, 1/g, ..., 1} (the authors' 20).")
+    granularity: int = option(20, "Grid steps g of --split search: r_A in {0, 1/g, ..., 1} (the authors' 20).",
+                              bounds=">= 1")
     split_score: SplitScore = option("nll", "What --split search minimizes. nll (the authors'): next-token NLL of "
                                             "the whole merged model on the calibration windows; error: held-out "
                                             "output error of the merged layer against the dense group (one layer "
                                             "per candidate).", choices=SplitScore.__args__)
-    skew: float = option(1.0, "Exponent p of the bi split rule (needs --split bi).")
+    skew: float = option(1.0, "Exponent p of the bi split rule (needs --split bi); 0: equal shares, large: the "
+                              "side of higher BI keeps all.", bounds=">= 0")
     min_max: float = option(0.0, "bi split: raise the larger share to at least m^(1/(k-1)), k = original layers in "
-                                 "the pair (needs --split bi).")
+                                 "the pair (needs --split bi).", bounds="[0, 1)")
     norm: Norm = option("fold", "fold: norm weights folded into q/k/v and gate/up (exact, DECISION); average: "
                                    "the mean of the two norms (OFFICIAL).", choices=Norm.__args__)
     head_score: HeadScore = option("channel", "channel: a head's score is the sum of its channels' scores; exact: "
@@ -127,13 +129,15 @@ class CompressConfig:
            "come keeps the top units of all m layers ranked together (--split joint) or side i's share "
            "normalize(normalize(BI)^p)_i (--split bi); laco combines the window's original layers, average takes "
            "their mean. Not with --split search, --pair-score error/merge-error, --reprofile window or a --sparsity "
-           "list.")
+           "list.", bounds=">= 2")
     protect: list[int] = option(help="Comma-separated original layers never merged.", parse=int_list,
                                 show=lambda v: ",".join(map(str, v)), default_factory=list)
-    max_cache_gb: float = option(32.0, "Host memory for cached calibration activations (README: Memory).")
+    max_cache_gb: float = option(32.0, "Host memory for cached calibration activations (README: Memory).",
+                                 bounds="> 0")
     refit: Refit | None = option(None, "ls: closed-form refit of each merged / kept layer (DECISION); none: the paper. "
                                        "Default: the method's own (ls for come, none for the peers).", choices=Refit.__args__)
-    refit_holdout: float = option(0.1, "Calibration share that picks the ridge and vetoes a refit.")
+    refit_holdout: float = option(0.1, "Calibration share that picks the ridge and vetoes a refit.",
+                                  bounds="(0, 1)")
     refit_input: RefitInput = option("compressed", "The refit's inputs: the compressed model's states (corrects upstream "
                                                   "error) or the dense model's.",
                                      choices=RefitInput.__args__)
@@ -153,10 +157,10 @@ class CompressConfig:
                 "Windowed re-profiling), full for the other methods, --split search, --merge-item > 2, the pair scores "
                 "that build merges, and --official (the authors re-run the whole model).",
         choices=Reprofile.__args__)
-    reprofile_window: int = option(4, "--reprofile window: layers after the merged one that re-run (>= 1).")
+    reprofile_window: int = option(4, "--reprofile window: layers after the merged one that re-run.", bounds=">= 1")
     reprofile_drift: float = option(0.2, "--reprofile window: relative change of the state leaving the window "
                                          "(Frobenius norm, all calibration tokens) that re-runs every later layer; "
-                                         "0 re-runs them always (= full).")
+                                         "0 re-runs them always (= full).", bounds=">= 0")
 
     def resolved(self) -> "CompressConfig":
         """A checked copy with the method's defaults filled in (refit, pair score); `self`
@@ -169,19 +173,12 @@ class CompressConfig:
         cfg = replace(self, refit=self.refit or method.default_refit, pair_score=pair_score,
                       reprofile=self.reprofile or (method.default_reprofile if window_fits else "full"),
                       sparsity=levels[0] if len(levels) == 1 else levels)
-        outside = [s for s in levels if not 0.0 < s <= 0.9]
-        if outside:
-            raise ComeError(f"--sparsity must be in (0, 0.9], got {outside[0]}")
+        check_ranges(cfg)
         if levels != sorted(set(levels)):
             raise ComeError(f"--sparsity {','.join(map(str, levels))}: list the levels ascending, each once "
                             "(e.g. 0.1,0.2,0.3)")
         check_choices(cfg)
-        if cfg.batch_size < 1 or cfg.nsamples < 1 or cfg.seqlen < 2:
-            raise ComeError(f"need --batch-size >= 1, --nsamples >= 1, --seqlen >= 2 (got {cfg.batch_size}, "
-                            f"{cfg.nsamples}, {cfg.seqlen})")
         resolve_device(cfg.device)
-        if cfg.merge_item < 2:
-            raise ComeError(f"--merge-item must be >= 2 (layers merged into one per step), got {cfg.merge_item}")
         if cfg.merge_item > 2:
             _check_merge_item(cfg, levels, isinstance(method, MergeMethod))
         method.check(cfg)
@@ -191,23 +188,14 @@ class CompressConfig:
         if cfg.sensitivity != "l1" and cfg.head_score == "exact":
             raise ComeError(f"--head-score exact measures the l1 head score; drop it with --sensitivity "
                             f"{cfg.sensitivity} (heads are scored as units by that metric)")
-        if not 0.0 < cfg.refit_holdout < 1.0:
-            raise ComeError(f"--refit-holdout must be in (0, 1), got {cfg.refit_holdout}")
-        if not 0.0 <= cfg.min_max < 1.0:
-            raise ComeError(f"--min-max must be in [0, 1), got {cfg.min_max}")
         if cfg.split == "joint" and (cfg.skew != 1.0 or cfg.min_max != 0.0):
             raise ComeError("--skew and --min-max shape the bi split rule; add --split bi (the default, joint, "
                             "ranks both layers' units together)")
-        if cfg.granularity < 1:
-            raise ComeError(f"--granularity must be >= 1, got {cfg.granularity}")
         search_only = ("granularity", "split_score")
         if cfg.split != "search" and any(getattr(cfg, f) != self.__dataclass_fields__[f].default for f in search_only):
             raise ComeError("--granularity and --split-score shape the split search; add --split search")
         if cfg.split == "search" and (cfg.skew != 1.0 or cfg.min_max != 0.0):
             raise ComeError("--skew and --min-max shape the bi split rule; --split search tries every r on its grid")
-        if cfg.reprofile_window < 1 or not 0.0 <= cfg.reprofile_drift < math.inf:
-            raise ComeError(f"need --reprofile-window >= 1 and a finite --reprofile-drift >= 0 (got "
-                            f"{cfg.reprofile_window}, {cfg.reprofile_drift})")
         window_only = ("reprofile_window", "reprofile_drift")
         if cfg.reprofile != "window" and any(getattr(cfg, f) != self.__dataclass_fields__[f].default
                                              for f in window_only):
@@ -253,14 +241,15 @@ class EvalConfig:
     task_data: str | None = option(None, "Offline task data: DIR/<dataset>/<config|none>/<split>/ "
                                          "(datasets.save_to_disk); nothing then reaches the network.",
                                    envvar=TASK_DATA_ENV)
-    limit: int | None = option(None, "Score only the first N documents of each task.")
-    skip: int = option(0, "Start at document N of each task (choose settings on other documents than you report).")
-    batch_size: int = option(8, "lm-eval requests per forward.")
+    limit: int | None = option(None, "Score only the first N documents of each task.", bounds=">= 1")
+    skip: int = option(0, "Start at document N of each task (choose settings on other documents than you report).",
+                       bounds=">= 0")
+    batch_size: int = option(8, "lm-eval requests per forward.", bounds=">= 1")
     ppl_data: str = option("auto", "Perplexity text: wikitext2 | ptb | c4 (the papers' test texts) | boolq-passages | "
                                    "none | a local .txt/.jsonl; auto: wikitext2, or boolq-passages (offline) with "
                                    "--task-data.")
-    seqlen: int = option(2048, "Tokens per perplexity window.")
-    ppl_windows: int | None = option(None, "Score only the first N perplexity windows (default all).")
+    seqlen: int = option(2048, "Tokens per perplexity window.", bounds=">= 2")
+    ppl_windows: int | None = option(None, "Score only the first N perplexity windows (default all).", bounds=">= 1")
 
     def task_list(self) -> list[str]:
         return parse_tasks(self.tasks)
@@ -276,6 +265,7 @@ class EvalConfig:
         """Every evaluation input checked before any model loads (one line on a problem)."""
         from .evaluate import check_inputs
 
+        check_ranges(self)
         kw = self.evaluate_kwargs()
         check_inputs(kw["tasks"], self.task_data, kw["ppl_data"], self.limit, self.seqlen, self.batch_size,
                      self.ppl_windows, self.skip)

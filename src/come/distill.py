@@ -42,7 +42,7 @@ from .distill_losses import head_kl, head_terms, normalized_mse
 from .errors import ComeError
 from .plan import Plan
 from .profile import resolve_device
-from .train_state import TrainState, restore, write_checkpoint
+from .train_state import TrainState, last_complete, restore, write_checkpoint
 from .trainable import activation_checkpointing, make_trainable, seeded_rng
 
 _log = logging.getLogger("come")
@@ -222,6 +222,32 @@ class _Distiller:
 
 # ---- the loop ----------------------------------------------------------------------------------
 
+def _stopped(state: TrainState, cfg: DistillConfig, problem: str) -> ComeError:
+    """The one line of a run whose loss, held-out score or weights left the finite numbers; nothing
+    more is written (the checkpoints before it were checked the same way, so they are good)."""
+    kept = last_complete(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    return ComeError(f"distillation stopped at step {state.step}: {problem}; nothing written"
+                     f"{f', the last good checkpoint is {kept}' if kept else ''}; lower --lr (or --max-grad-norm) "
+                     "and start over")
+
+
+def _finite(value: float, what: str, state: TrainState, cfg: DistillConfig) -> None:
+    if not math.isfinite(value):
+        raise _stopped(state, cfg, f"{what} is {value}, not a finite number")
+
+
+def _check_weights(layers: Mapping[int, nn.Module], state: TrainState, cfg: DistillConfig) -> None:
+    """Every trained weight finite (one device sync): checked before each checkpoint and the result."""
+    finite = torch.stack([p.detach().isfinite().all() for layer in layers.values() for p in layer.parameters()])
+    if not bool(finite.all()):
+        raise _stopped(state, cfg, "a trained weight is NaN or infinite")
+
+
+def _ppl(mean_nll: float) -> float:
+    """exp(mean NLL); infinity where that overflows a float (math.exp would raise)."""
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
+
+
 class _Run:
     """One training run: optimizer steps over data-parallel micro-batches, held-out evaluation."""
 
@@ -250,6 +276,7 @@ class _Run:
         state.optimizer.zero_grad(set_to_none=True)
         loss = acc.reduce(torch.tensor(loss, device=acc.device), "mean").item()
         state.step += 1
+        _finite(loss, "the training loss", state, cfg)
         log_ = state.log
         log_["tokens_seen"] += self.per_step * cfg.seqlen
         log_["train_time_s"] += time.perf_counter() - t0
@@ -265,8 +292,11 @@ class _Run:
         kl, nll = acc.reduce(self.job.held_out(mine).to(acc.device), "sum").tolist()
         if log_["teacher_ppl"] is None:
             t_nll = acc.reduce(self.job.held_out(mine, student=False).to(acc.device), "sum")[1].item()
-            log_["teacher_ppl"] = math.exp(t_nll / n_pred)
-        entry = {"step": self.state.step, "tokens": log_["tokens_seen"], "kl": kl / w.numel(), "ppl": math.exp(nll / n_pred)}
+            log_["teacher_ppl"] = _ppl(t_nll / n_pred)
+            _finite(log_["teacher_ppl"], "the teacher's held-out ppl", self.state, self.cfg)
+        entry = {"step": self.state.step, "tokens": log_["tokens_seen"], "kl": kl / w.numel(), "ppl": _ppl(nll / n_pred)}
+        for key in ("kl", "ppl"):
+            _finite(entry[key], f"the held-out {key}", self.state, self.cfg)
         log_["eval"].append(entry)
         if acc.is_main_process:
             self.bar.write(f"step {entry['step']}: held-out KL {entry['kl']:.4f}, ppl {entry['ppl']:.3f} "
@@ -337,6 +367,7 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
                 run.evaluate()
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+                _check_weights(layers, state, cfg)
                 write_checkpoint(accelerator, state, cfg.checkpoint_dir)
         if state.log["eval"][-1]["step"] != state.step:
             run.evaluate()
@@ -347,5 +378,6 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     if lora is not None:
         lora.merge_and_unload()  # in place: W += alpha / r * B A (in fp32), the peft wrappers give way to plain Linears
     student.requires_grad_(False).to(stored)
+    _check_weights(layers, state, cfg)  # in the stored dtype: fp16 overflows where fp32 did not
     return student.eval(), state.log
 

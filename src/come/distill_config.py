@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar, Literal, get_args
 
 from .errors import ComeError
-from .options import check_choices, count, option
+from .options import SEEDS, check_choices, check_ranges, count, option
 
 Mode = Literal["sp", "mp"]
 LayerLoss = Literal["kl", "mse"]
@@ -43,70 +43,49 @@ class DistillConfig:
                         "activations.", choices=get_args(Mode))
     data: str = option("wikitext2", "Training text: wikitext2, c4, or a local .txt/.jsonl file.")
     eval_data: str | None = option(None, "Held-out text; default: the last --eval-windows windows of --data.")
-    eval_windows: int = option(16, "Held-out windows for KL / perplexity.")
-    steps: int | None = option(None, "Optimizer steps (overrides --tokens).")
+    eval_windows: int = option(16, "Held-out windows for KL / perplexity.", bounds=">= 1")
+    steps: int | None = option(None, "Optimizer steps (overrides --tokens).", bounds=">= 1")
     tokens: int = option(20_000_000, "Training tokens (all processes), e.g. 20M; ignored with --steps.",
-                         parse=count, show=_short_count)
-    seqlen: int = option(2048, "Tokens per window.")
-    batch_size: int = option(4, "Windows per micro-batch and process.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step.")
-    lr: float = option(1e-4, "Peak learning rate (AdamW).")
-    warmup: float = option(0.03, "Share of steps in linear warmup, then cosine decay.")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
+                         parse=count, show=_short_count, bounds=">= 1")
+    seqlen: int = option(2048, "Tokens per window.", bounds=">= 2")
+    batch_size: int = option(4, "Windows per micro-batch and process.", bounds=">= 1")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", bounds=">= 1")
+    lr: float = option(1e-4, "Peak learning rate (AdamW).", bounds="> 0")
+    warmup: float = option(0.03, "Share of steps in linear warmup, then cosine decay.", bounds="[0, 1)")
+    weight_decay: float = option(0.0, "AdamW weight decay.", bounds=">= 0")
     max_grad_norm: float = option(1.0, "Gradient-norm clip: per trainable layer in mp (layers stay independent), "
-                                  "global in sp.")
-    temperature: float = option(1.0, "Softmax temperature of every KL term.")
+                                  "global in sp.", bounds="> 0")
+    temperature: float = option(1.0, "Softmax temperature of every KL term.", bounds="> 0")
     layer_loss: LayerLoss = option("mse", "mse (DECISION, BENCHMARKS.md \"Which layer loss\"): normalized MSE between "
                                           "the student's and the teacher's hidden states | kl (OFFICIAL, the paper's "
                                           "hierarchical KL): through final norm + LM head at every point.",
                                    choices=get_args(LayerLoss))
-    layer_weight: float = option(1.0, "lambda: weight of the summed layer losses (sp).")
+    layer_weight: float = option(1.0, "lambda: weight of the summed layer losses (sp).", bounds=">= 0")
     train: Train = option("merged", "merged (layers standing for > 1 original layer) | all.", choices=get_args(Train))
     lora_r: int = option(0, "LoRA rank: train only rank-r adapters on the trainable layers' projections, "
-                         "merged into the weights on save (0: full fine-tuning).")
-    lora_alpha: float | None = option(None, "LoRA scale: update = alpha / r * B A (default 2r).")
-    lora_dropout: float = option(0.0, "Dropout on the LoRA adapters' input.")
-    kl_chunk: int = option(2048, "Tokens per KL chunk (full-vocab logits of one chunk at a time).")
+                         "merged into the weights on save (0: full fine-tuning).", bounds=">= 0")
+    lora_alpha: float | None = option(None, "LoRA scale: update = alpha / r * B A (default 2r).", bounds="> 0")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA adapters' input.", bounds="[0, 1)")
+    kl_chunk: int = option(2048, "Tokens per KL chunk (full-vocab logits of one chunk at a time).", bounds=">= 1")
     gradient_checkpointing: bool = option(False, "Recompute layer activations in backward (sp memory).")
     device: str = option("auto", "cuda | cpu | auto.")
     dtype: Precision = option("auto", "Compute precision: auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32.",
                               choices=get_args(Precision))
-    save_every: int = option(0, "Checkpoint into OUT/checkpoints every N steps (0: never).")
-    eval_every: int = option(0, "Held-out KL / perplexity every N steps (always at start and end).")
+    save_every: int = option(0, "Checkpoint into OUT/checkpoints every N steps (0: never).", bounds=">= 0")
+    eval_every: int = option(0, "Held-out KL / perplexity every N steps (always at start and end).", bounds=">= 0")
     checkpoint_dir: str | None = option(None, "Where checkpoints go (the CLI: OUT/checkpoints).", cli=False)
     resume: bool = option(False, "Continue from the newest complete OUT/checkpoints/step_N, with the settings it "
                           "was made with.")
-    seed: int = option(0, "Data order, LoRA init and dropout.")
+    seed: int = option(0, "Data order, LoRA init and dropout.", bounds=SEEDS)
 
     def validate(self) -> None:
         """Refuse bad settings with one-line errors before any weight or text loads; reads only."""
         check_choices(self)
-        ints = {"seqlen": 2, "batch_size": 1, "grad_accum": 1, "eval_windows": 1, "kl_chunk": 1, "tokens": 1}
-        for name, low in ints.items():
-            if getattr(self, name) < low:
-                raise ComeError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ComeError(f"--steps must be >= 1, got {self.steps}")
-        if self.lr <= 0 or self.temperature <= 0 or self.max_grad_norm <= 0 or self.layer_weight < 0:
-            raise ComeError("--lr, --temperature and the gradient clip must be > 0, --layer-weight >= 0")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ComeError(f"--warmup is a share of the steps in [0, 1), got {self.warmup}")
-        if self.save_every < 0 or self.eval_every < 0:
-            raise ComeError("--save-every and --eval-every must be >= 0")
+        check_ranges(self)
         if (self.save_every or self.resume) and not self.checkpoint_dir:
             raise ComeError("checkpoints (--save-every, --resume) need a checkpoint directory")
-        self._validate_lora()
-
-    def _validate_lora(self) -> None:
-        """LoRA settings only mean something with a rank, so they are refused without one."""
-        if self.lora_r < 0:
-            raise ComeError(f"--lora-r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
-        if self.lora_r == 0 and (self.lora_alpha is not None or self.lora_dropout):
+        if self.lora_r == 0 and (self.lora_alpha is not None or self.lora_dropout):  # they need a rank
             raise ComeError("--lora-alpha and --lora-dropout need --lora-r > 0")
-        if self.lora_alpha is not None and not 0 < self.lora_alpha < math.inf:
-            raise ComeError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ComeError(f"--lora-dropout is a probability in [0, 1), got {self.lora_dropout}")
 
     def total_steps(self, processes: int) -> int:
         """Optimizer steps: `steps`, or enough to see `tokens` across `processes` data-parallel workers."""

@@ -9,6 +9,8 @@ Python API and the docs cannot drift apart (mergekit's `add_merge_options` patte
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -17,19 +19,57 @@ from typing import Any, Literal
 from .errors import ComeError
 
 
+SEEDS = "[0, 4294967295]"  # the bounds of a seed: 32 bits, what every seeded generator (torch, CUDA) takes
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The numbers an option allows, written as in the docs: '> 0', '>= 1', '[0, 1)', '(0, 0.9]'.
+    Every allowed number is finite: NaN and infinity mean nothing to any setting."""
+
+    text: str
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Bounds":
+        number = r"\s*(-?[\d.e+-]+)\s*"
+        if m := re.fullmatch(r"(>=?)" + number, text):
+            return cls(text, float(m[2]), math.inf, m[1] == ">", True)
+        if m := re.fullmatch(r"([\[(])" + number + "," + number + r"([\])])", text):
+            return cls(text, float(m[2]), float(m[3]), m[1] == "(", m[4] == ")")
+        raise ValueError(f"bounds {text!r}: write '> x', '>= x' or an interval such as '[0, 1)'")
+
+    def holds(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self, number_kind: str) -> str:
+        """'in [0, 1)', '>= 1' (an integer option), 'a finite number > 0' (a float one)."""
+        if self.text[0] in "[(":
+            return f"in {self.text}"
+        return f"a finite number {self.text}" if number_kind == "float" else self.text
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
-           flag: str | None = None, short: str | None = None, cli: bool = True, parse: Callable[[str], Any] | None = None,
-           show: Callable[[Any], str] | None = None, envvar: str | None = None,
-           default_factory: Callable[[], Any] | None = None) -> Any:
+           bounds: str | None = None, flag: str | None = None, short: str | None = None, cli: bool = True,
+           parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None,
+           envvar: str | None = None, default_factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field carrying its CLI help.
 
     choices: the allowed values (or a function returning them, e.g. the method registry);
-    checked by the object's own validation, shown in the help. flag: the option name when it
-    is not --field-name. parse: turns the CLI text into the field's value (e.g. a list).
-    show: how the CLI prints the default. cli=False: API-only (set by the command itself).
+    checked by the object's own validation, shown in the help. bounds: the numbers allowed
+    (Bounds: '> 0', '[0, 1)'), checked the same way (check_ranges). flag: the option name
+    when it is not --field-name. parse: turns the CLI text into the field's value (e.g. a
+    list). show: how the CLI prints the default. cli=False: API-only (set by the command itself).
     """
-    meta = {"help": help, "choices": choices, "flag": flag, "short": short, "cli": cli, "parse": parse,
-            "show": show, "envvar": envvar}
+    meta = {"help": help, "choices": choices, "bounds": Bounds.parse(bounds) if bounds else None, "flag": flag,
+            "short": short, "cli": cli, "parse": parse, "show": show, "envvar": envvar}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -55,6 +95,29 @@ def check_choices(obj: Any) -> None:
             raise ComeError(f"{flag_of(f)} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+def bounds_of(f: dataclasses.Field) -> Bounds | None:
+    return f.metadata.get("bounds")
+
+
+def check_bounds(f: dataclasses.Field, value: Any, flag: str) -> None:
+    """The field's value is a finite number within its bounds, each item of a list too (None
+    allowed where the default is None): one line naming the flag, the value and the range."""
+    allowed = bounds_of(f)
+    if allowed is None or (value is None and f.default is None):
+        return
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if not allowed.holds(item):
+            kind = "float" if "float" in str(f.type) else "int"
+            raise ComeError(f"{flag} must be {allowed.describe(kind)}, got {item!r}")
+
+
+def check_ranges(obj: Any) -> None:
+    """Every field of an options object within its bounds (the API's check; the command line's
+    text is checked as it is read, by `convert`, naming the flag as typed: --eval-seqlen)."""
+    for f in dataclasses.fields(obj):
+        check_bounds(f, getattr(obj, f.name), flag_of(f))
+
+
 def int_list(text: str) -> list[int]:
     """'2,3' -> [2, 3] (the CLI form of a list of layer indices)."""
     try:
@@ -69,7 +132,7 @@ def count(text: str) -> int:
     t = text.strip().upper()
     try:
         return int(float(t[:-1]) * scale[t[-1]]) if t and t[-1] in scale else int(t)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: infM
         raise ComeError(f"--tokens must be a count such as 20M, 500K or 1000000, got {text!r}") from None
 
 
@@ -86,10 +149,17 @@ def base_type(tp: Any) -> tuple[Any, bool]:
 
 def convert(f: dataclasses.Field, tp: Any, text: str | None, flag: str) -> Any:
     """The field's value from its command-line text: the one parser of the CLI and of
-    `come compare`'s per-row overrides (method:key=value)."""
-    base, optional = base_type(tp)
+    `come compare`'s per-row overrides (method:key=value); a number is checked against the
+    field's bounds here, where the flag is known as typed."""
     if text is None or not isinstance(text, str):
         return text
+    value = _parsed(f, tp, text, flag)
+    check_bounds(f, value, flag)
+    return value
+
+
+def _parsed(f: dataclasses.Field, tp: Any, text: str, flag: str) -> Any:
+    base, optional = base_type(tp)
     if f.metadata.get("parse"):
         return f.metadata["parse"](text)
     if optional and text.lower() == "none" and "none" not in (choices_of(f) or ()):

@@ -96,6 +96,8 @@ def split_shares(bis: list[float], p: float = 1.0, min_max: float = 0.0, n_origi
     if total <= 0:
         return [1.0 / len(bis)] * len(bis)
     shares = [(s / total) ** p for s in scores]
+    if not sum(shares) > 0:  # a large p underflowed every term: their limit, all to the highest BI
+        shares = [float(s == max(scores)) for s in scores]
     shares = [s / sum(shares) for s in shares]
     m = min_max ** (1.0 / max(n_original - 1, 1)) if min_max > 0 else 0.0
     big = max(range(len(shares)), key=shares.__getitem__)

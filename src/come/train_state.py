@@ -100,6 +100,12 @@ def latest_checkpoint(directory: str | Path) -> Path:
     return _newest(directory)[0]
 
 
+def last_complete(directory: str | Path) -> Path | None:
+    """The newest complete step_N in `directory`, None when there is none (no warning: nothing is resumed)."""
+    complete, _ = _inspect(directory)
+    return complete[-1][0] if complete else None
+
+
 def _show(value) -> str:
     return "unset" if value is None else str(value)
 
@@ -162,7 +168,8 @@ def write_checkpoint(accelerator, state: TrainState, directory: str) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = sorted(p.name for p in tmp.iterdir())
-            (tmp / RECORD).write_text(json.dumps({"step": state.step, **state.run, "files": files}, indent=1))
+            record = {"step": state.step, **state.run, "files": files}
+            (tmp / RECORD).write_text(json.dumps(record, indent=1, allow_nan=False))  # strict JSON
             if (directory / name).exists():  # an incomplete one (a complete one would be this very state)
                 shutil.rmtree(directory / name)
             os.replace(tmp, directory / name)
