@@ -117,7 +117,7 @@ def compress(
     from .preflight import check_output_dir
 
     if official:
-        cfg = replace(cfg, **_unless_given(ctx, official_settings(cfg.split)))
+        cfg = replace(cfg, **_unless_given(ctx, official_settings(cfg.split, cfg.method)))
     cfg = cfg.resolved()
     outs = _level_dirs(out, cfg.levels())
     for path in outs.values():
@@ -269,6 +269,15 @@ def print_eval(model: str, results: dict) -> None:
     con.print(summary)
 
 
+def _methods_help() -> str:
+    from .compare import default_methods
+
+    return (f"Comma list of methods (default: {default_methods()}); a row may override any compress option, each "
+            "once: come:refit=none:split=bi:pair-score=angular (the paper's pure merge), shortgpt:refit=ls. A "
+            "method-specific option given here (--split, --pair-score, --select, ...) applies to the rows whose method "
+            "reads it and leaves the others at their defaults; a row's override its method does not read is refused.")
+
+
 @app.command("compare")
 @one_line_errors
 @with_options(cfg=("config.CompressConfig", "", ("method",)), evaluation=("config.EvalConfig", "eval-", ()),
@@ -277,9 +286,7 @@ def compare_(
     model: str = MODEL_ARG,
     out: str = _out_dir("report.md, report.json, plots"),
     overwrite: bool = OVERWRITE,
-    methods: Optional[str] = typer.Option(None, help="Comma list of methods (default: every method but replaceme); "
-                                          "a row may override any compress option: come:refit=none:split=bi:"
-                                          "pair-score=angular (the paper's pure merge), shortgpt:refit=ls."),
+    methods: Optional[str] = typer.Option(None, help=_methods_help),
     *,
     cfg: CompressConfig,
     evaluation: EvalConfig,
@@ -296,7 +303,7 @@ def compare_(
     from .preflight import check_output_dir
     from .report import markdown_table
 
-    chosen = method_list(methods or default_methods(), cfg)
+    chosen = method_list(default_methods() if methods is None else methods, cfg)
     check_output_dir(out, overwrite)
     evaluation.check()
     config = load_config(model)

@@ -16,7 +16,7 @@ from .compression import compress
 from .config import CompressConfig, EvalConfig
 from .errors import ComeError
 from .evaluate import evaluate, paired_delta, paper_score
-from .methods import REGISTRY, method_names
+from .methods import REGISTRY, get_method, method_names
 from .options import override
 from .plan import Plan
 from .report import write_report
@@ -103,8 +103,10 @@ class MethodSpec:
     overrides: tuple[tuple[str, object], ...] = ()
 
     def config(self, base: CompressConfig) -> CompressConfig:
-        """`base` with this row's method and overrides (unset refit / pair score: the method's own)."""
-        return replace(base, **{"method": self.method, **dict(self.overrides)})
+        """`base` with this row's method and overrides (unset refit / pair score: the method's own).
+        A shared option this row's method does not read stays at its default here: it is for the
+        rows whose method reads it (an override that does not apply is refused by `resolved`)."""
+        return replace(get_method(self.method).own(replace(base, method=self.method)), **dict(self.overrides))
 
 
 def default_methods() -> str:
@@ -115,6 +117,7 @@ def default_methods() -> str:
 def method_list(text: str, base: CompressConfig | None = None) -> list[MethodSpec]:
     """Parse `--methods`; every row's full config is resolved here, before any work. Overrides
     are parsed like the command line parses the same option."""
+    base = base or CompressConfig()
     specs = []
     for item in (m.strip() for m in text.split(",")):
         if not item:
@@ -129,11 +132,29 @@ def method_list(text: str, base: CompressConfig | None = None) -> list[MethodSpe
                 raise ComeError(f"--methods: bad override {pair!r} in {item!r}; write method:option=value with a "
                                 "`come compress` option such as refit=none or pair-score=error")
             overrides.append(override(CompressConfig, key, value.strip(), "--methods", SHARED))
+        keys = [name for name, _ in overrides]
+        if len(set(keys)) != len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1).replace("_", "-")
+            raise ComeError(f"--methods: {item!r} sets {twice} twice; give each option once per row")
         spec = MethodSpec(item, method, tuple(overrides))
-        spec.config(base or CompressConfig()).resolved()
+        try:
+            spec.config(base).resolved()
+        except ComeError as exc:
+            raise ComeError(f"--methods {item}: {exc}") from None
         specs.append(spec)
     if not specs:
-        raise ComeError("--methods: none given; choose from " + ", ".join(method_names()))
+        raise ComeError(f"--methods: none given; choose from {', '.join(method_names())} (leave --methods out for "
+                        f"the default set, {default_methods()})")
     if len({s.label for s in specs}) != len(specs):
         raise ComeError("--methods: a row is listed twice")
+    _applies_somewhere(base, specs)
     return specs
+
+
+def _applies_somewhere(base: CompressConfig, specs: list[MethodSpec]) -> None:
+    """A method-specific option given for every row is read by at least one row's method."""
+    ignored = [set(get_method(s.method).ignored(replace(base, method=s.method))) for s in specs]
+    for name in sorted(set.intersection(*ignored)):
+        flag = "--" + name.replace("_", "-")
+        raise ComeError(f"{flag} is read by none of the methods compared ({', '.join(s.method for s in specs)}): "
+                        f"drop {flag}, or add a method that reads it")

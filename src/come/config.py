@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import ClassVar, Literal
 
 from .errors import ComeError
-from .methods import REGISTRY, MergeMethod, get_method, method_names
-from .options import check_choices, int_list, option
+from .methods import REGISTRY, MergeMethod, get_method, method_names, method_options
+from .options import Options, check_choices, int_list, option
 from .pair_scoring import BUILT_SCORES
 from .profile import resolve_device
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
@@ -29,10 +29,12 @@ Sensitivity = Literal["l1", "taylor", "magnitude"]
 OFFICIAL = {"norm": "average", "refit": "none", "split": "bi", "pair_score": "angular", "reprofile": "full"}
 
 
-def official_settings(split: str) -> dict:
+def official_settings(split: str, method: str = "come") -> dict:
     """The authors' choices for a run with this split: their CoMe-P (`--split search`, their
-    concat_merge_P) scores pairs by the angle over ALL tokens, their CoMe by the last token's."""
-    return {**OFFICIAL, "pair_score": "angular-all-tokens"} if split == "search" else OFFICIAL
+    concat_merge_P) scores pairs by the angle over ALL tokens, their CoMe by the last token's.
+    Only those `method` reads: a drop method has no pair score, split or norm to set."""
+    preset = {**OFFICIAL, "pair_score": "angular-all-tokens"} if split == "search" else OFFICIAL
+    return {k: v for k, v in preset.items() if k not in method_options() or k in get_method(method).options}
 
 
 def sparsity_levels(text: str) -> float | list[float]:
@@ -49,10 +51,8 @@ def _method_help() -> str:
     return "; ".join(f"{n}: {REGISTRY[n].summary}" for n in method_names())
 
 
-def _check_merge_item(cfg, levels: list[float], merges: bool) -> None:
+def _check_merge_item(cfg, levels: list[float]) -> None:
     """What `--merge-item` above 2 cannot be combined with (one line naming it)."""
-    if not merges:
-        raise ComeError(f"--merge-item shapes the merge methods; --method {cfg.method} drops layers")
     if cfg.split == "search":
         raise ComeError(f"--merge-item {cfg.merge_item} with --split search: the search tries shares of two layers; "
                         "use --split joint or bi")
@@ -68,7 +68,7 @@ def _check_merge_item(cfg, levels: list[float], merges: bool) -> None:
 
 
 @dataclass
-class CompressConfig:
+class CompressConfig(Options):
     """Settings of `come compress` (method.md: OFFICIAL defaults unless marked DECISION)."""
 
     cli_panel: ClassVar[str] = "Compression"
@@ -158,12 +158,15 @@ class CompressConfig:
         """A checked copy with the method's defaults filled in (refit, pair score); `self`
         is left as it is. One line naming the problem and the fix on bad settings."""
         method = get_method(self.method)
+        method.refuse_ignored(self)
         levels = self.levels()
-        pair_score = self.pair_score or method.default_pair_score
+        reads = method.options  # a pair score or re-profiling the method never reads is not recorded
+        pair_score = (self.pair_score or method.default_pair_score) if "pair_score" in reads else None
         # the window is the default only where it was measured against full (BENCHMARKS.md)
         window_fits = self.merge_item == 2 and self.split != "search" and pair_score not in BUILT_SCORES
+        reprofile = self.reprofile or (method.default_reprofile if window_fits else "full")
         cfg = replace(self, refit=self.refit or method.default_refit, pair_score=pair_score,
-                      reprofile=self.reprofile or (method.default_reprofile if window_fits else "full"),
+                      reprofile=reprofile if "reprofile" in reads else None,
                       sparsity=levels[0] if len(levels) == 1 else levels)
         outside = [s for s in levels if not 0.0 < s <= 0.9]
         if outside:
@@ -179,11 +182,8 @@ class CompressConfig:
         if cfg.merge_item < 2:
             raise ComeError(f"--merge-item must be >= 2 (layers merged into one per step), got {cfg.merge_item}")
         if cfg.merge_item > 2:
-            _check_merge_item(cfg, levels, isinstance(method, MergeMethod))
+            _check_merge_item(cfg, levels)
         method.check(cfg)
-        if cfg.sensitivity != "l1" and not getattr(method, "keeps_units", False):
-            raise ComeError(f"--sensitivity scores the units a concatenation merge keeps; --method {cfg.method} keeps "
-                            "none: drop --sensitivity")
         if cfg.sensitivity != "l1" and cfg.head_score == "exact":
             raise ComeError(f"--head-score exact measures the l1 head score; drop it with --sensitivity "
                             f"{cfg.sensitivity} (heads are scored as units by that metric)")
@@ -240,7 +240,7 @@ class CompressConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Options):
     """Settings of an evaluation (`come eval`, each row of `come compare`, the report)."""
 
     cli_panel: ClassVar[str] = "Evaluation"
@@ -278,7 +278,7 @@ class EvalConfig:
 
 
 @dataclass
-class LoadOptions:
+class LoadOptions(Options):
     """How a model is loaded (not saved in the Plan: the output is stock either way)."""
 
     cli_panel: ClassVar[str] = "Loading"

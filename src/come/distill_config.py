@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar, Literal, get_args
 
 from .errors import ComeError
-from .options import check_choices, count, option
+from .options import Options, check_choices, count, option
 
 Mode = Literal["sp", "mp"]
 LayerLoss = Literal["kl", "mse"]
@@ -29,7 +29,7 @@ OFFICIAL = {"layer_loss": "kl"}  # the paper's recovery loss (`come distill --of
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Options):
     """Settings of `come distill` (shared by the CLI and the Python API, saved in distill_log.json)."""
 
     cli_panel: ClassVar[str] = "Distillation"

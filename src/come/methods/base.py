@@ -10,6 +10,7 @@ registry, so adding a method is one new file.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
 from ..adapters import LayerWeights
@@ -27,6 +28,15 @@ if TYPE_CHECKING:
     from ..preparation import Levels
 
 REGISTRY: dict[str, "Method"] = {}
+
+
+def method_options() -> frozenset[str]:
+    """Every option some registered method declares: the ones a method may ignore."""
+    return frozenset().union(*(m.options for m in REGISTRY.values()))
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -47,9 +57,32 @@ class Method:
     default_pair_score: ClassVar[str] = "angular"  # what --pair-score resolves to when not given
     default_reprofile: ClassVar[str] = "full"  # what --reprofile resolves to when not given (and it fits)
     compared_by_default: ClassVar[bool] = True  # a row of `come compare` when --methods is not given
+    # The method-specific options (CompressConfig fields) this method reads. An option that some
+    # method declares and this one does not is ignored by this one: a run refuses it when set
+    # (`ignored`), a preset or `come compare`'s shared option leaves it at its default here.
+    options: ClassVar[frozenset[str]] = frozenset()
 
     def check(self, cfg) -> None:
         """Refuse settings this method cannot honour (one line, before any work)."""
+
+    def ignored(self, cfg) -> list[str]:
+        """The method-specific options `cfg` sets (away from their defaults) that this method never reads."""
+        return [f.name for f in dataclasses.fields(cfg) if f.name in method_options() and f.name not in self.options
+                and getattr(cfg, f.name) != _default(f)]
+
+    def refuse_ignored(self, cfg) -> None:
+        """One line naming the first option `cfg` sets that this method would silently ignore."""
+        for name in self.ignored(cfg):
+            flag = "--" + name.replace("_", "-")
+            readers = [n for n, m in REGISTRY.items() if name in m.options]
+            raise ComeError(f"{flag} is read by --method {' / '.join(sorted(readers))} only; --method {self.name} "
+                            f"ignores it: drop {flag}")
+
+    def own(self, cfg):
+        """`cfg` with the options this method ignores put back at their defaults (a preset's or a
+        shared setting that concerns other methods)."""
+        defaults = {f.name: _default(f) for f in dataclasses.fields(cfg)}
+        return dataclasses.replace(cfg, **{name: defaults[name] for name in self.ignored(cfg)})
 
     def needs_dense(self, cfg) -> bool:
         """Whether the run caches the DENSE model's states at every boundary (refit targets)."""
@@ -70,6 +103,8 @@ class MergeMethod(Method):
     keeps_units: ClassVar[bool] = False  # True: units chosen by sensitivity (concatenation)
     needs_originals: ClassVar[bool] = False  # True: merge() reads the original layers
     merges_windows: ClassVar[bool] = False  # True: merge_window() builds one layer from m > 2 (--merge-item)
+    # what the progressive pipeline reads (pipeline.py, pair_scoring.py, activation_cache.py)
+    options = frozenset({"pair_score", "no_repeat", "merge_item", "reprofile", "reprofile_window", "reprofile_drift"})
 
     def check(self, cfg) -> None:
         if cfg.pair_score in BUILT_SCORES and not self.keeps_units:

@@ -38,6 +38,7 @@ class ReplaceMe(DropMethod):
     compared_by_default = False
     refit_features = "mlp_out"
     always_refits = True
+    options = frozenset({"select"})
 
     def select(self, cache, n, cfg):
         if cfg.select == "angle":
