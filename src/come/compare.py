@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from .api_inputs import expect, expect_model, expect_token_ids
 from .checkpoint import atomic_dir
 from .compression import compress
 from .config import CompressConfig, EvalConfig
@@ -31,12 +32,18 @@ def _scored(tasks: dict) -> dict:
     return {task: {**r, "score": paper_score(task, r)} for task, r in tasks.items()}
 
 
-def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"], calib: Tensor, out: Path,
+def compare(model, tokenizer, base: CompressConfig, methods: "list[MethodSpec] | str", calib: Tensor, out: Path,
             evaluation: EvalConfig, model_name: str = "", overwrite: bool = False) -> list[dict]:
     """Compress a copy of `model` with each method (same calibration ids), evaluate each
     and the dense model, and write the report into `out`. Returns the report rows. With
     several sparsities (`base.sparsity` a list) each method runs once through every level
-    (compress's `on_level`) and gives one row per level, labelled `method@level`."""
+    (compress's `on_level`) and gives one row per level, labelled `method@level`. `methods` may
+    be given as `--methods` text ("come,shortgpt:refit=ls")."""
+    expect(base, CompressConfig, "base")
+    expect(evaluation, EvalConfig, "evaluation")
+    expect_token_ids(calib, expect_model(model), "calib")
+    methods = method_list(methods, base) if isinstance(methods, str) else methods
+    evaluation.check()
     eval_kwargs = evaluation.evaluate_kwargs()
     levels = base.levels()
     plans: dict[str, Plan] = {}

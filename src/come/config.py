@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 
 from .errors import ComeError
 from .methods import REGISTRY, MergeMethod, get_method, method_names, method_options
-from .options import Options, check_choices, int_list, option
+from .options import Options, check_choices, check_context, int_list, option
 from .pair_scoring import BUILT_SCORES
 from .profile import resolve_device
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
@@ -222,18 +222,26 @@ class CompressConfig(Options):
     def check_model(self, config) -> None:
         """Settings that depend on the model, checked on its config before weights load."""
         n = config.num_hidden_layers
+        if n < 2:
+            raise ComeError(f"the model has {n} decoder layer{'s' if n != 1 else ''}: too few to merge or drop (each "
+                            "step leaves at least one); give a model with 2 or more layers")
         outside = [i for i in self.protect if not 0 <= i < n]
         if outside:
             raise ComeError(f"--protect {','.join(map(str, outside))}: the model has layers 0..{n - 1}")
-        context = getattr(config, "max_position_embeddings", None)
-        if context and self.seqlen > context:
-            raise ComeError(f"--seqlen {self.seqlen} exceeds the model's context of {context} positions; "
-                            f"lower --seqlen to at most {context}")
-        protect = set(self.protect)
-        if isinstance(get_method(self.method), MergeMethod) and all(
-                {k, k + 1} & protect for k in range(n - 1)):
+        check_context(config, self.seqlen)
+        if isinstance(get_method(self.method), MergeMethod) and get_method(self.method).removable(n, self) == 0:
             raise ComeError("every adjacent pair of layers touches a --protect layer, so nothing can merge; "
                             "protect fewer layers")
+
+    def check_reachable(self, n_layers: int, n_remove: int) -> None:
+        """The largest target's `n_remove` layers (budget.merge_budget) can go with the layers
+        `--protect` keeps: one line before weights load, not an error after merging started."""
+        can = get_method(self.method).removable(n_layers, self)
+        if n_remove > can:
+            kept = f" with --protect {','.join(map(str, self.protect))}" if self.protect else ""
+            raise ComeError(f"--sparsity {self.levels()[-1]} removes {n_remove} of the model's {n_layers} layers, but "
+                            f"--method {self.method}{kept} can remove at most {can}; lower --sparsity"
+                            f"{' or protect fewer layers' if self.protect else ''}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -267,6 +275,11 @@ class EvalConfig(Options):
         return {"tasks": self.task_list(), "task_data": self.task_data, "limit": self.limit,
                 "ppl_data": None if ppl == "none" else ppl, "seqlen": self.seqlen,
                 "batch_size": self.batch_size, "ppl_windows": self.ppl_windows, "skip": self.skip}
+
+    def check_model(self, config) -> None:
+        """The perplexity windows fit the model's context (on its config, before weights load)."""
+        if self.evaluate_kwargs()["ppl_data"]:
+            check_context(config, self.seqlen)
 
     def check(self) -> None:
         """Every evaluation input checked before any model loads (one line on a problem)."""

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar, Literal, get_args
 
 from .errors import ComeError
-from .options import Options, check_choices, count, option
+from .options import Options, check_choices, check_context, count, option
 
 Mode = Literal["sp", "mp"]
 LayerLoss = Literal["kl", "mse"]
@@ -107,6 +107,10 @@ class DistillConfig(Options):
             raise ComeError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ComeError(f"--lora-dropout is a probability in [0, 1), got {self.lora_dropout}")
+
+    def check_model(self, config) -> None:
+        """The training windows fit the models' context (on a config, before weights load)."""
+        check_context(config, self.seqlen)
 
     def total_steps(self, processes: int) -> int:
         """Optimizer steps: `steps`, or enough to see `tokens` across `processes` data-parallel workers."""

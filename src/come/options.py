@@ -107,6 +107,15 @@ def convert(f: dataclasses.Field, tp: Any, text: str | None, flag: str) -> Any:
     return text
 
 
+def check_context(config: Any, seqlen: int, flag: str = "--seqlen") -> None:
+    """Windows of `seqlen` tokens fit the model's positions (its config's max_position_embeddings):
+    checked on the config, before weights load, by every command that takes a --seqlen."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context and seqlen > context:
+        raise ComeError(f"{flag} {seqlen} exceeds the model's context of {context} positions; lower {flag} to at "
+                        f"most {context}")
+
+
 def cli_fields(cls: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
     """The fields of `cls` a command line sets (cli=False ones are set by the command)."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in exclude]

@@ -61,6 +61,21 @@ def parse_tasks(text: str) -> list[str]:
     return [] if names in ([], ["none"]) else names
 
 
+def check_task_names(tasks: list[str]) -> None:
+    """Every task is one lm-eval knows, checked before any weights load: the tasks of SOURCES
+    are; any other is looked up in the harness's own index (what `run_tasks` runs with; seconds)."""
+    others = [t for t in tasks if t not in SOURCES]
+    if not others:
+        return
+    from lm_eval.tasks import TaskManager
+
+    known = set(TaskManager().all_subtasks)
+    unknown = [t for t in others if t not in known]
+    if unknown:
+        raise ComeError(f"unknown lm-eval task(s): {', '.join(unknown)}; `lm-eval ls tasks` lists them "
+                        f"(come's defaults: {','.join(DEFAULT_TASKS)})")
+
+
 def _stock_dir() -> Path:
     import lm_eval.tasks
 

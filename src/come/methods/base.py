@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from typing import TYPE_CHECKING, ClassVar
 
 from ..adapters import LayerWeights
@@ -33,6 +34,12 @@ REGISTRY: dict[str, "Method"] = {}
 def method_options() -> frozenset[str]:
     """Every option some registered method declares: the ones a method may ignore."""
     return frozenset().union(*(m.options for m in REGISTRY.values()))
+
+
+def unprotected_runs(n_layers: int, protect) -> list[int]:
+    """The lengths of the maximal runs of adjacent layers outside `protect`."""
+    protect = set(protect)
+    return [len(list(g)) for free, g in itertools.groupby(range(n_layers), lambda i: i not in protect) if free]
 
 
 def _default(f: dataclasses.Field):
@@ -88,6 +95,11 @@ class Method:
         """Whether the run caches the DENSE model's states at every boundary (refit targets)."""
         return cfg.refit == "ls"
 
+    def removable(self, n_layers: int, cfg) -> int:
+        """How many of `n_layers` layers this method can remove under `cfg` (`--protect`): checked
+        against the target before weights load. A drop method: any unprotected layer."""
+        return n_layers - len(set(cfg.protect))
+
     def compress(self, model: "nn.Module", tokenizer, cfg, calib: "Tensor | None", model_name: str,
                  levels: "Levels | None" = None) -> tuple["nn.Module", "Plan"]:
         """Compress in place to `cfg.sparsity`; `levels` (progressive methods): the smaller
@@ -117,6 +129,13 @@ class MergeMethod(Method):
 
     def needs_dense(self, cfg) -> bool:
         return cfg.refit == "ls" or cfg.pair_score in ERROR_SCORES
+
+    def removable(self, n_layers: int, cfg) -> int:
+        """A merge joins adjacent unprotected layers: a run of r of them can end as one layer,
+        r - 1 removed (with --no-repeat each layer merges once: windows of m remove m - 1 each)."""
+        m = cfg.merge_item
+        return sum((r // m) * (m - 1) + max(r % m - 1, 0) if cfg.no_repeat else r - 1
+                   for r in unprotected_runs(n_layers, cfg.protect))
 
     def merge(self, pair: PairToMerge) -> LayerWeights:
         """The merged layer's weights (float64; written into A's slot)."""
