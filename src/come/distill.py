@@ -41,6 +41,7 @@ from .data import shuffled_batch, training_windows
 from .distill_config import DistillConfig
 from .distill_losses import head_kl, head_terms, normalized_mse
 from .errors import ComeError
+from .options import check_context
 from .plan import Plan
 from .profile import resolve_device
 from .train_state import TrainState, restore, write_checkpoint
@@ -298,7 +299,6 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     expect(plan, Plan, "plan")
     cfg.validate()
     check_pair(expect_model(teacher, "teacher").config, expect_model(student, "student").config, plan)
-    cfg.check_model(student.config)
     device = resolve_device(cfg.device)
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     accelerator = Accelerator(cpu=device.type == "cpu")  # its mixed_precision is process-wide: autocast is ours
@@ -307,7 +307,7 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     adapter = get_adapter(student.config)
     windows = windows if windows is not None else training_windows(cfg, tokenizer)
     for part, name in zip(windows, ("the training windows", "the held-out windows")):
-        expect_token_ids(part, student, name)
+        check_context(student.config, expect_token_ids(part, student, name).shape[1])
 
     stored = next(student.parameters()).dtype
     for model in (teacher, student):
