@@ -236,12 +236,19 @@ class CompressConfig(Options):
     def check_reachable(self, n_layers: int, n_remove: int) -> None:
         """The largest target's `n_remove` layers (budget.merge_budget) can go with the layers
         `--protect` keeps: one line before weights load, not an error after merging started."""
-        can = get_method(self.method).removable(n_layers, self)
+        method = get_method(self.method)
+        can = method.removable(n_layers, self)
         if n_remove > can:
-            kept = f" with --protect {','.join(map(str, self.protect))}" if self.protect else ""
+            limits, eases = [], ["lower --sparsity"]
+            if self.protect:
+                limits.append(f"--protect {','.join(map(str, self.protect))}")
+                eases.append("protect fewer layers")
+            if self.no_repeat and "no_repeat" in method.options:
+                limits.append("--no-repeat")
+                eases.append("drop --no-repeat")
             raise ComeError(f"--sparsity {self.levels()[-1]} removes {n_remove} of the model's {n_layers} layers, but "
-                            f"--method {self.method}{kept} can remove at most {can}; lower --sparsity"
-                            f"{' or protect fewer layers' if self.protect else ''}")
+                            f"--method {self.method}{' with ' + ' '.join(limits) if limits else ''} can remove at "
+                            f"most {can}; {' or '.join(eases)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
