@@ -350,9 +350,9 @@ def compare_(
 
     chosen = method_list(default_methods() if methods is None else methods, cfg)
     check_output_dir(out, overwrite)
-    config = load_config(model)
-    with _prefixed_flags(type(evaluation), type(cfg), "eval-"):
+    with _prefixed_flags(type(evaluation), type(cfg), "eval-"):  # the model's errors name no flag
         evaluation.check()
+        config = load_config(model)
         evaluation.check_model(config)
     row_cfgs = [spec.config(cfg) for spec in chosen]
     for row_cfg in row_cfgs:

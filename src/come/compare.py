@@ -18,7 +18,7 @@ from .config import CompressConfig, EvalConfig
 from .errors import ComeError
 from .evaluate import evaluate, paired_delta, paper_score
 from .methods import REGISTRY, get_method, method_names
-from .options import override
+from .options import flag_of, override
 from .plan import Plan
 from .report import write_report
 
@@ -162,6 +162,6 @@ def _applies_somewhere(base: CompressConfig, specs: list[MethodSpec]) -> None:
     """A method-specific option given for every row is read by at least one row's method."""
     ignored = [set(get_method(s.method).ignored(replace(base, method=s.method))) for s in specs]
     for name in sorted(set.intersection(*ignored)):
-        flag = "--" + name.replace("_", "-")
+        flag = flag_of(base.__dataclass_fields__[name])
         raise ComeError(f"{flag} is read by none of the methods compared ({', '.join(s.method for s in specs)}): "
                         f"drop {flag}, or add a method that reads it")

@@ -18,6 +18,7 @@ from ..adapters import LayerWeights
 from ..budget import merge_budget
 from ..dropping import compress_by_dropping
 from ..errors import ComeError
+from ..options import flag_of
 from ..pair_scoring import BUILT_SCORES, ERROR_SCORES
 from ..pipeline import PairToMerge, WindowToMerge, merge_progressively
 
@@ -80,7 +81,7 @@ class Method:
     def refuse_ignored(self, cfg) -> None:
         """One line naming the first option `cfg` sets that this method would silently ignore."""
         for name in self.ignored(cfg):
-            flag = "--" + name.replace("_", "-")
+            flag = flag_of(cfg.__dataclass_fields__[name])
             readers = [n for n, m in REGISTRY.items() if name in m.options]
             raise ComeError(f"{flag} is read by --method {' / '.join(sorted(readers))} only; --method {self.name} "
                             f"ignores it: drop {flag}")
