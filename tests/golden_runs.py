@@ -67,9 +67,12 @@ def weights_record(model) -> dict:
 
 def run_record(model, tokenizer, calib, overrides: dict, model_name: str = "") -> dict:
     from come import CompressConfig, compress
+    from come.methods import get_method
 
-    # recorded with full re-profiling, the default until 2026-12-03 (the window has its own tests)
+    # recorded with full re-profiling, the default until 2026-12-03 (the window has its own tests),
+    # where the method re-profiles (a drop method profiles once and refuses --reprofile)
     cfg = CompressConfig(**{"sparsity": 0.3, "device": "cpu", "batch_size": 4, "reprofile": "full", **overrides})
+    cfg = get_method(cfg.method).own(cfg)
     out, plan = compress(model, tokenizer, cfg, calib=calib, model_name=model_name)
     return {"plan": _strip(json.loads(plan.to_json())), "weights": weights_record(out)}
 

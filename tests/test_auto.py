@@ -58,8 +58,9 @@ def test_auto_never_keeps_the_broken_candidate_and_keeps_the_best(tokenizer, mon
     # the model kept is the chosen recipe's own, built on the windows not held out
     from come.compare import method_list
 
-    spec = method_list(auto["chosen"], cfg)[0]
-    again, again_plan = compress(copy.deepcopy(model), tokenizer, spec.config(cfg), calib=calib[:-n_held])
+    shared = replace(cfg, candidates=CompressConfig().candidates)
+    spec = method_list(auto["chosen"], shared)[0]
+    again, again_plan = compress(copy.deepcopy(model), tokenizer, spec.config(shared), calib=calib[:-n_held])
     assert again_plan.groups == plan.groups and plan.method == spec.method
     for a, b in zip(out.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
@@ -76,9 +77,11 @@ def test_every_registered_method_is_a_candidate(tokenizer):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"refit": "ls"}, "--refit with --method auto"),
-    ({"pair_score": "error"}, "--pair-score with --method auto"),
+    ({"pair_score": "error"}, "--method auto ignores it"),
+    ({"split": "bi"}, "--method auto ignores it"),
     ({"candidates": "come,auto"}, "cannot be its own candidate"),
-    ({"candidates": "come,magic"}, "unknown method 'magic'"),
+    ({"candidates": "come,magic"}, "--candidates: unknown method 'magic'"),
+    ({"candidates": "shortgpt:split=bi"}, "--candidates shortgpt:split=bi: --split is read by"),
     ({"sparsity": [0.1, 0.2]}, "one --sparsity"),
     ({"nsamples": 1}, "--nsamples >= 2"),
 ])

@@ -182,7 +182,7 @@ def test_eval_without_task_data_names_the_variable(model_dir, monkeypatch):
     monkeypatch.delenv("COME_TASK_DATA", raising=False)
     with hf_offline():
         for args in (["--tasks", "arc_easy", "--ppl-data", "none"], ["--tasks", "none"]):
-            result = _run("eval", model_dir, "--limit", 2, *args)
+            result = _run("eval", model_dir, "--limit", 2, "--seqlen", 64, *args)
             errors = [line for line in result.output.splitlines() if "error" in line.lower()]
             assert result.exit_code == 2 and "Traceback" not in result.output, result.output
             assert len(errors) == 1 and "COME_TASK_DATA" in errors[0], result.output

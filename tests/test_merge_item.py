@@ -173,7 +173,7 @@ def test_windows_with_other_settings_and_methods(kw, tokenizer):
 @pytest.mark.parametrize("kw, message", [
     (dict(merge_item=1), "--merge-item must be >= 2"),
     (dict(merge_item=3, method="mka"), "--method mka merges two layers"),
-    (dict(merge_item=3, method="shortgpt"), "--method shortgpt drops layers"),
+    (dict(merge_item=3, method="shortgpt"), "--method shortgpt ignores it: drop --merge-item"),
     (dict(merge_item=3, split="search"), "with --split search"),
     (dict(merge_item=3, pair_score="error"), "with --pair-score error"),
     (dict(merge_item=3, pair_score="nll"), "with --pair-score nll"),

@@ -252,7 +252,7 @@ def test_bad_sensitivity_settings_are_one_line_errors(model_dir, text_file, tmp_
     assert "--sensitivity" in _cli(model_dir, text_file, tmp_path, "--sensitivity", "fisher")
     assert "--head-score exact" in _cli(model_dir, text_file, tmp_path, "--sensitivity", "taylor",
                                         "--head-score", "exact")
-    assert "keeps none" in _cli(model_dir, text_file, tmp_path, "--sensitivity", "magnitude", "--method", "laco")
+    assert "--method laco ignores it: drop --sensitivity" in _cli(model_dir, text_file, tmp_path, "--sensitivity", "magnitude", "--method", "laco")
 
 
 @pytest.mark.real

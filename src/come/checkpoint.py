@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,8 +36,26 @@ def _source(name: str) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ComeError(f"GGUF file not found: {name}")
+        stat = path.stat()
+        _check_gguf(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         return str(path.parent), {"gguf_file": path.name}
     return name, {}
+
+
+@functools.lru_cache(maxsize=8)
+def _check_gguf(path: str, size: int, mtime_ns: int) -> None:
+    """The file parses as GGUF with every tensor inside it (the `gguf` reader maps it, reads the
+    header and checks each tensor's extent): a truncated download is one line before any load.
+    Once per file version (size and mtime in the key)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # transformers names the package when it reads the file
+        return
+    try:
+        GGUFReader(path)
+    except Exception as exc:  # the reader fails on a short or foreign file with many types
+        raise ComeError(f"{path} is truncated or not a GGUF file ({type(exc).__name__}: {str(exc)[:80]}); "
+                        "re-download it") from None
 
 
 def load_config(name: str):

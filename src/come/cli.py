@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import wraps
 from typing import TYPE_CHECKING, Optional
@@ -117,7 +120,7 @@ def compress(
     from .preflight import check_output_dir
 
     if official:
-        cfg = replace(cfg, **_unless_given(ctx, official_settings(cfg.split)))
+        cfg = replace(cfg, **_unless_given(ctx, official_settings(cfg.split, cfg.method)))
     cfg = cfg.resolved()
     inputs = {"MODEL": model, "--calib": cfg.calib}
     check_output_dir(out, overwrite, inputs=inputs)  # with several levels: the folder of sparsity-* outputs
@@ -126,7 +129,7 @@ def compress(
         check_output_dir(path, overwrite, inputs=inputs)
     config = load_config(model)
     cfg.check_model(config)
-    merge_budget(meta_model(config), cfg.levels()[-1])
+    cfg.check_reachable(config.num_hidden_layers, merge_budget(meta_model(config), cfg.levels()[-1])[2])
     text = read_text(cfg.calib)
     tokenizer = load_tokenizer(model)
     ids = token_windows(text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -194,6 +197,7 @@ def eval_(
     import tempfile
     from pathlib import Path
 
+    from .checkpoint import load_config
     from .evaluate import retention
     from .outputs import write_text_atomic
     from .preflight import check_output_file
@@ -207,12 +211,12 @@ def eval_(
     if out is not None:
         check_output_file(out, overwrite, inputs={"MODEL": model, "--baseline": baseline, "--reference": reference,
                                                   "--ppl-data": evaluation.ppl_data, "--task-data": evaluation.task_data})
-    dense = None
-    if baseline and baseline.endswith(".json"):
-        try:
-            dense = json.loads(Path(baseline).read_text())
-        except (OSError, ValueError) as exc:
-            raise ComeError(f"cannot read --baseline results {baseline}: {exc}") from None
+    if not evaluation.task_list() and evaluation.evaluate_kwargs()["ppl_data"] is None:
+        raise ComeError("nothing to measure: --tasks none and --ppl-data none; give tasks, a perplexity text or both")
+    evaluation.check_model(load_config(model))
+    if reference:
+        evaluation.check_model(load_config(reference))
+    dense = _baseline_results(baseline, evaluation) if baseline else None
     with hf_offline() if evaluation.task_data else contextlib.nullcontext(), \
             tempfile.TemporaryDirectory(prefix="come-reference-") as ref_dir:
         ref = _reference(reference, device, load.dtype, evaluation, ref_dir) if reference else None
@@ -233,6 +237,32 @@ def eval_(
 
         if add_eval_to_card(model, results):
             err.print(f"updated the evaluation section of {Path(model) / 'README.md'}")
+
+
+def _baseline_results(baseline: str, evaluation: EvalConfig) -> dict | None:
+    """--baseline checked before any evaluation: a results JSON, read and checked now, or a
+    dense model (None: evaluated after MODEL), its config read now."""
+    import json
+    from pathlib import Path
+
+    from .checkpoint import load_config
+    from .evaluate import check_results
+    from .model_card import looks_like_hub_id
+
+    path = Path(baseline)
+    if path.suffix == ".json":
+        try:
+            return check_results(json.loads(path.read_text()), f"--baseline {baseline}")
+        except (OSError, ValueError) as exc:
+            raise ComeError(f"cannot read --baseline results {baseline}: {exc}") from None
+    if path.is_file() and path.suffix != ".gguf":
+        raise ComeError(f"--baseline {baseline} is a file but neither a results JSON (.json, from `come eval --out`) "
+                        "nor a .gguf model")
+    if not path.exists() and not looks_like_hub_id(baseline):
+        raise ComeError(f"--baseline {baseline}: no such file or directory; give the dense model (a directory, "
+                        ".gguf or Hub id) or its results JSON")
+    evaluation.check_model(load_config(baseline))
+    return None
 
 
 def _on_device(name: str, device: str, dtype: str):
@@ -310,6 +340,32 @@ def print_eval(model: str, results: dict) -> None:
     con.print(summary)
 
 
+@contextmanager
+def _prefixed_flags(group: type, other: type, prefix: str) -> Iterator[None]:
+    """A ComeError raised in the block names `group`'s flags as the command spells them: the
+    fields `other` also has take `prefix` there (compare's --eval-seqlen beside --seqlen)."""
+    from .options import cli_fields, flag_of
+
+    taken = {f.name for f in cli_fields(other)}
+    renamed = {flag_of(f): flag_of(f, prefix) for f in cli_fields(group) if f.name in taken}
+    try:
+        yield
+    except ComeError as exc:
+        if not renamed:
+            raise
+        pattern = "|".join(re.escape(flag) for flag in renamed)
+        raise ComeError(re.sub(f"({pattern})(?![\\w-])", lambda m: renamed[m.group(1)], str(exc))) from None
+
+
+def _methods_help() -> str:
+    from .compare import default_methods
+
+    return (f"Comma list of methods (default: {default_methods()}); a row may override any compress option, each "
+            "once: come:refit=none:split=bi:pair-score=angular (the paper's pure merge), shortgpt:refit=ls. A "
+            "method-specific option given here (--split, --pair-score, --select, ...) applies to the rows whose method "
+            "reads it and leaves the others at their defaults; a row's override its method does not read is refused.")
+
+
 @app.command("compare")
 @one_line_errors
 @with_options(cfg=("config.CompressConfig", "", ("method",)), evaluation=("config.EvalConfig", "eval-", ()),
@@ -318,9 +374,7 @@ def compare_(
     model: str = MODEL_ARG,
     out: str = _out_dir("report.md, report.json, plots"),
     overwrite: bool = OVERWRITE,
-    methods: Optional[str] = typer.Option(None, help="Comma list of methods (default: every method but replaceme); "
-                                          "a row may override any compress option: come:refit=none:split=bi:"
-                                          "pair-score=angular (the paper's pure merge), shortgpt:refit=ls."),
+    methods: Optional[str] = typer.Option(None, help=_methods_help),
     *,
     cfg: CompressConfig,
     evaluation: EvalConfig,
@@ -337,14 +391,19 @@ def compare_(
     from .preflight import check_output_dir
     from .report import markdown_table
 
-    chosen = method_list(methods or default_methods(), cfg)
+    chosen = method_list(default_methods() if methods is None else methods, cfg)
     check_output_dir(out, overwrite, inputs={"MODEL": model, "--calib": cfg.calib, "--ppl-data": evaluation.ppl_data,
                                              "--task-data": evaluation.task_data})
-    evaluation.check()
-    config = load_config(model)
-    for spec in chosen:
-        spec.config(cfg).check_model(config)
-    merge_budget(meta_model(config), cfg.levels()[-1])
+    with _prefixed_flags(type(evaluation), type(cfg), "eval-"):  # the model's errors name no flag
+        evaluation.check()
+        config = load_config(model)
+        evaluation.check_model(config)
+    row_cfgs = [spec.config(cfg) for spec in chosen]
+    for row_cfg in row_cfgs:
+        row_cfg.check_model(config)
+    n_remove = merge_budget(meta_model(config), cfg.levels()[-1])[2]
+    for row_cfg in row_cfgs:
+        row_cfg.check_reachable(config.num_hidden_layers, n_remove)
     tokenizer = load_tokenizer(model)
     ids = token_windows(read_text(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     lm, _ = load_model(model, load.dtype, tokenizer)
@@ -395,7 +454,10 @@ def distill_(
     if resume:
         resume_point(ckpt, cfg, processes=PartialState().num_processes)
     the_plan = load_plan(plan or student)
-    check_pair(load_config(teacher), load_config(student), the_plan)
+    configs = load_config(teacher), load_config(student)
+    check_pair(*configs, the_plan)
+    for config in configs:
+        cfg.check_model(config)
     tokenizer = load_tokenizer(student)
     check_tokenizers(load_tokenizer(teacher), tokenizer)
     windows = training_windows(cfg, tokenizer)

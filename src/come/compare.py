@@ -12,14 +12,15 @@ from pathlib import Path
 
 from torch import Tensor
 
+from .api_inputs import expect, expect_model, expect_token_ids
 from .checkpoint import atomic_dir
 from .compression import compress
 from .config import CompressConfig, EvalConfig
 from .errors import ComeError
 from .evaluate import evaluate, paired_delta, paper_score
 from .fidelity import ReferenceWriter, paired_fidelity
-from .methods import REGISTRY, method_names
-from .options import override
+from .methods import REGISTRY, get_method, method_names
+from .options import flag_of, override
 from .plan import Plan
 from .preflight import check_output_dir
 from .report import write_report
@@ -34,13 +35,19 @@ def _scored(tasks: dict) -> dict:
     return {task: {**r, "score": paper_score(task, r)} for task, r in tasks.items()}
 
 
-def compare(model, tokenizer, base: CompressConfig, methods: list["MethodSpec"], calib: Tensor, out: Path,
+def compare(model, tokenizer, base: CompressConfig, methods: "list[MethodSpec] | str", calib: Tensor, out: Path,
             evaluation: EvalConfig, model_name: str = "", overwrite: bool = False) -> list[dict]:
     """Compress a copy of `model` with each method (same calibration ids), evaluate each
     and the dense model, and write the report into `out`. Returns the report rows. With
     several sparsities (`base.sparsity` a list) each method runs once through every level
-    (compress's `on_level`) and gives one row per level, labelled `method@level`. `out` is
-    checked before any work (empty, or with `overwrite` a come output: atomic_dir)."""
+    (compress's `on_level`) and gives one row per level, labelled `method@level`. `methods` may
+    be given as `--methods` text ("come,shortgpt:refit=ls"). `out` is checked before any work
+    (empty, or with `overwrite` a come output: atomic_dir)."""
+    expect(base, CompressConfig, "base")
+    expect(evaluation, EvalConfig, "evaluation")
+    expect_token_ids(calib, expect_model(model), "calib")
+    methods = method_list(methods, base) if isinstance(methods, str) else methods
+    evaluation.check()
     check_output_dir(out, overwrite, inputs={"model": model_name, "calib": base.calib})
     eval_kwargs = evaluation.evaluate_kwargs()
     levels = base.levels()
@@ -122,8 +129,10 @@ class MethodSpec:
     overrides: tuple[tuple[str, object], ...] = ()
 
     def config(self, base: CompressConfig) -> CompressConfig:
-        """`base` with this row's method and overrides (unset refit / pair score: the method's own)."""
-        return replace(base, **{"method": self.method, **dict(self.overrides)})
+        """`base` with this row's method and overrides (unset refit / pair score: the method's own).
+        A shared option this row's method does not read stays at its default here: it is for the
+        rows whose method reads it (an override that does not apply is refused by `resolved`)."""
+        return replace(get_method(self.method).own(replace(base, method=self.method)), **dict(self.overrides))
 
 
 def default_methods() -> str:
@@ -131,28 +140,47 @@ def default_methods() -> str:
     return ",".join(n for n in method_names() if REGISTRY[n].compared_by_default)
 
 
-def method_list(text: str, base: CompressConfig | None = None) -> list[MethodSpec]:
-    """Parse `--methods`; every row's full config is resolved here, before any work. Overrides
-    are parsed like the command line parses the same option."""
+def method_list(text: str, base: CompressConfig | None = None, flag: str = "--methods") -> list[MethodSpec]:
+    """Parse `--methods` (or `flag`, e.g. --candidates); every row's full config is resolved here,
+    before any work. Overrides are parsed like the command line parses the same option."""
+    base = base or CompressConfig()
     specs = []
     for item in (m.strip() for m in text.split(",")):
         if not item:
             continue
         method, *pairs = item.split(":")
         if method not in REGISTRY:
-            raise ComeError(f"--methods: unknown method {method!r}; choose from {', '.join(method_names())}")
+            raise ComeError(f"{flag}: unknown method {method!r}; choose from {', '.join(method_names())}")
         overrides = []
         for pair in pairs:
             key, _, value = pair.partition("=")
             if not value:
-                raise ComeError(f"--methods: bad override {pair!r} in {item!r}; write method:option=value with a "
+                raise ComeError(f"{flag}: bad override {pair!r} in {item!r}; write method:option=value with a "
                                 "`come compress` option such as refit=none or pair-score=error")
-            overrides.append(override(CompressConfig, key, value.strip(), "--methods", SHARED))
+            overrides.append(override(CompressConfig, key, value.strip(), flag, SHARED))
+        keys = [name for name, _ in overrides]
+        if len(set(keys)) != len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1).replace("_", "-")
+            raise ComeError(f"{flag}: {item!r} sets {twice} twice; give each option once per row")
         spec = MethodSpec(item, method, tuple(overrides))
-        spec.config(base or CompressConfig()).resolved()
+        try:
+            spec.config(base).resolved()
+        except ComeError as exc:
+            raise ComeError(f"{flag} {item}: {exc}") from None
         specs.append(spec)
     if not specs:
-        raise ComeError("--methods: none given; choose from " + ", ".join(method_names()))
+        raise ComeError(f"{flag}: none given; choose from {', '.join(method_names())} (leave --methods out for "
+                        f"the default set, {default_methods()})")
     if len({s.label for s in specs}) != len(specs):
-        raise ComeError("--methods: a row is listed twice")
+        raise ComeError(f"{flag}: a row is listed twice")
+    _applies_somewhere(base, specs)
     return specs
+
+
+def _applies_somewhere(base: CompressConfig, specs: list[MethodSpec]) -> None:
+    """A method-specific option given for every row is read by at least one row's method."""
+    ignored = [set(get_method(s.method).ignored(replace(base, method=s.method))) for s in specs]
+    for name in sorted(set.intersection(*ignored)):
+        flag = flag_of(base.__dataclass_fields__[name])
+        raise ComeError(f"{flag} is read by none of the methods compared ({', '.join(s.method for s in specs)}): "
+                        f"drop {flag}, or add a method that reads it")

@@ -5,9 +5,12 @@ hands over every level on its way to the largest."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from torch import Tensor, nn
 
+from .api_inputs import expect, expect_model, expect_token_ids
+from .budget import merge_budget
 from .config import CompressConfig
 from .errors import ComeError
 from .methods import get_method
@@ -29,7 +32,14 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
     on the level, so sharing any of it would not give each level's own model; except a
     greedy one's removal order (SLEB), which is computed once and cut at each level.
     """
+    expect(cfg, CompressConfig, "cfg")
+    expect_model(model)
     resolved = cfg.resolved()
+    if calib is not None:
+        expect_token_ids(calib, model, "calib")
+    # settings against the model, as the CLI checks them on its config (the windows: calib's when given)
+    replace(resolved, seqlen=resolved.seqlen if calib is None else calib.shape[1]).check_model(model.config)
+    resolved.check_reachable(model.config.num_hidden_layers, merge_budget(model, resolved.levels()[-1])[2])
     method = get_method(resolved.method)
     *smaller, largest = resolved.levels()
     if not smaller:

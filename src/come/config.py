@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import ClassVar, Literal
 
 from .errors import ComeError
-from .methods import REGISTRY, MergeMethod, get_method, method_names
-from .options import SEEDS, check_choices, check_ranges, int_list, option
+from .methods import REGISTRY, MergeMethod, get_method, method_names, method_options
+from .options import SEEDS, Options, check_choices, check_context, check_ranges, int_list, option
 from .pair_scoring import BUILT_SCORES
 from .profile import resolve_device
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
@@ -28,10 +28,12 @@ Sensitivity = Literal["l1", "taylor", "magnitude"]
 OFFICIAL = {"norm": "average", "refit": "none", "split": "bi", "pair_score": "angular", "reprofile": "full"}
 
 
-def official_settings(split: str) -> dict:
+def official_settings(split: str, method: str = "come") -> dict:
     """The authors' choices for a run with this split: their CoMe-P (`--split search`, their
-    concat_merge_P) scores pairs by the angle over ALL tokens, their CoMe by the last token's."""
-    return {**OFFICIAL, "pair_score": "angular-all-tokens"} if split == "search" else OFFICIAL
+    concat_merge_P) scores pairs by the angle over ALL tokens, their CoMe by the last token's.
+    Only those `method` reads: a drop method has no pair score, split or norm to set."""
+    preset = {**OFFICIAL, "pair_score": "angular-all-tokens"} if split == "search" else OFFICIAL
+    return {k: v for k, v in preset.items() if k not in method_options() or k in get_method(method).options}
 
 
 def sparsity_levels(text: str) -> float | list[float]:
@@ -48,10 +50,8 @@ def _method_help() -> str:
     return "; ".join(f"{n}: {REGISTRY[n].summary}" for n in method_names())
 
 
-def _check_merge_item(cfg, levels: list[float], merges: bool) -> None:
+def _check_merge_item(cfg, levels: list[float]) -> None:
     """What `--merge-item` above 2 cannot be combined with (one line naming it)."""
-    if not merges:
-        raise ComeError(f"--merge-item shapes the merge methods; --method {cfg.method} drops layers")
     if cfg.split == "search":
         raise ComeError(f"--merge-item {cfg.merge_item} with --split search: the search tries shares of two layers; "
                         "use --split joint or bi")
@@ -67,7 +67,7 @@ def _check_merge_item(cfg, levels: list[float], merges: bool) -> None:
 
 
 @dataclass
-class CompressConfig:
+class CompressConfig(Options):
     """Settings of `come compress` (method.md: OFFICIAL defaults unless marked DECISION)."""
 
     cli_panel: ClassVar[str] = "Compression"
@@ -166,12 +166,15 @@ class CompressConfig:
         """A checked copy with the method's defaults filled in (refit, pair score); `self`
         is left as it is. One line naming the problem and the fix on bad settings."""
         method = get_method(self.method)
+        method.refuse_ignored(self)
         levels = self.levels()
-        pair_score = self.pair_score or method.default_pair_score
+        reads = method.options  # a pair score or re-profiling the method never reads is not recorded
+        pair_score = (self.pair_score or method.default_pair_score) if "pair_score" in reads else None
         # the window is the default only where it was measured against full (BENCHMARKS.md)
         window_fits = self.merge_item == 2 and self.split != "search" and pair_score not in BUILT_SCORES
+        reprofile = self.reprofile or (method.default_reprofile if window_fits else "full")
         cfg = replace(self, refit=self.refit or method.default_refit, pair_score=pair_score,
-                      reprofile=self.reprofile or (method.default_reprofile if window_fits else "full"),
+                      reprofile=reprofile if "reprofile" in reads else None,
                       sparsity=levels[0] if len(levels) == 1 else levels)
         check_ranges(cfg)
         if levels != sorted(set(levels)):
@@ -180,11 +183,8 @@ class CompressConfig:
         check_choices(cfg)
         resolve_device(cfg.device)
         if cfg.merge_item > 2:
-            _check_merge_item(cfg, levels, isinstance(method, MergeMethod))
+            _check_merge_item(cfg, levels)
         method.check(cfg)
-        if cfg.sensitivity != "l1" and not getattr(method, "keeps_units", False):
-            raise ComeError(f"--sensitivity scores the units a concatenation merge keeps; --method {cfg.method} keeps "
-                            "none: drop --sensitivity")
         if cfg.sensitivity != "l1" and cfg.head_score == "exact":
             raise ComeError(f"--head-score exact measures the l1 head score; drop it with --sensitivity "
                             f"{cfg.sensitivity} (heads are scored as units by that metric)")
@@ -214,25 +214,40 @@ class CompressConfig:
     def check_model(self, config) -> None:
         """Settings that depend on the model, checked on its config before weights load."""
         n = config.num_hidden_layers
+        if n < 2:
+            raise ComeError(f"the model has {n} decoder layer{'s' if n != 1 else ''}: too few to merge or drop (each "
+                            "step leaves at least one); give a model with 2 or more layers")
         outside = [i for i in self.protect if not 0 <= i < n]
         if outside:
             raise ComeError(f"--protect {','.join(map(str, outside))}: the model has layers 0..{n - 1}")
-        context = getattr(config, "max_position_embeddings", None)
-        if context and self.seqlen > context:
-            raise ComeError(f"--seqlen {self.seqlen} exceeds the model's context of {context} positions; "
-                            f"lower --seqlen to at most {context}")
-        protect = set(self.protect)
-        if isinstance(get_method(self.method), MergeMethod) and all(
-                {k, k + 1} & protect for k in range(n - 1)):
+        check_context(config, self.seqlen)
+        if isinstance(get_method(self.method), MergeMethod) and get_method(self.method).removable(n, self) == 0:
             raise ComeError("every adjacent pair of layers touches a --protect layer, so nothing can merge; "
                             "protect fewer layers")
+
+    def check_reachable(self, n_layers: int, n_remove: int) -> None:
+        """The largest target's `n_remove` layers (budget.merge_budget) can go with the layers
+        `--protect` keeps: one line before weights load, not an error after merging started."""
+        method = get_method(self.method)
+        can = method.removable(n_layers, self)
+        if n_remove > can:
+            limits, eases = [], ["lower --sparsity"]
+            if self.protect:
+                limits.append(f"--protect {','.join(map(str, self.protect))}")
+                eases.append("protect fewer layers")
+            if self.no_repeat and "no_repeat" in method.options:
+                limits.append("--no-repeat")
+                eases.append("drop --no-repeat")
+            raise ComeError(f"--sparsity {self.levels()[-1]} removes {n_remove} of the model's {n_layers} layers, but "
+                            f"--method {self.method}{' with ' + ' '.join(limits) if limits else ''} can remove at "
+                            f"most {can}; {' or '.join(eases)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Options):
     """Settings of an evaluation (`come eval`, each row of `come compare`, the report)."""
 
     cli_panel: ClassVar[str] = "Evaluation"
@@ -261,6 +276,11 @@ class EvalConfig:
                 "ppl_data": None if ppl == "none" else ppl, "seqlen": self.seqlen,
                 "batch_size": self.batch_size, "ppl_windows": self.ppl_windows, "skip": self.skip}
 
+    def check_model(self, config) -> None:
+        """The perplexity windows fit the model's context (on its config, before weights load)."""
+        if self.evaluate_kwargs()["ppl_data"]:
+            check_context(config, self.seqlen)
+
     def check(self) -> None:
         """Every evaluation input checked before any model loads (one line on a problem)."""
         from .evaluate import check_inputs
@@ -272,7 +292,7 @@ class EvalConfig:
 
 
 @dataclass
-class LoadOptions:
+class LoadOptions(Options):
     """How a model is loaded (not saved in the Plan: the output is stock either way)."""
 
     cli_panel: ClassVar[str] = "Loading"

@@ -34,9 +34,9 @@ def read_text(source: str) -> str:
     if source in NAMED and not path.exists():
         return _named_text(source)
     if not path.is_file():
-        raise ComeError(
-            f"calibration/eval text not found: {source!r}; give an existing .txt/.jsonl file or one of {', '.join(NAMED)}"
-        )
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        raise ComeError(f"calibration/eval text {source!r} {what}; give an existing .txt/.jsonl file or one of "
+                        f"{', '.join(NAMED)}")
     raw = path.read_bytes()
     if b"\x00" in raw[:65536]:
         raise ComeError(f"{path} is a binary file, not text; give a .txt or .jsonl file of text")
@@ -109,13 +109,14 @@ def load_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: i
     return token_windows(read_text(source), tokenizer, nsamples, seqlen, seed)
 
 
-def eval_windows(text: str, tokenizer, seqlen: int) -> Tensor:
+def eval_windows(text: str, tokenizer, seqlen: int, what: str = "perplexity text") -> Tensor:
     """The whole text as consecutive non-overlapping windows of `seqlen` tokens
-    (the tail shorter than a window is dropped, as in the papers' protocol)."""
+    (the tail shorter than a window is dropped, as in the papers' protocol); `what` names the
+    text in the error when it is shorter than one window."""
     ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
     n = len(ids) // seqlen
     if n == 0:
-        raise ComeError(f"perplexity text has {len(ids)} tokens, fewer than one --seqlen window of {seqlen}")
+        raise ComeError(f"{what} has {len(ids)} tokens, fewer than one --seqlen window of {seqlen}")
     return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
 
 
@@ -123,9 +124,10 @@ def training_windows(cfg: DistillConfig, tokenizer) -> tuple[Tensor, Tensor]:
     """(training windows, held-out windows) of `come distill`: consecutive non-overlapping
     windows of seqlen tokens; without --eval-data the held-out ones are the last of --data,
     never trained on. The CLI calls it before loading weights, so bad data fails fast."""
-    train = eval_windows(read_text(cfg.data), tokenizer, cfg.seqlen)
+    train = eval_windows(read_text(cfg.data), tokenizer, cfg.seqlen, "--data (training text)")
     if cfg.eval_data is not None:
-        return train, eval_windows(read_text(cfg.eval_data), tokenizer, cfg.seqlen)[: cfg.eval_windows]
+        held_out = eval_windows(read_text(cfg.eval_data), tokenizer, cfg.seqlen, "--eval-data (held-out text)")
+        return train, held_out[: cfg.eval_windows]
     if len(train) <= cfg.eval_windows:
         raise ComeError(f"--data has {len(train)} windows of {cfg.seqlen} tokens, not more than --eval-windows "
                         f"{cfg.eval_windows} held out: give more text, lower --seqlen / --eval-windows, or pass --eval-data")

@@ -36,10 +36,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter
+from .api_inputs import expect, expect_model, expect_token_ids
 from .data import shuffled_batch, training_windows
 from .distill_config import DistillConfig
 from .distill_losses import head_kl, head_terms, normalized_mse
 from .errors import ComeError
+from .options import check_context
 from .plan import Plan
 from .profile import resolve_device
 from .train_state import TrainState, last_complete, restore, write_checkpoint
@@ -323,8 +325,10 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
+    expect(cfg, DistillConfig, "cfg")
+    expect(plan, Plan, "plan")
     cfg.validate()
-    check_pair(teacher.config, student.config, plan)
+    check_pair(expect_model(teacher, "teacher").config, expect_model(student, "student").config, plan)
     device = resolve_device(cfg.device)
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     accelerator = Accelerator(cpu=device.type == "cpu")  # its mixed_precision is process-wide: autocast is ours
@@ -332,6 +336,8 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     autocast = partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
     adapter = get_adapter(student.config)
     windows = windows if windows is not None else training_windows(cfg, tokenizer)
+    for part, name in zip(windows, ("the training windows", "the held-out windows")):
+        check_context(student.config, expect_token_ids(part, student, name).shape[1])
 
     stored = next(student.parameters()).dtype
     for model in (teacher, student):

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar, Literal, get_args
 
 from .errors import ComeError
-from .options import SEEDS, check_choices, check_ranges, count, option
+from .options import SEEDS, Options, check_choices, check_context, check_ranges, count, option
 
 Mode = Literal["sp", "mp"]
 LayerLoss = Literal["kl", "mse"]
@@ -29,7 +29,7 @@ OFFICIAL = {"layer_loss": "kl"}  # the paper's recovery loss (`come distill --of
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Options):
     """Settings of `come distill` (shared by the CLI and the Python API, saved in distill_log.json)."""
 
     cli_panel: ClassVar[str] = "Distillation"
@@ -86,6 +86,10 @@ class DistillConfig:
             raise ComeError("checkpoints (--save-every, --resume) need a checkpoint directory")
         if self.lora_r == 0 and (self.lora_alpha is not None or self.lora_dropout):  # they need a rank
             raise ComeError("--lora-alpha and --lora-dropout need --lora-r > 0")
+
+    def check_model(self, config) -> None:
+        """The training windows fit the models' context (on a config, before weights load)."""
+        check_context(config, self.seqlen)
 
     def total_steps(self, processes: int) -> int:
         """Optimizer steps: `steps`, or enough to see `tokens` across `processes` data-parallel workers."""

