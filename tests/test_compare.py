@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from come.cli import app
+from come.fidelity import ReferenceWriter
 
 runner = CliRunner()
 
 
+def _compare(model_dir, text_file, out, methods: str, eval_seqlen: int, windows: int):
+    """`come compare` at 30% on the tiny model, perplexity (and KL) only."""
+    return runner.invoke(app, ["compare", str(model_dir), "--out", str(out), "--sparsity", "0.3", "--methods", methods,
+                               "--calib", str(text_file), "--nsamples", "8", "--seqlen", "32", "--device", "cpu",
+                               "--tasks", "none", "--ppl-data", str(text_file), "--eval-seqlen", str(eval_seqlen),
+                               "--ppl-windows", str(windows)])
+
+
 def test_compare_report(tmp_path, model_dir, text_file):
     out = tmp_path / "report"
-    result = runner.invoke(app, ["compare", str(model_dir), "--out", str(out), "--sparsity", "0.3",
-                                 "--methods", "come,shortgpt,laco,average,shortgpt:refit=ls", "--calib", str(text_file),
-                                 "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "--tasks", "none",
-                                 "--ppl-data", str(text_file), "--eval-seqlen", "64", "--ppl-windows", "2"])
+    result = _compare(model_dir, text_file, out, "come,shortgpt,laco,average,shortgpt:refit=ls", 64, 2)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
@@ -140,3 +147,21 @@ def test_pair_score_colours_are_not_set_by_one_large_score():
     spread = norm(grid[0, 1:11])
     assert spread.max() - spread.min() > 0.8
     assert dropped_layers(_plans()["shortgpt"]) == {2, 4} and dropped_layers(_plans()["come"]) == set()
+
+
+def test_compare_scores_every_row_against_one_reference_pass(tmp_path, model_dir, text_file, monkeypatch):
+    built = []
+    monkeypatch.setattr(ReferenceWriter, "close", lambda self, close=ReferenceWriter.close: built.append(self.count)
+                        or close(self))
+    out = tmp_path / "report"
+    result = _compare(model_dir, text_file, out, "shortgpt,shortgpt:refit=ls", 32, 3)
+    assert result.exit_code == 0, result.output
+    assert built == [3]  # one reference, from the dense row's own perplexity pass
+    rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert rows["dense"]["fidelity"] is None
+    a, b = rows["shortgpt"]["fidelity"], rows["shortgpt:refit=ls"]["fidelity"]
+    assert a["kl"]["mean"] > 0 and a["kl"]["mean"] != b["kl"]["mean"]
+    diff = rows["shortgpt:refit=ls"]["kl_delta"]
+    assert diff["vs"] == "shortgpt" and diff["kl"] == pytest.approx(b["kl"]["mean"] - a["kl"]["mean"])
+    md = (out / "report.md").read_text()
+    assert "KL to dense" in md and f"{a['kl']['mean']:.4f}" in md and "KL vs shortgpt" in md
