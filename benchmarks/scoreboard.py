@@ -52,9 +52,10 @@ ROWS = {
     "ReplaceMe (bi)": "replaceme:select=bi",
     "reverse-order + refit": "reverse-order:refit=ls",
     "MKA + refit": "mka:refit=ls",
+    "auto": "auto",  # --method auto with its default --candidates
 }
-SIX = ["come", "ShortGPT + refit", "Magnitude+ + refit", "SLEB + refit", "ReplaceMe (angle)", "ShortGPT"]
-FOUR = ["come", "ShortGPT + refit", "Magnitude+ + refit", "ReplaceMe (angle)"]
+SIX = ["come", "ShortGPT + refit", "Magnitude+ + refit", "SLEB + refit", "ReplaceMe (angle)", "ShortGPT", "auto"]
+FOUR = ["come", "ShortGPT + refit", "Magnitude+ + refit", "ReplaceMe (angle)", "auto"]
 
 PROTOCOL = {
     "version": 1,
@@ -187,7 +188,7 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
                 write(path, {**meta, "row": label, "spec": ROWS[label], "level": level, "seed": seed,
                              "compress_s": round(seconds, 1), "params": plan.params_after,
                              "layers": plan.num_layers_after, "groups": plan.groups, "texts": texts,
-                             "tasks": tasks(model)})
+                             "tasks": tasks(model), "auto": plan.settings.get("auto")})
                 del model
 
 
@@ -277,7 +278,23 @@ def table(model: str, level: float, entry: dict, protocol: dict) -> str:
                       f"{100 * acc / dense_acc:.1f}" if acc is not None and dense_acc else "-"]
         cells.append(f"{r0['compress_s']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    note = auto_note(rows, test_text)
+    return "\n".join(lines + (["", note] if note else []))
+
+
+def auto_note(rows: dict, test_text: str) -> str:
+    """What `--method auto` chose (seed 0) and whether it is the test split's best of its candidates."""
+    auto = rows.get("auto", {}).get(0, {}).get("auto")
+    if not auto:
+        return ""
+    by_spec = {spec: label for label, spec in ROWS.items()}
+    test = {c["spec"]: rows[by_spec[c["spec"]]][0]["texts"][test_text]["fidelity"]["kl"]["mean"]
+            for c in auto["candidates"] if by_spec.get(c["spec"]) in rows and 0 in rows[by_spec[c["spec"]]]}
+    winner = min(test, key=test.get) if test else None
+    cost = rows["auto"][0]["compress_s"] / max(rows.get("come", {}).get(0, {}).get("compress_s") or 1e-9, 1e-9)
+    return (f"`--method auto` (candidates {', '.join(c['spec'] for c in auto['candidates'])}) chose {auto['chosen']} "
+            f"on {auto['holdout_tokens']:,} held-out calibration tokens; the test split's best of those candidates: "
+            f"{winner or 'not all run'}; its time: {cost:.1f}x come's.")
 
 
 def markdown(results: Path, protocol: dict) -> str:
@@ -307,7 +324,7 @@ def quick_protocol(text: str) -> dict:
             "kl": {"seqlen": 32, "top_k": 64},
             "decision": {"texts": {"wiki-decision": [src, 3]}, "tasks": PROTOCOL["decision"]["tasks"]},
             "test": {"texts": {"wiki-test": [src, 4], "legal": [src, 2]}, "tasks": PROTOCOL["test"]["tasks"]},
-            "models": {"quick": {"levels": [0.3], "rows": ["come", "ShortGPT", "ShortGPT + refit"]}}}
+            "models": {"quick": {"levels": [0.3], "rows": ["come", "ShortGPT", "ShortGPT + refit", "auto"]}}}
 
 
 def main(argv: list[str] | None = None) -> None:

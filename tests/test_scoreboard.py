@@ -53,6 +53,8 @@ def test_quick_run_writes_rows_and_tables_from_them(tmp_path, model_dir, text_fi
     best = min((json.loads(p.read_text()) for p in rows if json.loads(p.read_text())["seed"] == 0),
                key=lambda r: r["texts"]["wiki-test"]["fidelity"]["kl"]["mean"])
     assert f"| **{best['row']}** |" in md
+    auto = json.loads((results / "quick" / "0.3" / "auto-seed0.json").read_text())["auto"]
+    assert f"chose {auto['chosen']}" in md and len(auto["candidates"]) == 3
     target = tmp_path / "B.md"
     target.write_text(f"# B\n\n{scoreboard.START}\nold\n{scoreboard.END}\n\nrest\n")
     scoreboard.write_tables(results, protocol, target)
