@@ -61,7 +61,8 @@ def test_auto_never_keeps_the_broken_candidate_and_keeps_the_best(tokenizer, mon
     shared = replace(cfg, candidates=CompressConfig().candidates)
     spec = method_list(auto["chosen"], shared)[0]
     again, again_plan = compress(copy.deepcopy(model), tokenizer, spec.config(shared), calib=calib[:-n_held])
-    assert again_plan.groups == plan.groups and plan.method == spec.method
+    assert again_plan.groups == plan.groups and plan.method == "auto"
+    assert auto["settings"]["method"] == spec.method and auto["settings"] == again_plan.settings
     for a, b in zip(out.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -97,4 +98,5 @@ def test_compress_cli_with_auto(tmp_path, model_dir, text_file):
                                  "--nsamples", "16", "--seqlen", "32", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     plan = json.loads((out / "come_plan.json").read_text())
-    assert plan["method"] == "shortgpt" and len(plan["settings"]["auto"]["candidates"]) == 2
+    assert plan["method"] == "auto" and len(plan["settings"]["auto"]["candidates"]) == 2
+    assert plan["settings"]["auto"]["settings"]["method"] == "shortgpt"

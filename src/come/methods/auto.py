@@ -7,8 +7,8 @@ specs) on the same calibration and lets the model decide, as NVIDIA ModelOpt's M
 scores candidate architectures. An eighth of the calibration windows (at least one) is held out:
 every candidate calibrates on the rest, and is scored on those by the per-token KL to the dense
 model, whose distributions are computed once (fidelity.py). The Plan records every candidate's
-score under settings["auto"]; the model written is the best candidate's, as that recipe made it
-on the rest of the windows.
+score under settings["auto"] (with the chosen recipe's own settings); the model written is the
+best candidate's, as that recipe made it on the rest of the windows.
 
 Memory: the dense model, the best candidate so far and the one being built.
 """
@@ -34,7 +34,7 @@ class Auto(Method):
     name = "auto"
     summary = ("try each of --candidates on the same calibration, keep the one with the lowest KL to the dense model "
                "on held-out calibration windows")
-    order = 5
+    order = 1000  # listed last: it runs the others
     default_refit = None
     default_pair_score = None
     default_reprofile = None
@@ -88,8 +88,12 @@ class Auto(Method):
                 del built
         built, plan, _, label = best
         log.info("auto: chose %s", label)
-        plan.settings["auto"] = {"candidates": scores, "chosen": label, "holdout_windows": n_held,
-                                 "holdout_tokens": int(held[:, 1:].numel()), "dense_ppl": dense_ppl}
+        # the Plan is auto's (re-running these settings repeats the choice); the chosen recipe's own
+        # settings, merges and groups are the ones that made the model
+        plan.settings = {**cfg.to_dict(), "auto": {
+            "candidates": scores, "chosen": label, "settings": plan.settings, "holdout_windows": n_held,
+            "holdout_tokens": int(held[:, 1:].numel()), "dense_ppl": dense_ppl}}
+        plan.method = self.name
         return built, plan
 
 
