@@ -1,6 +1,6 @@
 """The docs state no stale default and no dead link: every default docs/decisions.md names is the
-code's, README stays a page a user reads in one sitting, and every relative link in README.md and
-docs/*.md reaches a file (and, where it names one, a heading of it)."""
+code's, README stays a page a user reads in one sitting, and every relative link in README.md, docs/*.md,
+BENCHMARKS.md and benchmarks/history.md reaches a file (and, where it names one, a heading of it)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 from come import CompressConfig, DistillConfig, EvalConfig
 
 ROOT = Path(__file__).parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "BENCHMARKS.md",
+        ROOT / "benchmarks" / "history.md"]
 # a decision row: | `compress --split` | `joint` | ... (or `compress --method come --refit`, `come.mod.NAME`)
 ROW = re.compile(r"^\| `([^`]+)` \| `([^`]*)` \|", re.M)
 COMMANDS = {"compress": CompressConfig, "eval": EvalConfig, "distill": DistillConfig}
@@ -101,14 +102,26 @@ def test_slug_is_githubs():
     assert slug("Windowed re-profiling (`--reprofile window`)") == "windowed-re-profiling---reprofile-window"
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_relative_links_resolve(doc):
+def dead_links(doc: Path) -> list[str]:
+    """The relative links of `doc` whose file is missing, or whose #anchor is no heading of it."""
     dead = []
     for target in links(doc):
         file, _, anchor = target.partition("#")
         path = (doc.parent / file).resolve() if file else doc
-        if not path.exists():
+        if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
             dead.append(target)
-        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
-            dead.append(target)
+    return dead
+
+
+def test_dead_links_are_found(tmp_path):
+    (tmp_path / "b.md").write_text("# Some heading, 2026\n")
+    doc = tmp_path / "a.md"
+    doc.write_text("[ok](b.md#some-heading-2026) [gone](c.md) [bad anchor](b.md#other) [web](https://x.org/y)\n"
+                   "`[code](nope.md)`\n\n    [indented](nope.md)\n\n## Here\n[self](#here) [self bad](#there)\n")
+    assert dead_links(doc) == ["c.md", "b.md#other", "#there"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_relative_links_resolve(doc):
+    dead = dead_links(doc)
     assert not dead, f"{doc.name} links to what is not there: {dead}"
