@@ -1,26 +1,50 @@
-"""README's command reference is the one the CLI generates from the options objects, and
-every options field is on the command line of each command that takes it."""
+"""The docs' generated blocks are what the code generates: docs/cli.md's command reference (from
+the CLI, itself from the options objects) and README's families and methods tables (from the
+adapters and the method registry); and every options field is on the command line of each
+command that takes it."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
+import pytest
 import typer
 
 from come.cli import app
-from come.cli_reference import END, START, markdown
+from come.cli_reference import BLOCKS, block, markdown, markers, replace_block
 from come.config import CompressConfig, EvalConfig, LoadOptions
 from come.distill_config import DistillConfig
 from come.options import cli_fields, flag_of
 
-README = Path(__file__).parents[1] / "README.md"
+ROOT = Path(__file__).parents[1]
 
 
-def test_readme_reference_is_generated():
-    text = README.read_text()
-    block = text[text.index(START):text.index(END) + len(END)]
-    assert block == markdown(), "README reference is stale: run python -m come.cli_reference README.md"
+def test_generated_blocks_are_current():
+    assert set(BLOCKS) == {"docs/cli.md", "README.md"} and BLOCKS["docs/cli.md"]["cli-reference"] is markdown
+    for file, blocks in BLOCKS.items():
+        text = (ROOT / file).read_text()
+        for name, make in blocks.items():
+            assert block(text, name) == make(), f"{file}'s {name} block is stale: run python -m come.cli_reference"
+
+
+def test_the_generated_tables_name_every_method_and_family():
+    from come.adapters import ADAPTERS
+    from come.methods import method_names
+
+    text = (ROOT / "README.md").read_text()
+    methods, families = block(text, "methods"), block(text, "families")
+    assert all(f"| `{name}` |" in methods for name in method_names())
+    assert all(f"(`{t}`) |" in families for a in ADAPTERS for t in a.model_types)
+    assert "| `come` | merge | ls |" in methods and "| `shortgpt` | drop | none |" in methods
+
+
+def test_replace_block_rewrites_only_between_its_markers():
+    start, end = markers("x")
+    text = f"a\n{start}\nold\n{end}\nb\n"
+    assert replace_block(text, "x", "new") == f"a\n{start}\nnew\n{end}\nb\n"
+    with pytest.raises(KeyError, match="x:start"):
+        block("no markers", "x")
 
 
 def _flags(command: str) -> set[str]:
