@@ -119,7 +119,7 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
     from come.fidelity import ReferenceLogprobs, ReferenceWriter, score_windows
 
     torch.set_grad_enabled(False)
-    dense, tok = load_model(a.model, "fp32")
+    dense, tok = load_model(a.model, a.dtype)
     cal = protocol["calibration"]
     windows = {name: eval_windows(read_source(src, a.task_data), tok, protocol["kl"]["seqlen"])[:n]
                for name, (_, src, n) in _texts(protocol).items()}
@@ -138,6 +138,14 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
                                   skip=t["skip"])["tasks"]
         return res
 
+    def scored(model, w, reference=None, writer=None):
+        """score_windows on --device; the model goes back to the CPU, where compression expects it."""
+        model.to(a.device)
+        try:
+            return score_windows(model, w, reference, writer=writer)
+        finally:
+            model.to("cpu")
+
     def write(path: Path, row: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -152,13 +160,13 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
         ref_dir = cache / f"reference-{name}-k{protocol['kl']['top_k']}"
         if not (ref_dir / "come_reference.json").is_file():
             writer = ReferenceWriter(ref_dir, "dense", protocol["kl"]["top_k"])
-            dense_texts[name] = score_windows(dense, w, writer=writer)[0]
+            dense_texts[name] = scored(dense, w, writer=writer)[0]
             writer.close()
         refs[name] = ReferenceLogprobs(ref_dir)
     dense_path = out / "dense.json"
     if not dense_path.is_file() or (with_tasks and not json.loads(dense_path.read_text())["tasks_run"]):
         texts = {n: {"split": _texts(protocol)[n][0], "tokens": int(w[:, 1:].numel()),
-                     "ppl": dense_texts.get(n) or score_windows(dense, w)[0], "fidelity": None}
+                     "ppl": dense_texts.get(n) or scored(dense, w)[0], "fidelity": None}
                  for n, w in windows.items()}
         write(dense_path, {**meta, "row": "dense", "spec": None, "level": 0.0, "seed": None, "compress_s": 0.0,
                            "params": sum(p.numel() for p in dense.parameters()),
@@ -170,7 +178,7 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
     for level in levels:
         for seed in seeds:
             calib = token_windows(calib_text, tok, cal["nsamples"], cal["seqlen"], seed)
-            base = CompressConfig(sparsity=level, device="cpu", nsamples=cal["nsamples"], seqlen=cal["seqlen"],
+            base = CompressConfig(sparsity=level, device=a.device, nsamples=cal["nsamples"], seqlen=cal["seqlen"],
                                   seed=seed)
             for label in rows:
                 path = out / f"{level:g}" / f"{_slug(label)}-seed{seed}.json"
@@ -182,7 +190,7 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
                 seconds = time.perf_counter() - t0
                 texts = {}
                 for name, w in windows.items():
-                    ppl, fid = score_windows(model, w, refs[name])
+                    ppl, fid = scored(model, w, refs[name])
                     texts[name] = {"split": _texts(protocol)[name][0], "tokens": int(w[:, 1:].numel()), "ppl": ppl,
                                    "fidelity": fid}
                 write(path, {**meta, "row": label, "spec": ROWS[label], "level": level, "seed": seed,
@@ -343,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--results", default=str(RESULTS))
     r.add_argument("--cache", default=str(Path.home() / ".cache" / "come" / "scoreboard"),
                    help="the dense references (about 1 GB a model)")
+    r.add_argument("--device", default="cpu", help="cpu | cuda: compression's layers and the scoring passes run there")
+    r.add_argument("--dtype", default="fp32", help="weights dtype (fp32 on CPU: bf16 matmuls are slow there)")
     r.add_argument("--quick", action="store_true", help="the protocol on --model with --text: seconds")
     r.add_argument("--text", help="--quick's one text file")
     t = sub.add_parser("tables", help="regenerate BENCHMARKS.md's scoreboard block from the JSON")
