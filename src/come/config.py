@@ -173,7 +173,9 @@ class CompressConfig(Options):
 
     def resolved(self) -> "CompressConfig":
         """A checked copy with the method's defaults filled in (refit, pair score); `self`
-        is left as it is. One line naming the problem and the fix on bad settings."""
+        is left as it is. One line naming the problem and the fix on bad settings. The method
+        is the registry's (its defaults and `check`); --device is checked as a name here and
+        on this machine by compression.resolve, which every run starts from."""
         method = get_method(self.method)
         method.refuse_ignored(self)
         levels = self.levels()

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .activation_cache import ActivationCache
 from .adapters import Adapter, AttnShape, LayerWeights
-from .config import BUILT_SCORES, ERROR_SCORES, CompressConfig
+from .config import ERROR_SCORES, CompressConfig
 from .layer_refit import refit_layer
 from .lm_loss import nll_with_merge
 from .merge import concat_merge
