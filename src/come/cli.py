@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from . import distill_config
 from .cli_options import Typer, with_options
 from .config import OFFICIAL, CompressConfig, EvalConfig, LoadOptions, official_settings
+from .distill_config import OFFICIAL as DISTILL_OFFICIAL
 from .distill_config import DistillConfig
 from .errors import ComeError
 from .registry import default_methods
@@ -91,7 +91,7 @@ def _official_help() -> str:
 
 
 def _official_distill_help() -> str:
-    return f"The paper's recovery loss: {_flags(distill_config.OFFICIAL)}. Options you give win."
+    return f"The paper's recovery loss: {_flags(DISTILL_OFFICIAL)}. Options you give win."
 
 
 @app.command()
@@ -195,10 +195,10 @@ def eval_(
     from pathlib import Path
 
     from .checkpoint import load_config
+    from .device import resolve_device
     from .evaluate import retention
     from .outputs import write_text_atomic
     from .preflight import check_output_file
-    from .device import resolve_device
     from .tasks import hf_offline
 
     evaluation.check()
@@ -435,7 +435,7 @@ def distill_(
     from .train_state import CHECKPOINTS, resume_point, write_output
 
     if official:
-        cfg = replace(cfg, **_unless_given(ctx, distill_config.OFFICIAL))
+        cfg = replace(cfg, **_unless_given(ctx, DISTILL_OFFICIAL))
     ckpt = Path(out) / CHECKPOINTS
     cfg = replace(cfg, checkpoint_dir=str(ckpt))
     cfg.validate()
