@@ -111,7 +111,7 @@ def test_help_reads_cleanly():
     for command in ("compress", "eval", "compare"):
         assert f" {command} [OPTIONS] MODEL " in _help(command)
     assert ".gguf" in _help("distill").split("--teacher")[1].split("--student")[0]
-    assert "Did you mean 'compress'" in CliRunner().invoke(app, ["compres"]).output  # names listed, none built
+    assert "Did you mean 'compress'" in CliRunner().invoke(app, ["compres"]).output
 
 
 def test_flags_that_default_on_get_a_plain_off_switch():
@@ -145,13 +145,15 @@ def test_flags_that_default_on_get_a_plain_off_switch():
 
 
 def test_cli_starts_without_torch():
-    """`come --help` lists the commands without building them: importing come.cli (and
-    listing) loads neither torch nor transformers, which take seconds."""
+    """`come --help` and a command's help (its options generated from the options objects,
+    --method's choices from the registry) load neither torch nor transformers, which take
+    seconds: the settings floor imports none (config.py)."""
     import subprocess
     import sys
 
     code = ("import sys; from typer.testing import CliRunner; from come.cli import app; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0 and 'distill' in r.output, r.output; "
+            "r = CliRunner().invoke(app, ['compress', '--help']); assert r.exit_code == 0 and 'shortgpt' in r.output; "
             "heavy = ('torch', 'transformers', 'lm_eval', 'datasets', 'matplotlib'); "
             "print(sorted(m for m in heavy if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

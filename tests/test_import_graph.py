@@ -349,3 +349,53 @@ def test_public_functions_keep_their_names_after_their_submodules_load():
             "import come\n")
     run = subprocess.run([sys.executable, "-c", "import come\n" + code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+# ---- the settings floor ----------------------------------------------------------------------------
+
+SETTINGS = ("come.config", "come.distill_config", "come.options", "come.registry")  # the options objects, their
+# parsing and checks, and the registry they look methods up in
+HEAVY = ("torch", "transformers", "numpy")
+
+
+def _reachable(graph: dict[str, dict[str, str]], roots: tuple[str, ...]) -> set[str]:
+    seen, todo = set(), list(roots)
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph[m])
+    return seen
+
+
+def test_settings_floor_imports_no_torch_nor_the_engine():
+    """Every module the settings import (in functions too) imports no torch, transformers or
+    numpy at its top, so no engine module is among them; the method modules, where the
+    registry's names and checks come from, import none either (their engine loads in the
+    functions that run it)."""
+    graph = import_graph(MODULES, PACKAGE)
+    below = _reachable(graph, SETTINGS)
+    assert not below & {"come.methods", "come.pipeline", "come.profile", "come.compression"}, sorted(below)
+    checked = below | {m for m in MODULES if m == "come.methods" or m.startswith("come.methods.")}
+    heavy = {m: sorted({i.module for i in imports(MODULES[m][0], m, MODULES[m][1])
+                        if i.module_level and i.module.split(".")[0] in HEAVY}) for m in sorted(checked)}
+    assert not {m: h for m, h in heavy.items() if h}
+
+
+def test_settings_load_without_torch():
+    """Importing the settings, the registry and every method (what `come compress --help` and
+    `CompressConfig(...).resolved()` need) loads no torch, in a fresh interpreter."""
+    code = ("import sys; import come.config, come.distill_config, come.options, come.methods; "
+            "from come import CompressConfig; CompressConfig(device='cpu', method='shortgpt').resolved(); "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(SRC)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_no_untyped_settings():
+    """The engine names its settings' type: no `cfg: object` anywhere in the package."""
+    untyped = [f"{p.relative_to(SRC)}:{n}" for p, _ in MODULES.values()
+               for n, line in enumerate(p.read_text().splitlines(), 1) if "cfg: object" in line]
+    assert not untyped

@@ -37,7 +37,8 @@ CANDIDATES = {int: ["nan", "inf", "-inf", "-1", str(10**30)], float: ["nan", "in
 def _numeric_flags(command: str) -> list[tuple[str, dataclasses.Field, type]]:
     """(flag, field, int or float) of every numeric option the command generates from its options
     objects (cli_options.with_options), read from the command itself: what a user can type."""
-    spec = app.deferred[command].callback.__wrapped__._spec[1]  # one_line_errors wraps with_options' function
+    callbacks = {info.name or info.callback.__name__: info.callback for info in app.registered_commands}
+    spec = callbacks[command].__wrapped__._spec[1]  # one_line_errors wraps with_options' function
     return [(flag, f, base) for _, _, entries in spec for _, f, tp, flag in entries
             if (base := base_type(tp)[0]) in (int, float)]
 

@@ -1,7 +1,10 @@
 """come: compress Hugging Face causal LMs by layer concatenation (CoMe, arXiv 2510.15304).
 
-The public names load on first use (PEP 562), so `import come.cli` stays free of torch and
-`come --help` starts fast."""
+The settings (CompressConfig, EvalConfig, DistillConfig) and the method registry load here:
+neither imports torch. The registry must be filled before any setting is resolved
+(config.py asks it for a method's defaults), so the methods are imported with the package.
+The engine's entry points (compress, distill, evaluate, Plan) load on first use (PEP 562),
+since they import torch and `come --help` should not wait for it."""
 
 from __future__ import annotations
 
@@ -10,18 +13,18 @@ import sys
 import types
 from typing import TYPE_CHECKING
 
+from . import methods  # noqa: F401  (fills the registry the settings resolve against)
 from ._version import __version__
+from .config import CompressConfig, EvalConfig
+from .distill_config import DistillConfig
+from .errors import ComeError
 
-_HOMES = {"CompressConfig": "config", "EvalConfig": "config", "ComeError": "errors", "compress": "compression",
-          "Plan": "plan", "load_plan": "plan", "distill": "distill", "DistillConfig": "distill_config",
+_HOMES = {"compress": "compression", "Plan": "plan", "load_plan": "plan", "distill": "distill",
           "evaluate": "evaluate"}
 
 if TYPE_CHECKING:
     from .compression import compress
-    from .config import CompressConfig, EvalConfig
     from .distill import distill
-    from .distill_config import DistillConfig
-    from .errors import ComeError
     from .evaluate import evaluate
     from .plan import Plan, load_plan
 

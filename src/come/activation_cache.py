@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .backprop import unit_taylor
+from .config import CompressConfig
 from .errors import ComeError
 from .profile import KeptPass, LayerRunner, LayerStats
 from .selection import ALL_TOKEN_SCORES, mean_token_distance, skip_scores
@@ -37,7 +38,7 @@ class ActivationCache:
     """Cached layer inputs + per-layer statistics of the current model, and (for the refit
     and the error pair scores) the dense model's hidden state at every original boundary."""
 
-    def __init__(self, model, adapter: Adapter, runner: LayerRunner, cfg, first_inputs: list[Tensor],
+    def __init__(self, model, adapter: Adapter, runner: LayerRunner, cfg: CompressConfig, first_inputs: list[Tensor],
                  stride: int, dense_batches: int, token_batches: list[Tensor] | None = None):
         self.model, self.adapter, self.runner, self.cfg = model, adapter, runner, cfg
         # the calibration token ids, batch by batch (what a method scoring by next-token loss reads)

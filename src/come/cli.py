@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import wraps
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -17,15 +17,16 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from .cli_options import Typer, with_options
+from .config import OFFICIAL, CompressConfig, EvalConfig, LoadOptions, official_settings
+from .distill_config import OFFICIAL as DISTILL_OFFICIAL
+from .distill_config import DistillConfig
 from .errors import ComeError
+from .registry import default_methods
 from .threads import choose_wait_policy
 
-# decided at import, before building a command loads torch (threads.py: why it matters)
+# decided at import, before a command loads torch (threads.py: why it matters); the options
+# objects above import none (config.py)
 _WAIT_POLICY = choose_wait_policy()
-
-if TYPE_CHECKING:  # the options objects load torch: imported when a command is built (cli_options.Typer)
-    from .config import CompressConfig, EvalConfig, LoadOptions
-    from .distill_config import DistillConfig
 
 MODEL_ARG = typer.Argument(..., metavar="MODEL", help="Hub id, local HF directory, or .gguf file.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing --out that come wrote (never anything else).")
@@ -85,27 +86,23 @@ def _flags(preset: dict) -> str:
 
 
 def _official_help() -> str:
-    from .config import OFFICIAL
-
     return (f"The authors' choices: {_flags(OFFICIAL)} (with --split search, their CoMe-P: --pair-score "
             "angular-all-tokens). Options you give win.")
 
 
 def _official_distill_help() -> str:
-    from .distill_config import OFFICIAL
-
-    return f"The paper's recovery loss: {_flags(OFFICIAL)}. Options you give win."
+    return f"The paper's recovery loss: {_flags(DISTILL_OFFICIAL)}. Options you give win."
 
 
 @app.command()
 @one_line_errors
-@with_options(cfg="config.CompressConfig", load="config.LoadOptions")
+@with_options(cfg=CompressConfig, load=LoadOptions)
 def compress(
     ctx: typer.Context,
     model: str = MODEL_ARG,
     out: str = _out_dir("written atomically"),
     overwrite: bool = OVERWRITE,
-    official: bool = typer.Option(False, "--official", help=_official_help),
+    official: bool = typer.Option(False, "--official", help=_official_help()),
     *,
     cfg: CompressConfig,
     load: LoadOptions,
@@ -115,13 +112,13 @@ def compress(
     from .budget import merge_budget
     from .checkpoint import load_config, load_model, load_tokenizer, meta_model, save_checkpoint
     from .compression import compress as run_compress
-    from .config import official_settings
+    from .compression import resolve
     from .data import read_text, token_windows
     from .preflight import check_output_dir
 
     if official:
         cfg = replace(cfg, **_unless_given(ctx, official_settings(cfg.split, cfg.method)))
-    cfg = cfg.resolved()
+    cfg = resolve(cfg)
     inputs = {"MODEL": model, "--calib": cfg.calib}
     check_output_dir(out, overwrite, inputs=inputs)  # with several levels: the folder of sparsity-* outputs
     outs = _level_dirs(out, cfg.levels())
@@ -177,7 +174,7 @@ def print_summary(plan) -> None:
 
 @app.command("eval")
 @one_line_errors
-@with_options(evaluation="config.EvalConfig", load="config.LoadOptions")
+@with_options(evaluation=EvalConfig, load=LoadOptions)
 def eval_(
     model: str = MODEL_ARG,
     device: str = typer.Option("auto", help="cuda | cpu | auto (the whole model moves there)."),
@@ -198,10 +195,10 @@ def eval_(
     from pathlib import Path
 
     from .checkpoint import load_config
+    from .device import resolve_device
     from .evaluate import retention
     from .outputs import write_text_atomic
     from .preflight import check_output_file
-    from .profile import resolve_device
     from .tasks import hf_offline
 
     evaluation.check()
@@ -268,7 +265,7 @@ def _baseline_results(baseline: str, evaluation: EvalConfig) -> dict | None:
 def _on_device(name: str, device: str, dtype: str):
     """(model, tokenizer) loaded and moved to the device."""
     from .checkpoint import load_model
-    from .profile import resolve_device
+    from .device import resolve_device
 
     lm, tokenizer = load_model(name, dtype)
     try:
@@ -358,8 +355,6 @@ def _prefixed_flags(group: type, other: type, prefix: str) -> Iterator[None]:
 
 
 def _methods_help() -> str:
-    from .compare import default_methods
-
     return (f"Comma list of methods (default: {default_methods()}); a row may override any compress option, each "
             "once: come:refit=none:split=bi:pair-score=angular (the paper's pure merge), shortgpt:refit=ls. A "
             "method-specific option given here (--split, --pair-score, --select, ...) applies to the rows whose method "
@@ -368,13 +363,12 @@ def _methods_help() -> str:
 
 @app.command("compare")
 @one_line_errors
-@with_options(cfg=("config.CompressConfig", "", ("method",)), evaluation=("config.EvalConfig", "eval-", ()),
-              load="config.LoadOptions")
+@with_options(cfg=(CompressConfig, "", ("method",)), evaluation=(EvalConfig, "eval-", ()), load=LoadOptions)
 def compare_(
     model: str = MODEL_ARG,
     out: str = _out_dir("report.md, report.json, plots"),
     overwrite: bool = OVERWRITE,
-    methods: Optional[str] = typer.Option(None, help=_methods_help),
+    methods: Optional[str] = typer.Option(None, help=_methods_help()),
     *,
     cfg: CompressConfig,
     evaluation: EvalConfig,
@@ -386,7 +380,7 @@ def compare_(
 
     from .budget import merge_budget
     from .checkpoint import load_config, load_model, load_tokenizer, meta_model
-    from .compare import compare, default_methods, method_list
+    from .compare import compare, method_list
     from .data import read_text, token_windows
     from .preflight import check_output_dir
     from .report import markdown_table
@@ -414,7 +408,7 @@ def compare_(
 
 @app.command("distill")
 @one_line_errors
-@with_options(cfg="distill_config.DistillConfig")
+@with_options(cfg=DistillConfig)
 def distill_(
     ctx: typer.Context,
     teacher: str = typer.Option(..., help="The original model: Hub id, local HF directory, or .gguf file."),
@@ -422,7 +416,7 @@ def distill_(
     out: str = _out_dir("checkpoints/ inside; result written atomically"),
     plan: Optional[str] = typer.Option(None, help="come_plan.json, when the student directory has none."),
     overwrite: bool = OVERWRITE,
-    official: bool = typer.Option(False, "--official", help=_official_distill_help),
+    official: bool = typer.Option(False, "--official", help=_official_distill_help()),
     *,
     cfg: DistillConfig,
 ) -> None:
@@ -437,12 +431,11 @@ def distill_(
     from .preflight import check_output_dir
     from .distill import check_pair, check_tokenizers
     from .distill import distill as run_distill
-    from .distill_config import OFFICIAL
     from .plan import load_plan
     from .train_state import CHECKPOINTS, resume_point, write_output
 
     if official:
-        cfg = replace(cfg, **_unless_given(ctx, OFFICIAL))
+        cfg = replace(cfg, **_unless_given(ctx, DISTILL_OFFICIAL))
     ckpt = Path(out) / CHECKPOINTS
     cfg = replace(cfg, checkpoint_dir=str(ckpt))
     cfg.validate()

@@ -2,28 +2,24 @@
 so every command's flags, help, choices and defaults come from one declaration and the CLI
 cannot drift from the Python API (mergekit's `add_merge_options`, done for typer).
 
-Commands are built when one runs or shows its help, not at start-up: building one imports
-its options objects, whose modules load torch and the method registry (seconds), while
-`come --help` needs only each command's name and summary."""
+The options objects and the method registry they list import no torch (config.py), so every
+command is built at start-up, as typer builds any: `come compress --help` takes a fraction of
+a second (docs/architecture.md: measured)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import importlib
 import inspect
 import typing
-from collections.abc import Iterable, Iterator, MutableMapping
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
-from typer.models import CommandInfo, ParameterInfo
 
 from .options import base_type, bounds_of, choices_of, cli_fields, convert, flag_of
 
-GroupSpec = typing.Union[type, str, tuple[typing.Union[type, str], str, tuple[str, ...]]]
+GroupSpec = typing.Union[type, tuple[type, str, tuple[str, ...]]]
 
 
 TYPE_NAMES = {int: "INT", float: "FLOAT"}  # anything else: TEXT
@@ -69,39 +65,20 @@ def _parameter(f: dataclasses.Field, tp: Any, pname: str, flag: str, panel: str)
     return inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation)
 
 
-def _resolve(cls: type | str) -> type:
-    """A class, or `module.Class` of this package, imported now."""
-    if not isinstance(cls, str):
-        return cls
-    module, _, name = cls.rpartition(".")
-    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
-
-
-def _declared(p: inspect.Parameter) -> inspect.Parameter:
-    """A parameter the command declares itself, its help computed now when given as a function."""
-    if isinstance(p.default, ParameterInfo) and callable(p.default.help):
-        info = copy.copy(p.default)
-        info.help = info.help()
-        return p.replace(default=info)
-    return p
-
-
 class _WithOptions:
-    """A command function plus the options of its groups' fields. The signature typer reads,
-    and so the import of the options classes, is made on first inspection: when typer builds
-    the command, not when cli.py is imported."""
+    """A command function plus the options of its groups' fields: the signature typer reads
+    is the function's own parameters followed by one option per field."""
 
     def __init__(self, fn: Callable, groups: dict[str, GroupSpec]) -> None:
         functools.update_wrapper(self, fn, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
-        self._fn, self._groups = fn, groups
+        self._fn = fn
         self.__annotations__: dict = {}  # the parameters' types are in __signature__, evaluated
+        self._spec = self._build({arg: g if isinstance(g, tuple) else (g, "", ()) for arg, g in groups.items()})
 
-    @functools.cached_property
-    def _spec(self) -> tuple[inspect.Signature, list]:
-        groups = {arg: g if isinstance(g, tuple) else (g, "", ()) for arg, g in self._groups.items()}
-        classes = {arg: _resolve(cls) for arg, (cls, _, _) in groups.items()}
+    def _build(self, groups: dict[str, tuple[type, str, tuple[str, ...]]]) -> tuple[inspect.Signature, list]:
+        classes = {arg: cls for arg, (cls, _, _) in groups.items()}
         own = inspect.signature(self._fn, eval_str=True, locals={c.__name__: c for c in classes.values()})
-        params = [_declared(p) for name, p in own.parameters.items() if name not in groups]
+        params = [p for name, p in own.parameters.items() if name not in groups]
         taken = {p.name for p in params}
         specs = []  # (argument, class, [(param name, field, type, flag)])
         for arg, (_, prefix, exclude) in groups.items():
@@ -133,10 +110,9 @@ class _WithOptions:
 
 def with_options(**groups: GroupSpec) -> Callable[[Callable], Callable]:
     """Decorator: the command receives one object per group (keyword = argument name) built
-    from generated options. A group is a class (or `module.Class` of this package, imported
-    when the command is built), or (class, clash prefix, excluded fields); a field whose name
-    an earlier group or the command already uses takes the prefix (`--eval-seqlen` beside
-    compress's `--seqlen`). The command's own options may give `help` as a function."""
+    from generated options. A group is a class, or (class, clash prefix, excluded fields); a
+    field whose name an earlier group or the command already uses takes the prefix
+    (`--eval-seqlen` beside compress's `--seqlen`)."""
     return lambda fn: _WithOptions(fn, groups)
 
 
@@ -161,77 +137,18 @@ class Command(TyperCommand):
         return [self.options_metavar, *args] if self.options_metavar else args
 
 
-class _Commands(MutableMapping):
-    """A group's commands by name: every name is listed, each command built on first lookup."""
-
-    def __init__(self, names: Iterable[str], build: Callable[[str], Command]) -> None:
-        self.names, self.built, self._build = list(names), {}, build
-
-    def __getitem__(self, name: str) -> Command:
-        if name not in self.built:
-            if name not in self.names:
-                raise KeyError(name)
-            self.built[name] = self._build(name)
-        return self.built[name]
-
-    def __setitem__(self, name: str, command: Command) -> None:
-        self.names += [] if name in self.names else [name]
-        self.built[name] = command
-
-    def __delitem__(self, name: str) -> None:
-        self.names.remove(name)
-        self.built.pop(name, None)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-class LazyGroup(TyperGroup):
-    """The group of a `Typer` app: lists its commands by name and summary, and builds one
-    (options generated, their modules imported) only when it runs or shows its help."""
-
-    app: ClassVar["Typer"]
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.commands = _Commands(self.app.deferred, self._build)
-
-    def _build(self, name: str) -> Command:
-        return typer.main.get_command_from_info(self.app.deferred[name], rich_markup_mode=self.rich_markup_mode,
-                                                pretty_exceptions_short=self.app.pretty_exceptions_short)
-
-    def list_commands(self, ctx: typer.Context) -> list[str]:
-        return list(self.commands)
-
-    def get_command(self, ctx: typer.Context, name: str) -> TyperCommand | None:
-        """For a listing: the command once built, until then its name and summary."""
-        if name in self.commands.built:
-            return self.commands.built[name]
-        info = self.app.deferred.get(name)
-        return TyperCommand(name=name, help=inspect.getdoc(info.callback)) if info else None
-
-    def resolve_command(self, ctx: typer.Context, args: list[str]) -> tuple:
-        name, command, rest = super().resolve_command(ctx, args)
-        return name, self.commands[name] if name else command, rest
+class Group(TyperGroup):
+    """typer's group with the option types shown as in _plain_types."""
 
     def get_params(self, ctx: typer.Context) -> list:
         return _plain_types(super().get_params(ctx))
 
 
 class Typer(typer.Typer):
-    """typer.Typer whose commands are kept as declared and built by its group on first use."""
+    """typer.Typer whose group and commands show the plainer help (Group, Command)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        self.deferred: dict[str, CommandInfo] = {}
-        super().__init__(cls=type("LazyGroup", (LazyGroup,), {"app": self}), **kwargs)
+        super().__init__(cls=Group, **kwargs)
 
     def command(self, name: str | None = None, **kwargs: Any) -> Callable[[Callable], Callable]:  # type: ignore
-        def register(fn: Callable) -> Callable:
-            self.deferred[name or typer.main.get_command_name(fn.__name__)] = CommandInfo(
-                name, cls=Command, callback=fn, **kwargs)
-            return fn
-
-        return register
+        return super().command(name, cls=Command, **kwargs)

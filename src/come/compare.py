@@ -14,12 +14,12 @@ from torch import Tensor
 
 from .api_inputs import expect, expect_model, expect_token_ids
 from .checkpoint import atomic_dir
-from .compression import compress
+from .compression import compress, resolve
 from .config import CompressConfig, EvalConfig
 from .errors import ComeError
 from .evaluate import evaluate, paired_delta, paper_score
 from .fidelity import ReferenceWriter, paired_fidelity
-from .methods import REGISTRY, get_method, method_names
+from .methods import REGISTRY, default_methods, get_method, method_names
 from .options import flag_of, override
 from .plan import Plan
 from .preflight import check_output_dir
@@ -135,11 +135,6 @@ class MethodSpec:
         return replace(get_method(self.method).own(replace(base, method=self.method)), **dict(self.overrides))
 
 
-def default_methods() -> str:
-    """`--methods` when not given: every registered method marked for the default comparison."""
-    return ",".join(n for n in method_names() if REGISTRY[n].compared_by_default)
-
-
 def method_list(text: str, base: CompressConfig | None = None, flag: str = "--methods") -> list[MethodSpec]:
     """Parse `--methods` (or `flag`, e.g. --candidates); every row's full config is resolved here,
     before any work. Overrides are parsed like the command line parses the same option."""
@@ -164,7 +159,7 @@ def method_list(text: str, base: CompressConfig | None = None, flag: str = "--me
             raise ComeError(f"{flag}: {item!r} sets {twice} twice; give each option once per row")
         spec = MethodSpec(item, method, tuple(overrides))
         try:
-            spec.config(base).resolved()
+            resolve(spec.config(base))
         except ComeError as exc:
             raise ComeError(f"{flag} {item}: {exc}") from None
         specs.append(spec)

@@ -1,5 +1,5 @@
-"""`compress()`, the API entry point: settings resolved and checked once, the method
-looked up in the registry, its run started; with several target sparsities, one run
+"""`compress()`, the API entry point: settings resolved and checked once (`resolve`), the
+method looked up in the registry, its run started; with several target sparsities, one run
 hands over every level on its way to the largest."""
 
 from __future__ import annotations
@@ -12,10 +12,19 @@ from torch import Tensor, nn
 from .api_inputs import expect, expect_model, expect_token_ids
 from .budget import merge_budget
 from .config import CompressConfig
+from .device import resolve_device
 from .errors import ComeError
 from .methods import get_method
 from .plan import Plan
 from .preparation import Levels
+
+
+def resolve(cfg: CompressConfig) -> CompressConfig:
+    """What a run starts from: `cfg.resolved()` (the method's defaults and checks, on the
+    settings floor) with its --device checked on this machine (device.py: needs torch)."""
+    resolved = cfg.resolved()
+    resolve_device(resolved.device)
+    return resolved
 
 
 def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None = None,
@@ -34,7 +43,7 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
     """
     expect(cfg, CompressConfig, "cfg")
     expect_model(model)
-    resolved = cfg.resolved()
+    resolved = resolve(cfg)
     if calib is not None:
         expect_token_ids(calib, model, "calib")
     # settings against the model, as the CLI checks them on its config (the windows: calib's when given)

@@ -1,5 +1,12 @@
 """The options objects of `compress` and of evaluation: one per command, shared by the CLI
-(generated from these fields, cli_options.py) and the Python API, saved in the Plan."""
+(generated from these fields, cli_options.py) and the Python API, saved in the Plan.
+
+The settings floor: this module imports neither torch nor the engine, so the engine can
+name its settings' type and `come --help` builds without torch. What a setting means for a
+method (its defaults, the options it reads, its own checks) is asked of the method object
+the registry holds (come.registry: filled by come.methods, which the package imports);
+whether this machine has the device is asked where a run starts (compression.resolve,
+device.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +14,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import ClassVar, Literal
 
 from .errors import ComeError
-from .methods import REGISTRY, MergeMethod, get_method, method_names, method_options
-from .options import SEEDS, Options, check_choices, check_context, check_ranges, int_list, option
-from .pair_scoring import BUILT_SCORES
-from .profile import resolve_device
+from .eval_inputs import check_inputs
+from .options import SEEDS, Options, check_choices, check_context, check_device_name, check_ranges, int_list, option
+from .registry import REGISTRY, get_method, method_names, method_options
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
 
 PairScore = Literal["angular", "bi-all-tokens", "angular-all-tokens", "error", "merge-error", "nll"]
@@ -23,6 +29,9 @@ Reprofile = Literal["full", "window"]
 Norm = Literal["fold", "average"]
 HeadScore = Literal["channel", "exact"]
 Sensitivity = Literal["l1", "taylor", "magnitude"]
+
+ERROR_SCORES = ("error", "merge-error")  # pair scores measured against the dense group (need its states)
+BUILT_SCORES = (*ERROR_SCORES, "nll")  # pair scores that build each candidate (concatenation) merge
 
 # The authors' code's choices where our defaults differ (`come compress --official`).
 OFFICIAL = {"norm": "average", "refit": "none", "split": "bi", "pair_score": "angular", "reprofile": "full"}
@@ -50,7 +59,7 @@ def _method_help() -> str:
     return "; ".join(f"{n}: {REGISTRY[n].summary}" for n in method_names())
 
 
-def _check_merge_item(cfg, levels: list[float]) -> None:
+def _check_merge_item(cfg: "CompressConfig", levels: list[float]) -> None:
     """What `--merge-item` above 2 cannot be combined with (one line naming it)."""
     if cfg.split == "search":
         raise ComeError(f"--merge-item {cfg.merge_item} with --split search: the search tries shares of two layers; "
@@ -164,7 +173,9 @@ class CompressConfig(Options):
 
     def resolved(self) -> "CompressConfig":
         """A checked copy with the method's defaults filled in (refit, pair score); `self`
-        is left as it is. One line naming the problem and the fix on bad settings."""
+        is left as it is. One line naming the problem and the fix on bad settings. The method
+        is the registry's (its defaults and `check`); --device is checked as a name here and
+        on this machine by compression.resolve, which every run starts from."""
         method = get_method(self.method)
         method.refuse_ignored(self)
         levels = self.levels()
@@ -181,7 +192,7 @@ class CompressConfig(Options):
             raise ComeError(f"--sparsity {','.join(map(str, levels))}: list the levels ascending, each once "
                             "(e.g. 0.1,0.2,0.3)")
         check_choices(cfg)
-        resolve_device(cfg.device)
+        check_device_name(cfg.device)
         if cfg.merge_item > 2:
             _check_merge_item(cfg, levels)
         method.check(cfg)
@@ -221,7 +232,8 @@ class CompressConfig(Options):
         if outside:
             raise ComeError(f"--protect {','.join(map(str, outside))}: the model has layers 0..{n - 1}")
         check_context(config, self.seqlen)
-        if isinstance(get_method(self.method), MergeMethod) and get_method(self.method).removable(n, self) == 0:
+        method = get_method(self.method)
+        if method.progressive and method.removable(n, self) == 0:
             raise ComeError("every adjacent pair of layers touches a --protect layer, so nothing can merge; "
                             "protect fewer layers")
 
@@ -283,8 +295,6 @@ class EvalConfig(Options):
 
     def check(self) -> None:
         """Every evaluation input checked before any model loads (one line on a problem)."""
-        from .evaluate import check_inputs
-
         check_ranges(self)
         kw = self.evaluate_kwargs()
         check_inputs(kw["tasks"], self.task_data, kw["ppl_data"], self.limit, self.seqlen, self.batch_size,

@@ -38,12 +38,12 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, get_adapter
 from .api_inputs import expect, expect_model, expect_token_ids
 from .data import shuffled_batch, training_windows
+from .device import resolve_device
 from .distill_config import DistillConfig
 from .distill_losses import head_kl, head_terms, normalized_mse
 from .errors import ComeError
 from .options import check_context
 from .plan import Plan
-from .profile import resolve_device
 from .train_state import TrainState, last_complete, restore, write_checkpoint
 from .trainable import activation_checkpointing, make_trainable, seeded_rng
 

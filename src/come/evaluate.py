@@ -23,7 +23,8 @@ from .api_inputs import expect_model
 from .data import eval_windows, read_text
 from .errors import ComeError
 from .fidelity import ReferenceLogprobs, ReferenceWriter, score_windows
-from .tasks import DEFAULT_TASKS, SOURCES, TASK_DATA_HINT, check_task_names, hf_offline, resolve_split, run_tasks
+from .eval_inputs import PPL_SETS, boolq_dir, check_inputs
+from .tasks import DEFAULT_TASKS, TASK_DATA_HINT, hf_offline, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +32,6 @@ AVERAGE_METRIC = {
     "arc_challenge": "acc_norm", "arc_easy": "acc_norm", "hellaswag": "acc_norm", "openbookqa": "acc_norm",
     "piqa": "acc_norm", "boolq": "acc", "winogrande": "acc",
 }
-# The pruning papers' perplexity texts (SparseGPT/Wanda protocol): dataset args, text field,
-# joiner, documents used (C4: the first 1100 documents of the first validation shard).
-PPL_SETS = {
-    "wikitext2": ({"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "test"}, "text", "\n\n", None),
-    "ptb": ({"path": "ptb_text_only", "name": "penn_treebank", "split": "test"}, "sentence", " ", None),
-    "c4": ({"path": "allenai/c4", "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
-            "split": "validation"}, "text", " ", 1100),
-}
-BOOLQ = SOURCES["boolq"].data + "/validation"
 
 
 @torch.no_grad()
@@ -63,19 +55,12 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 1, device: s
     return math.exp(nll / count)
 
 
-def _boolq_dir(task_data: str | Path | None) -> Path:
-    path = Path(task_data or ".") / BOOLQ
-    if task_data is None or not path.is_dir():
-        raise ComeError(f"--ppl-data boolq-passages needs --task-data with {BOOLQ}; looked for {path}")
-    return path
-
-
 def boolq_passages(task_data: str | Path | None) -> str:
     """The unique BoolQ validation passages, in order, joined by blank lines: Wikipedia
     prose of about WikiText-2 test's size, a stand-in when WikiText is unreachable."""
     import datasets
 
-    return "\n\n".join(dict.fromkeys(datasets.load_from_disk(str(_boolq_dir(task_data)))["passage"]))
+    return "\n\n".join(dict.fromkeys(datasets.load_from_disk(str(boolq_dir(task_data)))["passage"]))
 
 
 def ppl_text(source: str, task_data: str | Path | None = None) -> str:
@@ -96,28 +81,6 @@ def ppl_text(source: str, task_data: str | Path | None = None) -> str:
                             f"{TASK_DATA_HINT}, with --ppl-data boolq-passages (the default then) or a local "
                             "FILE") from exc
     return read_text(source)
-
-
-def check_inputs(tasks: Sequence[str], task_data: str | Path | None, ppl_data: str | None,
-                 limit: int | None = None, seqlen: int = 2048, batch_size: int = 8,
-                 ppl_windows: int | None = None, skip: int = 0) -> None:
-    """Fail fast, before any weights load: numbers in range, every task's local data and the
-    perplexity file present."""
-    if seqlen < 2 or batch_size < 1 or min(1 if limit is None else limit, 1 if ppl_windows is None else ppl_windows) < 1 \
-            or skip < 0:
-        raise ComeError(f"need --seqlen >= 2, --batch-size >= 1, --limit and --ppl-windows >= 1, --skip >= 0 "
-                        f"(got {seqlen}, {batch_size}, {limit}, {ppl_windows}, {skip})")
-    if task_data is not None:
-        if not Path(task_data).is_dir():
-            raise ComeError(f"--task-data {task_data} is not a directory")
-        for task in tasks:
-            resolve_split(task, task_data)
-    else:
-        check_task_names(list(tasks))
-    if ppl_data == "boolq-passages":
-        _boolq_dir(task_data)
-    if ppl_data not in (None, "boolq-passages", *PPL_SETS) and not Path(ppl_data).is_file():
-        raise ComeError(f"--ppl-data {ppl_data!r}: not a file and not one of {', '.join(PPL_SETS)}, boolq-passages, none")
 
 
 def paper_metric(task: str, result: dict) -> str:

@@ -186,6 +186,13 @@ def check_context(config: Any, seqlen: int, flag: str = "--seqlen") -> None:
                         f"most {context}")
 
 
+def check_device_name(name: str, flag: str = "--device") -> None:
+    """A device name torch knows: cpu, cuda, cuda:N or auto. Whether this machine has it is
+    device.resolve_device's question (it needs torch)."""
+    if name != "auto" and name.split(":")[0] not in ("cpu", "cuda"):
+        raise ComeError(f"{flag} must be cpu, cuda or auto, got {name!r}")
+
+
 def cli_fields(cls: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
     """The fields of `cls` a command line sets (cli=False ones are set by the command)."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in exclude]

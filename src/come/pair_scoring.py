@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .activation_cache import ActivationCache
 from .adapters import Adapter, AttnShape, LayerWeights
+from .config import ERROR_SCORES, CompressConfig
 from .layer_refit import refit_layer
 from .lm_loss import nll_with_merge
 from .merge import concat_merge
@@ -22,8 +23,6 @@ from .selection import joint_counts, joint_split, share_counts, split_counts, sp
 from .sensitivity import (attn_path_norm, channel_sensitivity, exact_head_sensitivity, ffn_path_norm, head_sensitivity,
                           kv_group_sensitivity, taylor_unit_sensitivity, top_units)
 
-ERROR_SCORES = ("error", "merge-error")  # pair scores measured against the dense group (need its states)
-BUILT_SCORES = (*ERROR_SCORES, "nll")  # pair scores that build each candidate (concatenation) merge
 
 
 def unit_scores(stats: LayerStats, w: LayerWeights, shape: AttnShape, head_score: str,
@@ -47,7 +46,7 @@ def unit_scores(stats: LayerStats, w: LayerWeights, shape: AttnShape, head_score
     return kv_group_sensitivity(heads, shape.n_kv_heads), ffn
 
 
-def eligible_pairs(groups: list[list[int]], cfg, span: int = 2) -> list[bool]:
+def eligible_pairs(groups: list[list[int]], cfg: CompressConfig, span: int = 2) -> list[bool]:
     """Pairs (k, k+1), or windows k..k+span-1 (`--merge-item`), that may merge: `--protect`
     layers never, `--no-repeat` merged ones never."""
     protect = set(cfg.protect)
@@ -77,7 +76,8 @@ def no_units() -> Choice:
     return Choice([], [], [], [], 0.5)
 
 
-def choose_units(a: LayerWeights, b: LayerWeights, stats_a: LayerStats, stats_b: LayerStats, shape: AttnShape, cfg,
+def choose_units(a: LayerWeights, b: LayerWeights, stats_a: LayerStats, stats_b: LayerStats, shape: AttnShape,
+                 cfg: CompressConfig,
                  n_original: int, r_a: float | None = None) -> Choice:
     """The top units of each side (KV groups; FFN channels, or experts: the number per layer is
     fixed, so the same joint top-N rule); counts from the split rule, or from `r_a` when forced
@@ -120,7 +120,7 @@ class WindowChoice:
     shares: list[float]
 
 
-def choose_window_units(layers: list[LayerWeights], stats: list[LayerStats], shape: AttnShape, cfg,
+def choose_window_units(layers: list[LayerWeights], stats: list[LayerStats], shape: AttnShape, cfg: CompressConfig,
                         n_original: int) -> WindowChoice:
     """`choose_units` for a window: `--split joint` keeps the top units of all its layers
     ranked together; `--split bi` gives side i the share normalize(normalize(BI)^p)_i and its
@@ -139,13 +139,13 @@ def choose_window_units(layers: list[LayerWeights], stats: list[LayerStats], sha
 
 
 def write_candidate(adapter: Adapter, scratch, a: LayerWeights, b: LayerWeights, shape: AttnShape, choice: Choice,
-                    cfg) -> None:
+                    cfg: CompressConfig) -> None:
     """Write the concatenation merge of `a` and `b` keeping `choice`'s units into the scratch layer."""
     adapter.write_layer(scratch, concat_merge(a, b, shape, choice.kv_a, choice.kv_b, choice.ffn_a, choice.ffn_b,
                                               choice.r_a, cfg.norm))
 
 
-def built_scores(cache: ActivationCache, shape: AttnShape, cfg) -> ErrorScores | PosteriorScores | None:
+def built_scores(cache: ActivationCache, shape: AttnShape, cfg: CompressConfig) -> ErrorScores | PosteriorScores | None:
     """The scorer of a `--pair-score` that builds each candidate merge, or None for the
     angle scores the cache computes while profiling."""
     if cfg.pair_score in ERROR_SCORES:
@@ -164,7 +164,7 @@ class ErrorScores:
     Dense inputs and targets make a pair's cost independent of merges elsewhere: only pairs
     touching the newly merged layer are re-scored."""
 
-    def __init__(self, cache: ActivationCache, shape: AttnShape, cfg):
+    def __init__(self, cache: ActivationCache, shape: AttnShape, cfg: CompressConfig):
         self.cache, self.shape, self.cfg = cache, shape, cfg
         self.scored: dict[tuple, tuple[float, Choice]] = {}
 
@@ -211,7 +211,7 @@ class PosteriorScores:
     after every merge (the layers after it changed): L - k - 1 layer passes and the head per
     pair, about L^2 / 2 layer passes and L heads per merge."""
 
-    def __init__(self, cache: ActivationCache, shape: AttnShape, cfg):
+    def __init__(self, cache: ActivationCache, shape: AttnShape, cfg: CompressConfig):
         self.cache, self.shape, self.cfg = cache, shape, cfg
 
     def scores(self, groups: list[list[int]], eligible: list[bool]) -> tuple[list[float], list[Choice | None]]:

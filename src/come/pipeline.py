@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .adapters import AttnShape, LayerWeights
 from .budget import count_params, merge_windows
+from .config import CompressConfig
 from .errors import ComeError
 from .layer_refit import refit_layer, write_down_proj
 from .pair_scoring import (Choice, WindowChoice, built_scores, choose_units, choose_window_units,
@@ -42,7 +43,7 @@ class PairToMerge:
     group_b: list[int]
     choice: Choice
     shape: AttnShape
-    cfg: object
+    cfg: CompressConfig
     originals: list[LayerWeights] | None  # the original layers of group_a + group_b (method.needs_originals)
 
 
@@ -55,11 +56,11 @@ class WindowToMerge:
     groups: list[list[int]]
     choice: WindowChoice
     shape: AttnShape
-    cfg: object
+    cfg: CompressConfig
     originals: list[LayerWeights] | None  # the original layers of every group, in order (method.needs_originals)
 
 
-def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: str,
+def merge_progressively(method, model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None, model_name: str,
                         levels: Levels | None = None) -> tuple[nn.Module, Plan]:
     """Merge adjacent pairs with `method`'s operator until `cfg.sparsity` (cfg resolved),
     handing each of `levels` over as the loop reaches it."""
@@ -118,7 +119,7 @@ def merge_progressively(method, model: nn.Module, tokenizer, cfg, calib: Tensor 
     return model, finish(run, groups)
 
 
-def _merge_pair(method, adapter, cache, model, k: int, shape: AttnShape, cfg, window: list[list[int]],
+def _merge_pair(method, adapter, cache, model, k: int, shape: AttnShape, cfg: CompressConfig, window: list[list[int]],
                 originals: list[LayerWeights] | None, choices: list[Choice | None] | None) -> tuple[LayerWeights, dict]:
     """The merged weights of current layers k, k + 1, and the Plan record's fields saying how."""
     ga, gb = window
@@ -131,7 +132,7 @@ def _merge_pair(method, adapter, cache, model, k: int, shape: AttnShape, cfg, wi
                         ffn_b=choice.ffn_b, r_a=choice.r_a, bi_a=sa.bi, bi_b=sb.bi, split_search=searched)
 
 
-def _merge_window(method, adapter, cache, model, k: int, shape: AttnShape, cfg, window: list[list[int]],
+def _merge_window(method, adapter, cache, model, k: int, shape: AttnShape, cfg: CompressConfig, window: list[list[int]],
                   originals: list[LayerWeights] | None) -> tuple[LayerWeights, dict]:
     """`_merge_pair` for current layers k .. k + m - 1 (`--merge-item m`, m > 2)."""
     span = len(window)

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from .activation_cache import ActivationCache, cache_layout
 from .adapters import Adapter, get_adapter
 from .budget import count_params, merge_budget, merges_needed
+from .device import resolve_device
 from .plan import Plan, library_versions
 from .preflight import check_finite
-from .profile import LayerRunner, resolve_device
+from .profile import LayerRunner
 
 log = logging.getLogger("come")
 

@@ -37,17 +37,6 @@ class LayerStats:
     ffn_taylor: Tensor | None = None
 
 
-def resolve_device(name: str) -> torch.device:
-    """The compute device layers visit: `auto` takes CUDA when there is one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ComeError("--device cuda requested but CUDA is not available; use --device cpu")
-    if name.split(":")[0] not in ("cpu", "cuda"):
-        raise ComeError(f"--device must be cpu, cuda or auto, got {name!r}")
-    return torch.device(name)
-
-
 class _Stop(Exception):
     pass
 

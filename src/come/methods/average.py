@@ -4,7 +4,6 @@ WSLP-style baseline."""
 
 from __future__ import annotations
 
-from ..merge import linear_combination
 from .base import MergeMethod, register
 
 
@@ -17,8 +16,12 @@ class Average(MergeMethod):
     merges_windows = True
 
     def merge(self, pair):
+        from ..merge import linear_combination
+
         return linear_combination([pair.a, pair.b], [0.5, 0.5])
 
     def merge_window(self, window):
         """The mean of the m layers' weights (`--merge-item m`)."""
+        from ..merge import linear_combination
+
         return linear_combination(window.layers, [1.0 / len(window.layers)] * len(window.layers))

@@ -4,7 +4,13 @@ A method is one module in this package that defines a `MergeMethod` (progressive
 layer built from two, repeated to the target) or a `DropMethod` (one-shot: choose layers
 to remove) subclass and decorates it with `@register`. Everything else (the CLI's
 choices and help, the defaults a config resolves to, `come compare`'s list) reads the
-registry, so adding a method is one new file.
+registry (come.registry), so adding a method is one new file.
+
+A method module imports only the settings floor (errors, options, config, registry) at its
+top: the engine it runs (the progressive loop, the drop pass, the merge math, torch) is
+imported in the functions that run it. So the registry (names, summaries, defaults, options,
+checks) loads without torch: `CompressConfig.resolved()` and the CLI's help read it in a
+fraction of a second (tests/test_import_graph.py checks that no torch loads).
 """
 
 from __future__ import annotations
@@ -14,27 +20,21 @@ import dataclasses
 import itertools
 from typing import TYPE_CHECKING, ClassVar
 
-from ..adapters import LayerWeights
-from ..budget import merge_budget
-from ..dropping import compress_by_dropping
+from ..config import BUILT_SCORES, ERROR_SCORES, CompressConfig
 from ..errors import ComeError
 from ..options import flag_of
-from ..pair_scoring import BUILT_SCORES, ERROR_SCORES
-from ..pipeline import PairToMerge, WindowToMerge, merge_progressively
+from ..registry import REGISTRY, method_options, register
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from ..activation_cache import ActivationCache
+    from ..adapters import LayerWeights
+    from ..pipeline import PairToMerge, WindowToMerge
     from ..plan import Plan
     from ..preparation import Levels
 
-REGISTRY: dict[str, "Method"] = {}
-
-
-def method_options() -> frozenset[str]:
-    """Every option some registered method declares: the ones a method may ignore."""
-    return frozenset().union(*(m.options for m in REGISTRY.values()))
+__all__ = ["REGISTRY", "DropMethod", "MergeMethod", "Method", "method_options", "register", "unprotected_runs"]
 
 
 def unprotected_runs(n_layers: int, protect) -> list[int]:
@@ -47,14 +47,6 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def register(cls: type["Method"]) -> type["Method"]:
-    """Class decorator: make the method available by its name."""
-    if cls.name in REGISTRY:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    REGISTRY[cls.name] = cls()
-    return cls
-
-
 class Method:
     """A compression method on come's plumbing (same calibration, budget, Plan, output)."""
 
@@ -65,20 +57,21 @@ class Method:
     default_pair_score: ClassVar[str] = "angular"  # what --pair-score resolves to when not given
     default_reprofile: ClassVar[str] = "full"  # what --reprofile resolves to when not given (and it fits)
     compared_by_default: ClassVar[bool] = True  # a row of `come compare` when --methods is not given
+    progressive: ClassVar[bool] = False  # True: removes layers by merging adjacent ones (MergeMethod)
     # The method-specific options (CompressConfig fields) this method reads. An option that some
     # method declares and this one does not is ignored by this one: a run refuses it when set
     # (`ignored`), a preset or `come compare`'s shared option leaves it at its default here.
     options: ClassVar[frozenset[str]] = frozenset()
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: CompressConfig) -> None:
         """Refuse settings this method cannot honour (one line, before any work)."""
 
-    def ignored(self, cfg) -> list[str]:
+    def ignored(self, cfg: CompressConfig) -> list[str]:
         """The method-specific options `cfg` sets (away from their defaults) that this method never reads."""
         return [f.name for f in dataclasses.fields(cfg) if f.name in method_options() and f.name not in self.options
                 and getattr(cfg, f.name) != _default(f)]
 
-    def refuse_ignored(self, cfg) -> None:
+    def refuse_ignored(self, cfg: CompressConfig) -> None:
         """One line naming the first option `cfg` sets that this method would silently ignore."""
         for name in self.ignored(cfg):
             flag = flag_of(cfg.__dataclass_fields__[name])
@@ -86,22 +79,22 @@ class Method:
             raise ComeError(f"{flag} is read by --method {' / '.join(sorted(readers))} only; --method {self.name} "
                             f"ignores it: drop {flag}")
 
-    def own(self, cfg):
+    def own(self, cfg: CompressConfig) -> CompressConfig:
         """`cfg` with the options this method ignores put back at their defaults (a preset's or a
         shared setting that concerns other methods)."""
         defaults = {f.name: _default(f) for f in dataclasses.fields(cfg)}
         return dataclasses.replace(cfg, **{name: defaults[name] for name in self.ignored(cfg)})
 
-    def needs_dense(self, cfg) -> bool:
+    def needs_dense(self, cfg: CompressConfig) -> bool:
         """Whether the run caches the DENSE model's states at every boundary (refit targets)."""
         return cfg.refit == "ls"
 
-    def removable(self, n_layers: int, cfg) -> int:
+    def removable(self, n_layers: int, cfg: CompressConfig) -> int:
         """How many of `n_layers` layers this method can remove under `cfg` (`--protect`): checked
         against the target before weights load. A drop method: any unprotected layer."""
         return n_layers - len(set(cfg.protect))
 
-    def compress(self, model: "nn.Module", tokenizer, cfg, calib: "Tensor | None", model_name: str,
+    def compress(self, model: "nn.Module", tokenizer, cfg: CompressConfig, calib: "Tensor | None", model_name: str,
                  levels: "Levels | None" = None) -> tuple["nn.Module", "Plan"]:
         """Compress in place to `cfg.sparsity`; `levels` (progressive methods): the smaller
         targets to hand over on the way (compression.compress makes it)."""
@@ -113,13 +106,14 @@ class MergeMethod(Method):
     re-profile, repeat (pipeline.py)."""
 
     operator: ClassVar[str]  # recorded in the Plan per merge
+    progressive = True
     keeps_units: ClassVar[bool] = False  # True: units chosen by sensitivity (concatenation)
     needs_originals: ClassVar[bool] = False  # True: merge() reads the original layers
     merges_windows: ClassVar[bool] = False  # True: merge_window() builds one layer from m > 2 (--merge-item)
     # what the progressive pipeline reads (pipeline.py, pair_scoring.py, activation_cache.py)
     options = frozenset({"pair_score", "no_repeat", "merge_item", "reprofile", "reprofile_window", "reprofile_drift"})
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: CompressConfig) -> None:
         if cfg.pair_score in BUILT_SCORES and not self.keeps_units:
             raise ComeError(f"--pair-score {cfg.pair_score} scores concatenation merges; use angular, "
                             f"bi-all-tokens or angular-all-tokens with --method {self.name}")
@@ -128,25 +122,27 @@ class MergeMethod(Method):
             raise ComeError(f"--method {self.name} merges two layers at a time; drop --merge-item "
                             f"{cfg.merge_item}, or use --method {' / '.join(others)}")
 
-    def needs_dense(self, cfg) -> bool:
+    def needs_dense(self, cfg: CompressConfig) -> bool:
         return cfg.refit == "ls" or cfg.pair_score in ERROR_SCORES
 
-    def removable(self, n_layers: int, cfg) -> int:
+    def removable(self, n_layers: int, cfg: CompressConfig) -> int:
         """A merge joins adjacent unprotected layers: a run of r of them can end as one layer,
         r - 1 removed (with --no-repeat each layer merges once: windows of m remove m - 1 each)."""
         m = cfg.merge_item
         return sum((r // m) * (m - 1) + max(r % m - 1, 0) if cfg.no_repeat else r - 1
                    for r in unprotected_runs(n_layers, cfg.protect))
 
-    def merge(self, pair: PairToMerge) -> LayerWeights:
+    def merge(self, pair: "PairToMerge") -> "LayerWeights":
         """The merged layer's weights (float64; written into A's slot)."""
         raise NotImplementedError
 
-    def merge_window(self, window: WindowToMerge) -> LayerWeights:
+    def merge_window(self, window: "WindowToMerge") -> "LayerWeights":
         """The one layer built from m > 2 adjacent layers (float64; written into the first's slot)."""
         raise NotImplementedError
 
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
+        from ..pipeline import merge_progressively
+
         return merge_progressively(self, model, tokenizer, cfg, calib, model_name, levels)
 
 
@@ -161,20 +157,23 @@ class DropMethod(Method):
     # a --sparsity list computes the order once, for the largest level
     greedy: ClassVar[bool] = False
 
-    def needs_dense(self, cfg) -> bool:
+    def needs_dense(self, cfg: CompressConfig) -> bool:
         return self.always_refits or cfg.refit == "ls"
 
-    def select(self, cache: "ActivationCache", n: int, cfg) -> list[int]:
+    def select(self, cache: "ActivationCache", n: int, cfg: CompressConfig) -> list[int]:
         """The `n` original layers to remove (the cache has profiled the dense model)."""
         if self.greedy:
             return sorted(self.removal_order(cache, n, cfg))
         raise NotImplementedError
 
-    def removal_order(self, cache: "ActivationCache", n: int, cfg) -> list[int]:
+    def removal_order(self, cache: "ActivationCache", n: int, cfg: CompressConfig) -> list[int]:
         """A greedy method's `n` layers in the order it removes them."""
         raise NotImplementedError
 
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
+        from ..budget import merge_budget
+        from ..dropping import compress_by_dropping
+
         select = self.select
         if levels is not None and self.greedy:
             n_largest, order = merge_budget(model, cfg.sparsity)[2], []

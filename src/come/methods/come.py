@@ -4,7 +4,6 @@ exact), followed by our closed-form refit of the merged layer's down projection.
 
 from __future__ import annotations
 
-from ..merge import concat_merge, concat_merge_many
 from .base import MergeMethod, register
 
 
@@ -24,9 +23,13 @@ class Come(MergeMethod):
                                      "sensitivity"}
 
     def merge(self, pair):
+        from ..merge import concat_merge
+
         c = pair.choice
         return concat_merge(pair.a, pair.b, pair.shape, c.kv_a, c.kv_b, c.ffn_a, c.ffn_b, c.r_a, pair.cfg.norm)
 
     def merge_window(self, window):
+        from ..merge import concat_merge_many
+
         c = window.choice
         return concat_merge_many(window.layers, window.shape, c.kv, c.ffn, c.shares, window.cfg.norm)

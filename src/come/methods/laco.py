@@ -4,9 +4,6 @@ the ORIGINAL layers the pair stands for; a weight-space merge the CoMe paper arg
 
 from __future__ import annotations
 
-import torch
-
-from ..merge import linear_combination, rdsc_coefficients
 from .base import MergeMethod, register
 
 
@@ -20,6 +17,10 @@ class LaCo(MergeMethod):
     merges_windows = True  # RDSC combines however many original layers the merge stands for
 
     def merge(self, pair):
+        import torch
+
+        from ..merge import linear_combination, rdsc_coefficients
+
         layers = [w.map(torch.Tensor.double) for w in pair.originals]
         return linear_combination(layers, rdsc_coefficients(len(layers)))
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from ..errors import ComeError
 from .base import DropMethod, register
 
@@ -56,6 +54,8 @@ def block_weights(layer) -> list:
 
 def magnitude_importance(layers) -> list[float]:
     """Per block, sum over its weight tensors of sum |W| (accumulated in float64)."""
+    import torch
+
     return [float(sum(p.detach().abs().sum(dtype=torch.float64) for p in block_weights(layer))) for layer in layers]
 
 

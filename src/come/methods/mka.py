@@ -46,15 +46,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from ..adapters import get_adapter
-from ..merge import linear_combination
-from ..pipeline import merge_progressively
-from ..profile import LayerRunner, resolve_device
 from .base import MergeMethod, register
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 log = logging.getLogger("come")
 
@@ -73,6 +71,8 @@ def fusion_weight(s_a: float, s_b: float, beta: float = BETA) -> float:
 
 def diffusion_embedding(x: np.ndarray) -> np.ndarray:
     """[N, DIMS] rank-normalized diffusion-map coordinates of the N points `x` ([N, hidden])."""
+    import numpy as np
+
     sq = (x * x).sum(axis=1)
     dist = np.sqrt(np.abs(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)))
     np.fill_diagonal(dist, 0.0)
@@ -90,6 +90,7 @@ def diffusion_embedding(x: np.ndarray) -> np.ndarray:
 
 def knn_entropy(e: np.ndarray, k: int) -> float:
     """-mean log(k / (N d_k^dim)), d_k the distance to the k-th neighbour (entropy_estimator_knn)."""
+    import numpy as np
     from sklearn.neighbors import NearestNeighbors
 
     n, dim = e.shape
@@ -99,6 +100,7 @@ def knn_entropy(e: np.ndarray, k: int) -> float:
 
 def npib_matrix(embeddings: list[np.ndarray]) -> np.ndarray:
     """NPIB(i, j) = mean MI(emb_i, emb_j[:, d]) / sqrt(H_i H_j) for every pair of layers."""
+    import numpy as np
     from sklearn.feature_selection import mutual_info_regression
 
     n = len(embeddings[0])
@@ -114,20 +116,26 @@ def npib_matrix(embeddings: list[np.ndarray]) -> np.ndarray:
     return np.nan_to_num(sim, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-@torch.no_grad()
 def layer_states(model, calib: torch.Tensor, cfg) -> list[np.ndarray]:
     """Every layer's output at N_POINTS calibration tokens evenly spaced over all windows,
     [N, hidden] float64 per layer (layers run one at a time on the compute device)."""
+    import torch
+
+    from ..adapters import get_adapter
+    from ..device import resolve_device
+    from ..profile import LayerRunner
+
     adapter = get_adapter(model.config)
     runner = LayerRunner(model, adapter, resolve_device(cfg.device), torch.device("cpu"))
     flat = torch.linspace(0, calib.numel() - 1, min(N_POINTS, calib.numel())).round().long()
     where = [(int(t) // calib.shape[1], int(t) % calib.shape[1]) for t in flat]
-    h = runner.embed(list(calib.split(cfg.batch_size)))
     states = []
-    for k, layer in enumerate(adapter.decoder_layers(model)):
-        h, _ = runner.run(layer, h, False, position=k)
-        rows = [h[w // cfg.batch_size][w % cfg.batch_size, p] for w, p in where]
-        states.append(torch.stack(rows).double().numpy())
+    with torch.no_grad():
+        h = runner.embed(list(calib.split(cfg.batch_size)))
+        for k, layer in enumerate(adapter.decoder_layers(model)):
+            h, _ = runner.run(layer, h, False, position=k)
+            rows = [h[w // cfg.batch_size][w % cfg.batch_size, p] for w, p in where]
+            states.append(torch.stack(rows).double().numpy())
     return states
 
 
@@ -147,9 +155,10 @@ class MKA(MergeMethod):
     similarity: list[float] | None = None  # per original layer; set on a per-run copy by compress()
 
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        if calib is None:
-            from ..data import load_calibration
+        from ..data import load_calibration
+        from ..pipeline import merge_progressively
 
+        if calib is None:
             calib = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
         run = copy.copy(self)
         run.similarity = layer_similarity(model, calib, cfg)
@@ -159,6 +168,8 @@ class MKA(MergeMethod):
         return model, plan
 
     def merge(self, pair):
+        from ..merge import linear_combination
+
         lam = fusion_weight(self.similarity[pair.group_a[0]], self.similarity[pair.group_b[0]])
         pair.choice.r_a = lam  # recorded in the Plan as side A's share
         return linear_combination([pair.a, pair.b], [lam, 1.0 - lam])

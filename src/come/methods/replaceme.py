@@ -7,17 +7,21 @@ layers whose input and output last-token states are closest in angle (Gromov et 
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..errors import ComeError
-from ..selection import angular_distance
 from .base import DropMethod, register, unprotected_runs
 from .shortgpt import lowest_bi_layers
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def angle_block(last_tok: list[Tensor], n: int, protect: list[int]) -> list[int]:
     """The block i..i+n-1 minimizing the mean angular distance between the last-token
     states entering i and leaving i+n-1."""
+    from ..selection import angular_distance
+
     best = None
     for i in range(len(last_tok) - n):
         if set(range(i, i + n)) & set(protect):

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import logging
 
-from torch import Tensor
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from ..errors import ComeError
-from ..lm_loss import next_token_nll
 from .base import DropMethod, register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger("come")
 
@@ -39,6 +40,10 @@ def candidate_losses(cache, kept: list[int], protect=()) -> dict[int, float]:
     """{original layer c: calibration NLL of the model made of `kept` without c}, for every
     unprotected c in `kept`. The model itself is not touched: the kept layers run on the
     cached embeddings, each at its original position (its own attention type)."""
+    from tqdm.auto import tqdm
+
+    from ..lm_loss import next_token_nll
+
     layers = cache.adapter.decoder_layers(cache.model)
     runner, protect = cache.runner, set(protect)
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from ..backprop import backward_by_layer, weight_grads
 from .base import DropMethod, register
 from .magnitude import block_weights, least_important_plus
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger("come")
 
@@ -31,6 +32,10 @@ log = logging.getLogger("come")
 def taylor_importance(cache) -> list[float]:
     """Per original layer, sum over its weight tensors of sum |W * dL/dW| (L: mean next-token
     NLL of the calibration batches), by backpropagation one layer at a time."""
+    import torch
+
+    from ..backprop import backward_by_layer, weight_grads
+
     importance = [0.0] * len(cache.adapter.decoder_layers(cache.model))
 
     def on_layer(k: int, inputs: list[Tensor], grad_out: list[Tensor]) -> list[Tensor]:
