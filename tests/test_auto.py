@@ -77,7 +77,7 @@ def test_every_registered_method_is_a_candidate(tokenizer):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"refit": "ls"}, "--refit with --method auto"),
+    ({"refit": "ls"}, "--method auto ignores --refit: drop --refit .each candidate has its own"),
     ({"pair_score": "error"}, "--method auto ignores it"),
     ({"split": "bi"}, "--method auto ignores it"),
     ({"candidates": "come,auto"}, "cannot be its own candidate"),

@@ -136,6 +136,20 @@ def test_an_option_the_method_ignores_is_refused(no_weights, model_dir, text_fil
               f"--method {method} ignores it: drop {flag}")
 
 
+def test_the_refit_options_need_a_refit(no_weights, model_dir, text_file):
+    """replaceme always fits its own map: --refit (ls or none) would be ignored; --refit-input and
+    --refit-holdout shape a refit, so without one they would be too."""
+    for refit in ("ls", "none"):
+        _one_line(_compress(model_dir, text_file, "--method", "replaceme", "--refit", refit),
+                  "--method replaceme ignores --refit: drop --refit (replaceme always fits its own map)")
+    for option in (("--refit-holdout", "0.2"), ("--refit-input", "dense")):
+        _one_line(_compress(model_dir, text_file, "--method", "shortgpt", *option), "shape the refit; add --refit ls")
+        _one_line(_compress(model_dir, text_file, "--refit", "none", *option), "shape the refit; add --refit ls")
+        _passes_checks(_compress(model_dir, text_file, "--method", "shortgpt", "--refit", "ls", *option))
+    _passes_checks(_compress(model_dir, text_file, "--method", "replaceme", "--official"))
+    _passes_checks(_compare(model_dir, text_file, "--methods", "come,replaceme", "--refit", "ls"))
+
+
 def test_a_drop_method_records_no_pair_score(tokenizer):
     calib = token_windows(corpus(), tokenizer, 8, 32, seed=0)
     _, plan = compress(tiny_model("llama"), tokenizer, CompressConfig(sparsity=0.15, device="cpu", method="shortgpt"),

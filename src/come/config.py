@@ -141,7 +141,7 @@ class CompressConfig(Options):
            "list.", bounds=">= 2")
     protect: list[int] = option(help="Comma-separated original layers never merged.", parse=int_list,
                                 show=lambda v: ",".join(map(str, v)), default_factory=list)
-    max_cache_gb: float = option(32.0, "Host memory for cached calibration activations (README: Memory).",
+    max_cache_gb: float = option(32.0, "Host memory for cached calibration activations (docs/memory.md).",
                                  bounds="> 0")
     refit: Refit | None = option(None, "ls: closed-form refit of each merged / kept layer (DECISION); none: the paper. "
                                        "Default: the method's own (ls for come, none for the peers).", choices=Refit.__args__)
@@ -207,6 +207,10 @@ class CompressConfig(Options):
             raise ComeError("--granularity and --split-score shape the split search; add --split search")
         if cfg.split == "search" and (cfg.skew != 1.0 or cfg.min_max != 0.0):
             raise ComeError("--skew and --min-max shape the bi split rule; --split search tries every r on its grid")
+        refit_only = ("refit_input", "refit_holdout")
+        if not method.needs_dense(cfg) and any(getattr(cfg, f) != self.__dataclass_fields__[f].default
+                                               for f in refit_only):
+            raise ComeError("--refit-input and --refit-holdout shape the refit; add --refit ls, or drop them")
         window_only = ("reprofile_window", "reprofile_drift")
         if cfg.reprofile != "window" and any(getattr(cfg, f) != self.__dataclass_fields__[f].default
                                              for f in window_only):

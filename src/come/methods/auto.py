@@ -40,13 +40,11 @@ class Auto(Method):
     default_reprofile = None
     compared_by_default = False
     options = frozenset({"candidates"})  # every other method-specific option belongs in a candidate's spec
+    ignored_hint = " (each candidate has its own: give it in the candidate's spec, e.g. --candidates come,shortgpt:refit=ls)"
 
     def check(self, cfg) -> None:
         from ..compare import method_list
 
-        if cfg.refit is not None:
-            raise ComeError("--refit with --method auto: each candidate has its own; set it in the candidate's spec, "
-                            "e.g. --candidates come,shortgpt:refit=ls")
         if len(cfg.levels()) > 1:
             raise ComeError("--method auto takes one --sparsity: the best recipe may differ by level; run each level")
         if cfg.nsamples < 2:
@@ -55,6 +53,10 @@ class Auto(Method):
         if self.name in (item.split(":")[0].strip() for item in cfg.candidates.split(",")):
             raise ComeError("--candidates: auto cannot be its own candidate")
         _candidates(cfg)  # every candidate resolves, or one line names the problem
+
+    def needs_dense(self, cfg) -> bool:
+        """The candidates may refit: the refit's shared options (--refit-holdout, --refit-input) reach them."""
+        return True
 
     def removable(self, n_layers: int, cfg) -> int:
         """The fewest layers any candidate can remove: the target must suit them all."""

@@ -61,7 +61,8 @@ class Method:
     # The method-specific options (CompressConfig fields) this method reads. An option that some
     # method declares and this one does not is ignored by this one: a run refuses it when set
     # (`ignored`), a preset or `come compare`'s shared option leaves it at its default here.
-    options: ClassVar[frozenset[str]] = frozenset()
+    options: ClassVar[frozenset[str]] = frozenset({"refit"})
+    ignored_hint: ClassVar[str] = ""  # appended to the refusal of an option this method ignores
 
     def check(self, cfg: CompressConfig) -> None:
         """Refuse settings this method cannot honour (one line, before any work)."""
@@ -75,9 +76,11 @@ class Method:
         """One line naming the first option `cfg` sets that this method would silently ignore."""
         for name in self.ignored(cfg):
             flag = flag_of(cfg.__dataclass_fields__[name])
-            readers = [n for n, m in REGISTRY.items() if name in m.options]
-            raise ComeError(f"{flag} is read by --method {' / '.join(sorted(readers))} only; --method {self.name} "
-                            f"ignores it: drop {flag}")
+            readers = sorted(n for n, m in REGISTRY.items() if name in m.options)
+            if len(readers) <= 4:  # else the list is longer than the point
+                raise ComeError(f"{flag} is read by --method {' / '.join(readers)} only; --method {self.name} "
+                                f"ignores it: drop {flag}{self.ignored_hint}")
+            raise ComeError(f"--method {self.name} ignores {flag}: drop {flag}{self.ignored_hint}")
 
     def own(self, cfg: CompressConfig) -> CompressConfig:
         """`cfg` with the options this method ignores put back at their defaults (a preset's or a
@@ -111,7 +114,8 @@ class MergeMethod(Method):
     needs_originals: ClassVar[bool] = False  # True: merge() reads the original layers
     merges_windows: ClassVar[bool] = False  # True: merge_window() builds one layer from m > 2 (--merge-item)
     # what the progressive pipeline reads (pipeline.py, pair_scoring.py, activation_cache.py)
-    options = frozenset({"pair_score", "no_repeat", "merge_item", "reprofile", "reprofile_window", "reprofile_drift"})
+    options = Method.options | {"pair_score", "no_repeat", "merge_item", "reprofile", "reprofile_window",
+                                "reprofile_drift"}
 
     def check(self, cfg: CompressConfig) -> None:
         if cfg.pair_score in BUILT_SCORES and not self.keeps_units:

@@ -42,7 +42,8 @@ class ReplaceMe(DropMethod):
     compared_by_default = False
     refit_features = "mlp_out"
     always_refits = True
-    options = frozenset({"select"})
+    options = frozenset({"select"})  # not --refit: its own map is its refit, always
+    ignored_hint = " (replaceme always fits its own map)"
 
     def removable(self, n_layers, cfg):
         """--select angle drops one contiguous block: the longest run of unprotected layers."""
