@@ -45,6 +45,6 @@ def check_inputs(tasks: Sequence[str], task_data: str | Path | None, ppl_data: s
     else:
         check_task_names(list(tasks))
     if ppl_data == "boolq-passages":
-        _boolq_dir(task_data)
+        boolq_dir(task_data)
     if ppl_data not in (None, "boolq-passages", *PPL_SETS) and not Path(ppl_data).is_file():
         raise ComeError(f"--ppl-data {ppl_data!r}: not a file and not one of {', '.join(PPL_SETS)}, boolq-passages, none")
