@@ -33,7 +33,8 @@ class Broken(Method):
     compared_by_default = False
 
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        out, plan = run_method(REGISTRY["shortgpt"], model, tokenizer, replace(cfg, method="shortgpt"), calib, model_name)
+        own = replace(cfg, method="shortgpt")
+        out, plan = run_method(REGISTRY["shortgpt"], model, tokenizer, own, calib, model_name)
         with torch.no_grad():
             for p in out.parameters():
                 p.mul_(-1.0)

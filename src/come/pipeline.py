@@ -112,9 +112,9 @@ def _merge_window(steps: MergeSteps, adapter, cache, model, k: int, shape: AttnS
     """`_merge_pair` for current layers k .. k + m - 1 (`--merge-item m`, m > 2)."""
     span = len(window)
     stats = cache.stats[k:k + span]
+    originals_of = [originals[i] for g in window for i in g] if originals else None
     merged, choice = steps.merge_window(k, WindowToMerge(read_window(adapter, model, k, span), window,
-                                                         no_window_units(span), shape, cfg,
-                                                         [originals[i] for g in window for i in g] if originals else None))
+                                                         no_window_units(span), shape, cfg, originals_of))
     sides = [{"group": g, "kv": kv, "ffn": ffn, "share": sh, "bi": st.bi}
              for g, kv, ffn, sh, st in zip(window, choice.kv, choice.ffn, choice.shares, stats)]
     rest = sides[1:]

@@ -42,12 +42,13 @@ class ComeSteps(MergeSteps):
 
         cfg, cache = self.cfg, self.run.cache
         stats_a, stats_b = cache.stats[k], cache.stats[k + 1]
+        group = pair.group_a + pair.group_b
 
         def units(r_a: float | None = None):
-            return choose_units(pair.a, pair.b, stats_a, stats_b, pair.shape, cfg, len(pair.group_a + pair.group_b), r_a)
+            return choose_units(pair.a, pair.b, stats_a, stats_b, pair.shape, cfg, len(group), r_a)
 
         if cfg.split == "search":
-            choice, searched = search_split(cache, k, pair.group_a + pair.group_b, units,
+            choice, searched = search_split(cache, k, group, units,
                                             lambda c: self.method.merge(replace(pair, choice=c)), cfg)
             return self.method.merge(replace(pair, choice=choice)), choice, {"split_search": searched}
         choice = self.picks[k] if self.picks else units()
