@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from come import CompressConfig, compress
 from come.cli import app
 from come.errors import ComeError
+from come.loops import run_method
 from come.methods import REGISTRY, method_names
 from come.methods.auto import HOLDOUT
 from come.methods.base import Method
@@ -32,7 +33,8 @@ class Broken(Method):
     compared_by_default = False
 
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        out, plan = REGISTRY["shortgpt"].compress(model, tokenizer, replace(cfg, method="shortgpt"), calib, model_name)
+        own = replace(cfg, method="shortgpt")
+        out, plan = run_method(REGISTRY["shortgpt"], model, tokenizer, own, calib, model_name)
         with torch.no_grad():
             for p in out.parameters():
                 p.mul_(-1.0)

@@ -399,3 +399,75 @@ def test_no_untyped_settings():
     untyped = [f"{p.relative_to(SRC)}:{n}" for p, _ in MODULES.values()
                for n, line in enumerate(p.read_text().splitlines(), 1) if "cfg: object" in line]
     assert not untyped
+
+
+# ---- the loops and the methods ---------------------------------------------------------------------
+
+LOOPS = ("come.pipeline", "come.dropping", "come.loops")  # the loops, and the module that starts them
+# CoMe's own concepts (its split rules and search, unit sensitivities, its pair scorers): the
+# progressive loop names none of them, in any identifier, attribute, argument or import
+COME_CONCEPTS = ("split", "keeps_units", "sensitiv", "taylor", "head_score", "unit_gradients", "choose_units",
+                 "choose_window_units", "built_scores", "errorscores", "posteriorscores", "granularity", "joint")
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every module a file's import statements name, `if TYPE_CHECKING:` included, relative
+    ones as written (`..pipeline` -> 'pipeline')."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found |= {node.module or ""} | ({a.name for a in node.names} if not node.module else set())
+    return found
+
+
+def test_method_base_starts_no_loop():
+    """methods/base.py imports no loop, not even under TYPE_CHECKING or through another module:
+    the layer above (come.loops) runs a method in its loop, which calls the method back."""
+    base = MODULES["come.methods.base"][0]
+    named = {m.rpartition(".")[2] for m in _all_imports(base)}
+    assert not named & {m.rpartition(".")[2] for m in LOOPS}, sorted(named)
+    assert not _reachable(import_graph(MODULES, PACKAGE), ("come.methods.base",)) & set(LOOPS)
+
+
+def _names(tree: ast.AST) -> set[str]:
+    """Every identifier a module's code uses or defines, and every module it imports."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            out.add(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.arg):
+            out.add(node.arg)
+        elif isinstance(node, ast.keyword) and node.arg:
+            out.add(node.arg)
+        elif isinstance(node, ast.alias):
+            out |= {node.name, node.asname or node.name}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+def come_concepts(source: str) -> list[str]:
+    """The identifiers of `source` that name one of CoMe's concepts."""
+    return sorted(n for n in _names(ast.parse(source)) if any(c in n.lower() for c in COME_CONCEPTS))
+
+
+def test_the_loop_does_not_know_come():
+    assert come_concepts(MODULES["come.pipeline"][0].read_text()) == []
+
+
+@pytest.mark.parametrize("line", [
+    "searched = method.keeps_units and cfg.split == 'search'",
+    "from .split_search import search_split",
+    "if cfg.sensitivity == 'taylor':\n    cache.unit_gradients()",
+    "record = dict(split_search=None)",
+    "def step(head_score): pass",
+    "from .pair_scoring import built_scores as scorer",
+])
+def test_the_concept_check_sees_a_concept(line):
+    assert come_concepts(line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,8 +17,7 @@ from come.adapters import AttnShape, LayerWeights, get_adapter
 from come.data import token_windows
 from come.methods import get_method
 from come.methods.mka import diffusion_embedding, fusion_weight, layer_similarity, npib_matrix
-from come.pair_scoring import no_units
-from come.pipeline import PairToMerge
+from come.pair_scoring import PairToMerge, no_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,16 +37,13 @@ def test_fusion_weight_is_the_sigmoid_of_the_similarity_share():
 
 
 def test_merge_is_the_weighted_sum_of_every_tensor():
-    method = copy.copy(get_method("mka"))
-    method.similarity = [0.2, 0.7, 0.5]
-    a, b = _layer(0), _layer(1)
-    pair = PairToMerge(a, b, [1], [2], no_units(), AttnShape(2, 1, 4), None, None)
-    merged = method.merge(pair)
     lam = math.exp(0.7 / 1.2) / (1 + math.exp(0.7 / 1.2))
+    a, b = _layer(0), _layer(1)
+    merged = get_method("mka").merge(PairToMerge(a, b, [1], [2], replace(no_units(), r_a=lam), AttnShape(2, 1, 4),
+                                                 None, None))
     for name in ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "ffn_norm", "q_bias", "k_bias", "v_bias"):
         torch.testing.assert_close(getattr(merged, name), lam * getattr(a, name) + (1 - lam) * getattr(b, name),
                                    rtol=0, atol=1e-12)
-    assert pair.choice.r_a == pytest.approx(lam)  # what the Plan records
 
 
 def test_diffusion_embedding_ranks_and_npib_is_symmetric():

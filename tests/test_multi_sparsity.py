@@ -43,10 +43,6 @@ def test_each_level_equals_its_own_run(method, tokenizer, one_thread):
     shared, separate, greedy = 0, 0, getattr(get_method(method), "greedy", False)
     for sparsity in LEVELS:
         want = _record(*run(sparsity))
-        if method == "mka" and sparsity != LEVELS[-1]:
-            # MKA adds its similarity pass to layer_forwards after the loop: the smaller levels,
-            # handed over inside the loop, do not count it (decisions and weights are equal)
-            assert got[sparsity]["plan"].pop("layer_forwards") < want["plan"].pop("layer_forwards")
         if greedy:  # one removal order, computed at the first level, serves every level
             shared += got[sparsity]["plan"].pop("layer_forwards")
             separate += want["plan"].pop("layer_forwards")

@@ -14,6 +14,7 @@ from .budget import merge_budget
 from .config import CompressConfig
 from .device import resolve_device
 from .errors import ComeError
+from .loops import run_method
 from .methods import get_method
 from .plan import Plan
 from .preparation import Levels
@@ -52,7 +53,7 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
     method = get_method(resolved.method)
     *smaller, largest = resolved.levels()
     if not smaller:
-        return method.compress(model, tokenizer, resolved, calib, model_name)
+        return run_method(method, model, tokenizer, resolved, calib, model_name)
     if on_level is None:
         raise ComeError("several --sparsity levels need on_level, which receives each smaller level's model")
     if calib is None:  # once for every level
@@ -60,7 +61,7 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
 
         calib = load_calibration(resolved.calib, tokenizer, resolved.nsamples, resolved.seqlen, resolved.seed)
     levels = Levels(smaller, on_level)
-    out = method.compress(model, tokenizer, resolved.at(largest), calib, model_name, levels)
+    out = run_method(method, model, tokenizer, resolved.at(largest), calib, model_name, levels)
     if levels.handed != smaller:
         raise ComeError(f"--method {method.name} did not pass the levels {smaller} on its way; give one --sparsity")
     return out

@@ -1,22 +1,26 @@
-"""One-shot removal on come's plumbing: the method (methods/) chooses the layers from one
-profiling pass; they are dropped, and the layer kept before each removed run may be
-refit to reproduce the dense output of its whole group (drop + refit, ReplaceMe's map)."""
+"""One-shot removal on come's plumbing, the loop that runs a `DropMethod` (come.loops): the
+method (methods/) chooses the layers from one profiling pass; they are dropped, and the
+layer kept before each removed run may be refit to reproduce the dense output of its whole
+group (drop + refit, ReplaceMe's map)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Callable
 
 from torch import Tensor, nn
 
-from .budget import count_params
+from .budget import count_params, merge_budget
+from .config import CompressConfig
 from .errors import ComeError
 from .layer_refit import refit_layer, write_down_proj
 from .plan import MergeRecord, Plan
-from .preparation import finish, prepare
+from .preparation import Levels, finish, prepare
 
 if TYPE_CHECKING:
     from .activation_cache import ActivationCache
+    from .methods.base import DropMethod
 
 log = logging.getLogger("come")
 
@@ -37,10 +41,31 @@ def absorb(removed: list[int], n_layers: int) -> list[list[int]]:
     return groups
 
 
-def compress_by_dropping(method, model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: str,
-                         select: Callable[[ActivationCache, int, object], list[int]]) -> tuple[nn.Module, Plan]:
+def compress_by_dropping(method: DropMethod, model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None,
+                         model_name: str, levels: Levels | None = None) -> tuple[nn.Module, Plan]:
+    """Remove the layers `method.select` chooses (cfg resolved), refitting where it asks;
+    hand each of `levels` over first. Which layers go, and the refit of the ones kept, depend
+    on the level: each smaller level drops (and refits) on its own copy of the dense model;
+    only a greedy method's removal order is computed once, for the largest, and cut."""
+    select = method.select
+    if levels is not None and method.greedy:
+        n_largest, order = merge_budget(model, cfg.sparsity)[2], []
+
+        def select(cache: ActivationCache, n: int, level_cfg: CompressConfig) -> list[int]:
+            if not order:  # every level profiles the same dense model: one order serves all
+                order.extend(method.removal_order(cache, n_largest, cfg))
+            return sorted(order[:n])
+
+    for sparsity in levels.sparsities if levels is not None else ():
+        levels.receive(*_drop(method, copy.deepcopy(model), tokenizer, cfg.at(sparsity), calib, model_name, select))
+        levels.handed.append(sparsity)
+    return _drop(method, model, tokenizer, cfg, calib, model_name, select)
+
+
+def _drop(method: DropMethod, model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None, model_name: str,
+          select: Callable[[ActivationCache, int, CompressConfig], list[int]]) -> tuple[nn.Module, Plan]:
     """Remove the layers `select(cache, n, cfg)` chooses (`method.select`, or a greedy order
-    shared by several levels; cfg resolved); refit where `method` asks."""
+    shared by several levels); refit where `method` asks."""
     features = method.refit_features
     refit = method.needs_dense(cfg)
     run = prepare(model, tokenizer, cfg, calib, model_name, keep_dense=refit)

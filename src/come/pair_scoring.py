@@ -76,6 +76,21 @@ def no_units() -> Choice:
     return Choice([], [], [], [], 0.5)
 
 
+@dataclass
+class PairToMerge:
+    """What a merge operator may read: the two current layers (float64), the original
+    layers they stand for, the units chosen, the attention shape and the settings."""
+
+    a: LayerWeights
+    b: LayerWeights
+    group_a: list[int]
+    group_b: list[int]
+    choice: Choice
+    shape: AttnShape
+    cfg: CompressConfig
+    originals: list[LayerWeights] | None  # the original layers of group_a + group_b (method.needs_originals)
+
+
 def choose_units(a: LayerWeights, b: LayerWeights, stats_a: LayerStats, stats_b: LayerStats, shape: AttnShape,
                  cfg: CompressConfig,
                  n_original: int, r_a: float | None = None) -> Choice:
@@ -118,6 +133,24 @@ class WindowChoice:
     kv: list[list[int]]
     ffn: list[list[int]]
     shares: list[float]
+
+
+def no_window_units(span: int) -> WindowChoice:
+    """`no_units` for a window of `span` layers: equal shares."""
+    return WindowChoice([[] for _ in range(span)], [[] for _ in range(span)], [1.0 / span] * span)
+
+
+@dataclass
+class WindowToMerge:
+    """`PairToMerge` for m > 2 adjacent layers (`--merge-item m`): the current layers in
+    order (float64), the original layers each stands for, the units chosen from each."""
+
+    layers: list[LayerWeights]
+    groups: list[list[int]]
+    choice: WindowChoice
+    shape: AttnShape
+    cfg: CompressConfig
+    originals: list[LayerWeights] | None  # the original layers of every group, in order (method.needs_originals)
 
 
 def choose_window_units(layers: list[LayerWeights], stats: list[LayerStats], shape: AttnShape, cfg: CompressConfig,

@@ -1,9 +1,14 @@
-"""The progressive loop: profile -> choose pair -> merge, until the target sparsity.
+"""The progressive loop: profile -> score pairs -> merge, until the target sparsity.
 
-Every merge method (methods/) runs through it; the method supplies the operator that
-builds one layer from two (from m adjacent ones with `--merge-item m`, budget.merge_windows:
-the last merge takes only the layers still to go). Calibration states are cached at layer inputs
-(activation_cache.py), so after a merge at position l only layers >= l re-run. No step
+Every merge method (methods/) runs through it, and the loop knows none of them: it profiles
+the current model (activation_cache.py), asks the method's per-run steps
+(`MergeMethod.steps`: methods/base.py `MergeSteps`) for the pair scores, picks the lowest
+eligible pair, asks the steps for the merged layer (and the units it keeps, recorded in the
+Plan), writes it, refits it and re-profiles. What a method measures for its scores or units
+(CoMe's split search, taylor sensitivities, the joint split; MKA's similarities) lives in
+its own module. With `--merge-item m` a step merges a window of m adjacent layers
+(budget.merge_windows: the last merge takes only the layers still to go). Calibration states
+are cached at layer inputs, so after a merge at position l only layers >= l re-run. No step
 depends on the target, only the number of steps does: a multi-level run hands over each
 smaller level on its way (preparation.reached), the model a run at that level alone makes.
 """
@@ -11,7 +16,7 @@ smaller level on its way (preparation.reached), the model a run at that level al
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -21,77 +26,47 @@ from .budget import count_params, merge_windows
 from .config import CompressConfig
 from .errors import ComeError
 from .layer_refit import refit_layer, write_down_proj
-from .pair_scoring import (Choice, WindowChoice, built_scores, choose_units, choose_window_units,
-                           eligible_pairs, no_units, read_pair, read_window)
+from .pair_scoring import PairToMerge, WindowToMerge, eligible_pairs, no_units, no_window_units, read_pair, read_window
 from .plan import MergeRecord, Plan
 from .preflight import check_finite
 from .preparation import Levels, finish, prepare, reached
 from .selection import choose_pair
-from .split_search import search_split
+
+if TYPE_CHECKING:
+    from .methods.base import MergeMethod, MergeSteps
 
 log = logging.getLogger("come")
 
 
-@dataclass
-class PairToMerge:
-    """What a merge operator may read: the two current layers (float64), the original
-    layers they stand for, the units chosen, the attention shape and the settings."""
-
-    a: LayerWeights
-    b: LayerWeights
-    group_a: list[int]
-    group_b: list[int]
-    choice: Choice
-    shape: AttnShape
-    cfg: CompressConfig
-    originals: list[LayerWeights] | None  # the original layers of group_a + group_b (method.needs_originals)
-
-
-@dataclass
-class WindowToMerge:
-    """`PairToMerge` for m > 2 adjacent layers (`--merge-item m`): the current layers in
-    order (float64), the original layers each stands for, the units chosen from each."""
-
-    layers: list[LayerWeights]
-    groups: list[list[int]]
-    choice: WindowChoice
-    shape: AttnShape
-    cfg: CompressConfig
-    originals: list[LayerWeights] | None  # the original layers of every group, in order (method.needs_originals)
-
-
-def merge_progressively(method, model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None, model_name: str,
-                        levels: Levels | None = None) -> tuple[nn.Module, Plan]:
-    """Merge adjacent pairs with `method`'s operator until `cfg.sparsity` (cfg resolved),
-    handing each of `levels` over as the loop reaches it."""
-    searched_error = method.keeps_units and cfg.split == "search" and cfg.split_score == "error"
-    run = prepare(model, tokenizer, cfg, calib, model_name, method.needs_dense(cfg) or searched_error, levels)
+def merge_progressively(method: MergeMethod, model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None,
+                        model_name: str, levels: Levels | None = None) -> tuple[nn.Module, Plan]:
+    """Merge adjacent pairs with `method` until `cfg.sparsity` (cfg resolved), handing each
+    of `levels` over as the loop reaches it."""
+    run = prepare(model, tokenizer, cfg, calib, model_name, method.needs_dense(cfg), levels)
     adapter, cache, plan = run.adapter, run.cache, run.plan
     shape = adapter.attn_shape(model.config)
     groups = [[i] for i in range(plan.num_layers_before)]
     originals = ([adapter.read_layer(layer) for layer in adapter.decoder_layers(model)]
                  if method.needs_originals else None)
-    built = built_scores(cache, shape, cfg)
+    steps = method.steps(run, cfg)
 
     windows = merge_windows(run.n_remove, cfg.merge_item)  # layers merged at each step: [2] * n_remove for pairs
     for step, span in enumerate(tqdm(windows, desc="merging", unit="merge")):
         cache.set_span(span)
         cache.refresh()
-        if cfg.sensitivity == "taylor":  # every layer's, after every merge: one backward per step
-            cache.unit_gradients()
         eligible = eligible_pairs(groups, cfg, span)
         if not any(eligible):
             what = "pair" if span == 2 else f"window of {span} layers"
             raise ComeError(f"target not reachable: no eligible {what} left after {step} merges "
                             "(--no-repeat/--protect too strict); lower --sparsity")
-        scores, choices = built.scores(groups, eligible) if built else (cache.pair_scores(), None)
+        scores = steps.pair_scores(groups, eligible)
         k = choose_pair(scores, eligible)
         window = groups[k:k + span]
         params_before = count_params(model)
         if span == 2:
-            merged, record = _merge_pair(method, adapter, cache, model, k, shape, cfg, window, originals, choices)
+            merged, record = _merge_pair(steps, adapter, cache, model, k, shape, cfg, window, originals)
         else:
-            merged, record = _merge_window(method, adapter, cache, model, k, shape, cfg, window, originals)
+            merged, record = _merge_window(steps, adapter, cache, model, k, shape, cfg, window, originals)
         layers = adapter.decoder_layers(model)
         adapter.write_layer(layers[k], merged)
         adapter.keep_layers(model, [i for i in range(len(layers)) if not k < i < k + span])
@@ -119,31 +94,27 @@ def merge_progressively(method, model: nn.Module, tokenizer, cfg: CompressConfig
     return model, finish(run, groups)
 
 
-def _merge_pair(method, adapter, cache, model, k: int, shape: AttnShape, cfg: CompressConfig, window: list[list[int]],
-                originals: list[LayerWeights] | None, choices: list[Choice | None] | None) -> tuple[LayerWeights, dict]:
-    """The merged weights of current layers k, k + 1, and the Plan record's fields saying how."""
+def _merge_pair(steps: MergeSteps, adapter, cache, model, k: int, shape: AttnShape, cfg: CompressConfig,
+                window: list[list[int]], originals: list[LayerWeights] | None) -> tuple[LayerWeights, dict]:
+    """The merged weights of current layers k, k + 1 (the method's steps build them), and the
+    Plan record's fields saying how."""
     ga, gb = window
     a, b = read_pair(adapter, model, k)
     sa, sb = cache.stats[k], cache.stats[k + 1]
     pair = PairToMerge(a, b, ga, gb, no_units(), shape, cfg, [originals[i] for i in ga + gb] if originals else None)
-    choice, searched = _choose_units(method, cache, k, pair, choices)
-    merged = method.merge(replace(pair, choice=choice))
+    merged, choice, extra = steps.merge_pair(k, pair)
     return merged, dict(group_a=ga, group_b=gb, kv_a=choice.kv_a, kv_b=choice.kv_b, ffn_a=choice.ffn_a,
-                        ffn_b=choice.ffn_b, r_a=choice.r_a, bi_a=sa.bi, bi_b=sb.bi, split_search=searched)
+                        ffn_b=choice.ffn_b, r_a=choice.r_a, bi_a=sa.bi, bi_b=sb.bi, **extra)
 
 
-def _merge_window(method, adapter, cache, model, k: int, shape: AttnShape, cfg: CompressConfig, window: list[list[int]],
-                  originals: list[LayerWeights] | None) -> tuple[LayerWeights, dict]:
+def _merge_window(steps: MergeSteps, adapter, cache, model, k: int, shape: AttnShape, cfg: CompressConfig,
+                  window: list[list[int]], originals: list[LayerWeights] | None) -> tuple[LayerWeights, dict]:
     """`_merge_pair` for current layers k .. k + m - 1 (`--merge-item m`, m > 2)."""
     span = len(window)
     stats = cache.stats[k:k + span]
-    layers = read_window(adapter, model, k, span)
-    if method.keeps_units:
-        choice = choose_window_units(layers, stats, shape, cfg, sum(len(g) for g in window))
-    else:
-        choice = WindowChoice([[] for _ in window], [[] for _ in window], [1.0 / span] * span)
-    merged = method.merge_window(WindowToMerge(layers, window, choice, shape, cfg,
-                                               [originals[i] for g in window for i in g] if originals else None))
+    originals_of = [originals[i] for g in window for i in g] if originals else None
+    merged, choice = steps.merge_window(k, WindowToMerge(read_window(adapter, model, k, span), window,
+                                                         no_window_units(span), shape, cfg, originals_of))
     sides = [{"group": g, "kv": kv, "ffn": ffn, "share": sh, "bi": st.bi}
              for g, kv, ffn, sh, st in zip(window, choice.kv, choice.ffn, choice.shares, stats)]
     rest = sides[1:]
@@ -151,24 +122,6 @@ def _merge_window(method, adapter, cache, model, k: int, shape: AttnShape, cfg: 
                         kv_b=[u for d in rest for u in d["kv"]], ffn_a=choice.ffn[0],
                         ffn_b=[u for d in rest for u in d["ffn"]], r_a=choice.shares[0], bi_a=stats[0].bi,
                         bi_b=sum(d["bi"] for d in rest), sides=sides)
-
-
-def _choose_units(method, cache, k: int, pair: PairToMerge, choices: list[Choice | None] | None,
-                  ) -> tuple[Choice, dict | None]:
-    """The units the merge of current layers k, k + 1 keeps (by the split rule, the error pair
-    score's pick, or `--split search`), and the search's record (None without one)."""
-    if not method.keeps_units:
-        return no_units(), None
-    cfg = pair.cfg
-    stats_a, stats_b = cache.stats[k], cache.stats[k + 1]
-
-    def units(r_a: float | None = None) -> Choice:
-        return choose_units(pair.a, pair.b, stats_a, stats_b, pair.shape, cfg, len(pair.group_a + pair.group_b), r_a)
-
-    if cfg.split == "search":
-        return search_split(cache, k, pair.group_a + pair.group_b, units,
-                            lambda c: method.merge(replace(pair, choice=c)), cfg)
-    return (choices[k] if choices else units()), None
 
 
 def _refit_note(refit: dict | None) -> str:

@@ -65,6 +65,7 @@ class Auto(Method):
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
         from ..data import load_calibration
         from ..fidelity import ReferenceWriter, score_windows
+        from ..loops import run_method
 
         if calib is None:
             calib = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -78,7 +79,7 @@ class Auto(Method):
             for spec in _candidates(cfg):
                 t0 = time.perf_counter()
                 own = spec.config(_shared(cfg)).resolved()
-                built, plan = REGISTRY[own.method].compress(copy.deepcopy(model), tokenizer, own, fit, model_name)
+                built, plan = run_method(REGISTRY[own.method], copy.deepcopy(model), tokenizer, own, fit, model_name)
                 seconds = time.perf_counter() - t0
                 ppl, fid = score_windows(built, held, reference)
                 scores.append({"spec": spec.label, "kl": fid["kl"]["mean"], "top1": fid["top1"], "ppl": ppl,

@@ -6,16 +6,23 @@ to remove) subclass and decorates it with `@register`. Everything else (the CLI'
 choices and help, the defaults a config resolves to, `come compare`'s list) reads the
 registry (come.registry), so adding a method is one new file.
 
+Who runs a method: the layer above (come.loops.run_method, which compression.compress calls)
+puts a `MergeMethod` through the progressive loop (pipeline.py) and a `DropMethod` through the
+one-shot loop (dropping.py); the loop calls the method back (`MergeMethod.steps`,
+`DropMethod.select`). So a method never starts a loop, this module imports none, and one
+method stays one file: what only it measures (CoMe's split search, MKA's similarities) sits
+in its own module, behind the hooks below. A method of neither kind runs itself (`compress`,
+e.g. auto, which runs other methods).
+
 A method module imports only the settings floor (errors, options, config, registry) at its
-top: the engine it runs (the progressive loop, the drop pass, the merge math, torch) is
-imported in the functions that run it. So the registry (names, summaries, defaults, options,
+top: the engine it uses (the merge math, the scores, torch) is imported in the functions
+that use it. So the registry (names, summaries, defaults, options,
 checks) loads without torch: `CompressConfig.resolved()` and the CLI's help read it in a
 fraction of a second (tests/test_import_graph.py checks that no torch loads).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 from typing import TYPE_CHECKING, ClassVar
@@ -30,11 +37,12 @@ if TYPE_CHECKING:
 
     from ..activation_cache import ActivationCache
     from ..adapters import LayerWeights
-    from ..pipeline import PairToMerge, WindowToMerge
+    from ..pair_scoring import Choice, PairToMerge, WindowChoice, WindowToMerge
     from ..plan import Plan
-    from ..preparation import Levels
+    from ..preparation import Levels, Run
 
-__all__ = ["REGISTRY", "DropMethod", "MergeMethod", "Method", "method_options", "register", "unprotected_runs"]
+__all__ = ["REGISTRY", "DropMethod", "MergeMethod", "MergeSteps", "Method", "method_options", "register",
+           "unprotected_runs"]
 
 
 def unprotected_runs(n_layers: int, protect) -> list[int]:
@@ -99,9 +107,36 @@ class Method:
 
     def compress(self, model: "nn.Module", tokenizer, cfg: CompressConfig, calib: "Tensor | None", model_name: str,
                  levels: "Levels | None" = None) -> tuple["nn.Module", "Plan"]:
-        """Compress in place to `cfg.sparsity`; `levels` (progressive methods): the smaller
-        targets to hand over on the way (compression.compress makes it)."""
+        """Compress in place to `cfg.sparsity`: only a method that is neither a `MergeMethod`
+        nor a `DropMethod` (those run in their loop, come.loops.run_method) implements it;
+        `levels`: the smaller targets to hand over on the way (compression.compress makes it)."""
         raise NotImplementedError
+
+
+class MergeSteps:
+    """One run's merges, as the progressive loop (pipeline.py) asks for them: the pair scores
+    of each step, then the merged layer of the pair it picks. `MergeMethod.steps` makes a fresh
+    one per run, so what a run measures (MKA's similarities) or remembers (CoMe's scored
+    pairs) stays with the run, never on the registry's method object. This default: the angle
+    scores the cache computed while profiling, and the method's operator on the layers as
+    given (no units chosen)."""
+
+    def __init__(self, method: "MergeMethod", run: "Run", cfg: CompressConfig):
+        self.method, self.run, self.cfg = method, run, cfg
+
+    def pair_scores(self, groups: list[list[int]], eligible: list[bool]) -> list[float]:
+        """One score per window of current layers the cache scored (lowest merges first), the
+        re-profiled cache at hand: what else a step measures is measured here."""
+        return self.run.cache.pair_scores()
+
+    def merge_pair(self, k: int, pair: "PairToMerge") -> tuple["LayerWeights", "Choice", dict]:
+        """The merged layer of current layers k, k + 1, the units it keeps with side A's share
+        (`pair.choice` as the loop made it: none, 0.5), and any further fields of its Plan record."""
+        return self.method.merge(pair), pair.choice, {}
+
+    def merge_window(self, k: int, window: "WindowToMerge") -> tuple["LayerWeights", "WindowChoice"]:
+        """`merge_pair` for current layers k .. k + m - 1 (`--merge-item m`)."""
+        return self.method.merge_window(window), window.choice
 
 
 class MergeMethod(Method):
@@ -110,7 +145,9 @@ class MergeMethod(Method):
 
     operator: ClassVar[str]  # recorded in the Plan per merge
     progressive = True
-    keeps_units: ClassVar[bool] = False  # True: units chosen by sensitivity (concatenation)
+    # True: its merges keep units chosen by sensitivity (concatenation), so the pair scores that
+    # build each candidate merge (BUILT_SCORES) apply; its steps choose the units
+    keeps_units: ClassVar[bool] = False
     needs_originals: ClassVar[bool] = False  # True: merge() reads the original layers
     merges_windows: ClassVar[bool] = False  # True: merge_window() builds one layer from m > 2 (--merge-item)
     # what the progressive pipeline reads (pipeline.py, pair_scoring.py, activation_cache.py)
@@ -136,6 +173,11 @@ class MergeMethod(Method):
         return sum((r // m) * (m - 1) + max(r % m - 1, 0) if cfg.no_repeat else r - 1
                    for r in unprotected_runs(n_layers, cfg.protect))
 
+    def steps(self, run: "Run", cfg: CompressConfig) -> MergeSteps:
+        """What the loop asks at each step of `run` (made once, after the set-up, before the
+        first profile): a method that measures more than the cache's profile returns its own."""
+        return MergeSteps(self, run, cfg)
+
     def merge(self, pair: "PairToMerge") -> "LayerWeights":
         """The merged layer's weights (float64; written into A's slot)."""
         raise NotImplementedError
@@ -143,11 +185,6 @@ class MergeMethod(Method):
     def merge_window(self, window: "WindowToMerge") -> "LayerWeights":
         """The one layer built from m > 2 adjacent layers (float64; written into the first's slot)."""
         raise NotImplementedError
-
-    def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        from ..pipeline import merge_progressively
-
-        return merge_progressively(self, model, tokenizer, cfg, calib, model_name, levels)
 
 
 class DropMethod(Method):
@@ -173,24 +210,3 @@ class DropMethod(Method):
     def removal_order(self, cache: "ActivationCache", n: int, cfg: CompressConfig) -> list[int]:
         """A greedy method's `n` layers in the order it removes them."""
         raise NotImplementedError
-
-    def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        from ..budget import merge_budget
-        from ..dropping import compress_by_dropping
-
-        select = self.select
-        if levels is not None and self.greedy:
-            n_largest, order = merge_budget(model, cfg.sparsity)[2], []
-
-            def select(cache, n, level_cfg):  # every level profiles the same dense model: one order serves all
-                if not order:
-                    order.extend(self.removal_order(cache, n_largest, cfg))
-                return sorted(order[:n])
-
-        # which layers go, and the refit of the ones kept, depend on the level: each smaller level
-        # drops (and refits) on its own copy of the dense model
-        for sparsity in levels.sparsities if levels is not None else ():
-            levels.receive(*compress_by_dropping(self, copy.deepcopy(model), tokenizer, cfg.at(sparsity), calib,
-                                                 model_name, select))
-            levels.handed.append(sparsity)
-        return compress_by_dropping(self, model, tokenizer, cfg, calib, model_name, select)

@@ -43,12 +43,12 @@ the Plan's layer_forwards.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .base import MergeMethod, register
+from .base import MergeMethod, MergeSteps, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -144,6 +144,25 @@ def layer_similarity(model, calib: torch.Tensor, cfg) -> list[float]:
     return npib_matrix([diffusion_embedding(x) for x in layer_states(model, calib, cfg)]).mean(axis=1).tolist()
 
 
+class MKASteps(MergeSteps):
+    """An MKA run's steps: the dense model's layer similarities, measured once before the
+    first merge (one extra pass over the calibration, counted into the Plan's layer_forwards,
+    so a smaller level's Plan counts it too), and each merge's weight from them."""
+
+    def __init__(self, method, run, cfg):
+        import torch
+
+        super().__init__(method, run, cfg)
+        self.similarity = layer_similarity(run.model, torch.cat(run.cache.token_batches), cfg)
+        run.cache.forwards += len(self.similarity)
+        log.info("mka: layer similarity %s", ", ".join(f"{s:.4f}" for s in self.similarity))
+
+    def merge_pair(self, k, pair):
+        lam = fusion_weight(self.similarity[pair.group_a[0]], self.similarity[pair.group_b[0]])
+        choice = replace(pair.choice, r_a=lam)  # recorded in the Plan as side A's share
+        return self.method.merge(replace(pair, choice=choice)), choice, {}
+
+
 @register
 class MKA(MergeMethod):
     name = "mka"
@@ -152,24 +171,13 @@ class MKA(MergeMethod):
     compared_by_default = False
     default_pair_score = "angular"  # MKA's own order (always the last two layers) is no come pair score
     operator = "weighted-sum"
-    similarity: list[float] | None = None  # per original layer; set on a per-run copy by compress()
 
-    def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        from ..data import load_calibration
-        from ..pipeline import merge_progressively
-
-        if calib is None:
-            calib = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-        run = copy.copy(self)
-        run.similarity = layer_similarity(model, calib, cfg)
-        log.info("mka: layer similarity %s", ", ".join(f"{s:.4f}" for s in run.similarity))
-        model, plan = merge_progressively(run, model, tokenizer, cfg, calib, model_name, levels)
-        plan.layer_forwards += len(run.similarity)  # the pass that computed the similarity
-        return model, plan
+    def steps(self, run, cfg):
+        return MKASteps(self, run, cfg)
 
     def merge(self, pair):
+        """lambda_A W_A + (1 - lambda_A) W_B, lambda_A = `pair.choice.r_a` (MKASteps sets it)."""
         from ..merge import linear_combination
 
-        lam = fusion_weight(self.similarity[pair.group_a[0]], self.similarity[pair.group_b[0]])
-        pair.choice.r_a = lam  # recorded in the Plan as side A's share
+        lam = pair.choice.r_a
         return linear_combination([pair.a, pair.b], [lam, 1.0 - lam])
