@@ -51,14 +51,14 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
     resolved.check_reachable(model.config.num_hidden_layers, merge_budget(model, resolved.levels()[-1])[2])
     method = get_method(resolved.method)
     *smaller, largest = resolved.levels()
-    if not smaller:
-        return method.compress(model, tokenizer, resolved, calib, model_name)
-    if on_level is None:
+    if smaller and on_level is None:
         raise ComeError("several --sparsity levels need on_level, which receives each smaller level's model")
-    if calib is None:  # once for every level
+    if calib is None:  # here only: once for every level, and every method receives ids
         from .data import load_calibration
 
         calib = load_calibration(resolved.calib, tokenizer, resolved.nsamples, resolved.seqlen, resolved.seed)
+    if not smaller:
+        return method.compress(model, tokenizer, resolved, calib, model_name)
     levels = Levels(smaller, on_level)
     out = method.compress(model, tokenizer, resolved.at(largest), calib, model_name, levels)
     if levels.handed != smaller:
