@@ -9,7 +9,7 @@ loads no torch (the engine loads inside the functions): the CLI imports it at st
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,7 @@ class Prepared:
     model: nn.Module
 
 
-def prepare(name: str, cfgs: list[CompressConfig], outs: list[str | Path], overwrite: bool, inputs: dict,
+def prepare(name: str, cfgs: list[CompressConfig], outs: list[str | Path], overwrite: bool, inputs: Mapping[str, str | None],
             dtype: str = "auto", evaluation: EvalConfig | None = None) -> Prepared:
     """Every check before the weights, then the tokenizer, the calibration and the weights.
     `cfgs`: the runs' settings (compare: one per row; they share the calibration and the target);
