@@ -37,8 +37,8 @@ class Prepared:
     model: nn.Module
 
 
-def prepare(name: str, cfgs: list[CompressConfig], outs: list[str | Path], overwrite: bool, inputs: Mapping[str, str | None],
-            dtype: str = "auto", evaluation: EvalConfig | None = None) -> Prepared:
+def prepare(name: str, cfgs: list[CompressConfig], outs: list[str | Path], overwrite: bool,
+            inputs: Mapping[str, str | None], dtype: str = "auto", evaluation: EvalConfig | None = None) -> Prepared:
     """Every check before the weights, then the tokenizer, the calibration and the weights.
     `cfgs`: the runs' settings (compare: one per row; they share the calibration and the target);
     `outs`: the directories to write, checked against `inputs` ({flag: path}, never overwritten);
