@@ -105,9 +105,12 @@ def test_calibration_is_tokenized_once_per_run(model_dir, text_file, tokenizer, 
     real = come.data.load_calibration
     monkeypatch.setattr(come.data, "load_calibration", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     levels = dict(sparsity="0.1,0.3")
-    for entry in ("come compress", "come compare"):  # two levels; compare: two methods as well
-        assert _entries(model_dir, text_file, tmp_path / entry.split()[1], **levels)[entry]() is None, entry
-        assert calls == [str(text_file)], entry
+    written = {"come compress": "sparsity-0.30/come_plan.json", "come.compress_to": "sparsity-0.30/come_plan.json",
+               "come compare": "report.json", "come.compare_to": "report.json"}
+    for entry, file in written.items():  # two levels; compare: two methods as well
+        out = tmp_path / entry.replace(" ", "-")
+        assert _entries(model_dir, text_file, out, **levels)[entry]() is None, entry
+        assert calls == [str(text_file)] and (out / file).is_file(), entry
         calls.clear()
     for cfg in (CompressConfig(calib=str(text_file), **CALIB, **levels),
                 CompressConfig(calib=str(text_file), **CALIB, method="auto", candidates="come,shortgpt")):
