@@ -3,8 +3,9 @@
 The settings (CompressConfig, EvalConfig, DistillConfig) and the method registry load here:
 neither imports torch. The registry must be filled before any setting is resolved
 (config.py asks it for a method's defaults), so the methods are imported with the package.
-The engine's entry points (compress, distill, evaluate, Plan) load on first use (PEP 562),
-since they import torch and `come --help` should not wait for it."""
+The path-level service (compress_to, compare_to: a model path in, checkpoints or a report out)
+loads its engine when called. The in-memory entry points (compress, distill, evaluate, Plan)
+load on first use (PEP 562), since they import torch and `come --help` should not wait for it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ._version import __version__
 from .config import CompressConfig, EvalConfig
 from .distill_config import DistillConfig
 from .errors import ComeError
+from .service import compare_to, compress_to
 
 _HOMES = {"compress": "compression", "Plan": "plan", "load_plan": "plan", "distill": "distill",
           "evaluate": "evaluate"}
@@ -28,8 +30,8 @@ if TYPE_CHECKING:
     from .evaluate import evaluate
     from .plan import Plan, load_plan
 
-__all__ = ["CompressConfig", "ComeError", "EvalConfig", "DistillConfig", "Plan", "compress", "distill", "evaluate",
-           "load_plan", "__version__"]
+__all__ = ["CompressConfig", "ComeError", "EvalConfig", "DistillConfig", "Plan", "compare_to", "compress",
+           "compress_to", "distill", "evaluate", "load_plan", "__version__"]
 
 
 def __getattr__(name: str):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from functools import wraps
 from typing import Optional
@@ -22,10 +19,11 @@ from .distill_config import OFFICIAL as DISTILL_OFFICIAL
 from .distill_config import DistillConfig
 from .errors import ComeError
 from .registry import default_methods
+from .service import EVAL_PREFIX, compare_to, compress_to
 from .threads import choose_wait_policy
 
 # decided at import, before a command loads torch (threads.py: why it matters); the options
-# objects above import none (config.py)
+# objects and the service above import none at import (config.py, service.py)
 _WAIT_POLICY = choose_wait_policy()
 
 MODEL_ARG = typer.Argument(..., metavar="MODEL", help="Hub id, local HF directory, or .gguf file.")
@@ -109,45 +107,14 @@ def compress(
 ) -> None:
     """Compress MODEL to --sparsity with progressive concatenation merges; write a stock HF checkpoint
     (several --sparsity levels: one per level, OUT/sparsity-0.10, ..., from one run)."""
-    from .budget import merge_budget
-    from .checkpoint import load_config, load_model, load_tokenizer, meta_model, save_checkpoint
-    from .compression import compress as run_compress
-    from .compression import resolve
-    from .data import read_text, token_windows
-    from .preflight import check_output_dir
 
-    if official:
-        cfg = replace(cfg, **_unless_given(ctx, official_settings(cfg.split, cfg.method)))
-    cfg = resolve(cfg)
-    inputs = {"MODEL": model, "--calib": cfg.calib}
-    check_output_dir(out, overwrite, inputs=inputs)  # with several levels: the folder of sparsity-* outputs
-    outs = _level_dirs(out, cfg.levels())
-    for path in outs.values():
-        check_output_dir(path, overwrite, inputs=inputs)
-    config = load_config(model)
-    cfg.check_model(config)
-    cfg.check_reachable(config.num_hidden_layers, merge_budget(meta_model(config), cfg.levels()[-1])[2])
-    text = read_text(cfg.calib)
-    tokenizer = load_tokenizer(model)
-    ids = token_windows(text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-    lm, _ = load_model(model, load.dtype, tokenizer)
-
-    def write(compressed, plan) -> None:
-        path = save_checkpoint(compressed, tokenizer, plan, outs[plan.target_sparsity], overwrite)
+    def written(plan, path) -> None:
         print_summary(plan)
         err.print(f"wrote {path}")
 
-    write(*run_compress(lm, tokenizer, cfg, calib=ids, model_name=model, on_level=write))
-
-
-def _level_dirs(out: str, levels: list[float]) -> dict:
-    """Where each level goes: OUT itself for one, OUT/sparsity-0.10 ... for several (two
-    decimals unless the level has more)."""
-    from pathlib import Path
-
-    if len(levels) == 1:
-        return {levels[0]: Path(out)}
-    return {s: Path(out) / f"sparsity-{f'{s:.2f}' if float(f'{s:.2f}') == s else repr(s)}" for s in levels}
+    if official:
+        cfg = replace(cfg, **_unless_given(ctx, official_settings(cfg.split, cfg.method)))
+    compress_to(model, out, cfg, overwrite, load.dtype, written)
 
 
 def print_summary(plan) -> None:
@@ -337,23 +304,6 @@ def print_eval(model: str, results: dict) -> None:
     con.print(summary)
 
 
-@contextmanager
-def _prefixed_flags(group: type, other: type, prefix: str) -> Iterator[None]:
-    """A ComeError raised in the block names `group`'s flags as the command spells them: the
-    fields `other` also has take `prefix` there (compare's --eval-seqlen beside --seqlen)."""
-    from .options import cli_fields, flag_of
-
-    taken = {f.name for f in cli_fields(other)}
-    renamed = {flag_of(f): flag_of(f, prefix) for f in cli_fields(group) if f.name in taken}
-    try:
-        yield
-    except ComeError as exc:
-        if not renamed:
-            raise
-        pattern = "|".join(re.escape(flag) for flag in renamed)
-        raise ComeError(re.sub(f"({pattern})(?![\\w-])", lambda m: renamed[m.group(1)], str(exc))) from None
-
-
 def _methods_help() -> str:
     return (f"Comma list of methods (default: {default_methods()}); a row may override any compress option, each "
             "once: come:refit=none:split=bi:pair-score=angular (the paper's pure merge), shortgpt:refit=ls. A "
@@ -363,7 +313,7 @@ def _methods_help() -> str:
 
 @app.command("compare")
 @one_line_errors
-@with_options(cfg=(CompressConfig, "", ("method",)), evaluation=(EvalConfig, "eval-", ()), load=LoadOptions)
+@with_options(cfg=(CompressConfig, "", ("method",)), evaluation=(EvalConfig, EVAL_PREFIX, ()), load=LoadOptions)
 def compare_(
     model: str = MODEL_ARG,
     out: str = _out_dir("report.md, report.json, plots"),
@@ -376,32 +326,9 @@ def compare_(
 ) -> None:
     """Compress MODEL with each method (same calibration and seed), evaluate all and the dense model, write a report
     (several --sparsity levels: a row per method and level, and a plot against parameters)."""
-    from pathlib import Path
-
-    from .budget import merge_budget
-    from .checkpoint import load_config, load_model, load_tokenizer, meta_model
-    from .compare import compare, method_list
-    from .data import read_text, token_windows
-    from .preflight import check_output_dir
     from .report import markdown_table
 
-    chosen = method_list(default_methods() if methods is None else methods, cfg)
-    check_output_dir(out, overwrite, inputs={"MODEL": model, "--calib": cfg.calib, "--ppl-data": evaluation.ppl_data,
-                                             "--task-data": evaluation.task_data})
-    with _prefixed_flags(type(evaluation), type(cfg), "eval-"):  # the model's errors name no flag
-        evaluation.check()
-        config = load_config(model)
-        evaluation.check_model(config)
-    row_cfgs = [spec.config(cfg) for spec in chosen]
-    for row_cfg in row_cfgs:
-        row_cfg.check_model(config)
-    n_remove = merge_budget(meta_model(config), cfg.levels()[-1])[2]
-    for row_cfg in row_cfgs:
-        row_cfg.check_reachable(config.num_hidden_layers, n_remove)
-    tokenizer = load_tokenizer(model)
-    ids = token_windows(read_text(cfg.calib), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-    lm, _ = load_model(model, load.dtype, tokenizer)
-    rows = compare(lm, tokenizer, cfg, chosen, ids, Path(out), evaluation, model_name=model, overwrite=overwrite)
+    rows = compare_to(model, out, cfg, methods, evaluation, overwrite, load.dtype)
     Console(file=sys.stdout).print(markdown_table(rows, list(rows[0]["tasks"])), soft_wrap=True)
     err.print(f"wrote {out}/report.md")
 

@@ -33,7 +33,8 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
              ) -> tuple[nn.Module, Plan]:
     """Compress `model` in place to `cfg.sparsity` with `cfg.method`; return it and its Plan.
 
-    `calib` ([nsamples, seqlen] token ids) overrides `cfg.calib` (tests, benchmarks).
+    `calib` ([nsamples, seqlen] token ids) overrides `cfg.calib` (tests, benchmarks, the service:
+    service.py); without it `cfg.calib` is tokenized here, once for every level.
     `cfg.sparsity` a list (ascending): `on_level(model, plan)` receives each smaller level,
     the model and Plan a run at that level alone gives (use or save the model before
     returning: the run goes on with it); the largest is returned. A merge method passes
@@ -50,16 +51,16 @@ def compress(model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | N
     # settings against the model, as the CLI checks them on its config (the windows: calib's when given)
     replace(resolved, seqlen=resolved.seqlen if calib is None else calib.shape[1]).check_model(model.config)
     resolved.check_reachable(model.config.num_hidden_layers, merge_budget(model, resolved.levels()[-1])[2])
+    if calib is None:  # here only: once for every level, and every method receives ids
+        from .data import load_calibration
+
+        calib = load_calibration(resolved.calib, tokenizer, resolved.nsamples, resolved.seqlen, resolved.seed)
     method = get_method(resolved.method)
     *smaller, largest = resolved.levels()
     if not smaller:
         return run_method(method, model, tokenizer, resolved, calib, model_name)
     if on_level is None:
         raise ComeError("several --sparsity levels need on_level, which receives each smaller level's model")
-    if calib is None:  # once for every level
-        from .data import load_calibration
-
-        calib = load_calibration(resolved.calib, tokenizer, resolved.nsamples, resolved.seqlen, resolved.seed)
     levels = Levels(smaller, on_level)
     out = run_method(method, model, tokenizer, resolved.at(largest), calib, model_name, levels)
     if levels.handed != smaller:

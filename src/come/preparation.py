@@ -51,7 +51,7 @@ class Run:
     stops: dict[int, list[float]] = field(default_factory=dict)
 
 
-def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: str, keep_dense: bool,
+def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor, model_name: str, keep_dense: bool,
             levels: Levels | None = None) -> Run:
     """Shared set-up of every method (`cfg` already resolved): budget, calibration,
     embedding, the activation cache, the Plan; `levels`: the smaller targets a progressive
@@ -62,10 +62,6 @@ def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor | None, model_name: 
     n_layers = len(adapter.decoder_layers(model))
     total, per_layer, n_remove = merge_budget(model, cfg.sparsity)
     device = resolve_device(cfg.device)
-    if calib is None:
-        from .data import load_calibration
-
-        calib = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     n_batches = math.ceil(calib.shape[0] / cfg.batch_size)
     batch_bytes = cfg.batch_size * calib.shape[1] * model.config.hidden_size * model.dtype.itemsize
     dense_batches, stride = cache_layout(n_layers, n_batches, batch_bytes, cfg.max_cache_gb, keep_dense)

@@ -1,0 +1,135 @@
+"""The compress service: a model path in, checkpoints or a comparison report out. `come compress`,
+`come compare` and the Python API (`compress_to`, `compare_to`) all start with `prepare`: the
+same pre-flight in the same order (the outputs, naming the inputs they must not overwrite; the
+settings against the model's config: context, protected layers, whether the target is
+reachable), then the tokenizer, the calibration (tokenized once, for every row and level) and
+the weights. A bad input fails before any weight loads, with nothing written. Imported, it
+loads no torch (the engine loads inside the functions): the CLI imports it at start-up."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import CompressConfig, EvalConfig
+from .errors import ComeError
+from .options import cli_fields, flag_of
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from .plan import Plan
+
+EVAL_PREFIX = "eval-"  # compare spells the evaluation's flags that compress also has --eval-seqlen, ...
+
+
+@dataclass
+class Prepared:
+    """A run's inputs, checked and loaded: the tokenizer, the calibration ids
+    [nsamples, seqlen] and the model (on CPU)."""
+
+    tokenizer: object
+    calib: Tensor
+    model: nn.Module
+
+
+def prepare(name: str, cfgs: list[CompressConfig], outs: list[str | Path], overwrite: bool,
+            inputs: Mapping[str, str | None], dtype: str = "auto", evaluation: EvalConfig | None = None) -> Prepared:
+    """Every check before the weights, then the tokenizer, the calibration and the weights.
+    `cfgs`: the runs' settings (compare: one per row; they share the calibration and the target);
+    `outs`: the directories to write, checked against `inputs` ({flag: path}, never overwritten);
+    `evaluation`: compare's, checked against the model too (its flags as compare spells them)."""
+    from .budget import merge_budget
+    from .checkpoint import load_config, load_model, load_tokenizer, meta_model
+    from .data import load_calibration
+    from .preflight import check_output_dir
+
+    for path in outs:
+        check_output_dir(path, overwrite, inputs=inputs)
+    with _prefixed_flags(EvalConfig, CompressConfig, EVAL_PREFIX):  # the model's errors name no flag
+        if evaluation is not None:
+            evaluation.check()
+        config = load_config(name)
+        if evaluation is not None:
+            evaluation.check_model(config)
+    for cfg in cfgs:
+        cfg.check_model(config)
+    first = cfgs[0]
+    n_remove = merge_budget(meta_model(config), first.levels()[-1])[2]
+    for cfg in cfgs:
+        cfg.check_reachable(config.num_hidden_layers, n_remove)
+    tokenizer = load_tokenizer(name)
+    calib = load_calibration(first.calib, tokenizer, first.nsamples, first.seqlen, first.seed)
+    model, _ = load_model(name, dtype, tokenizer)
+    return Prepared(tokenizer, calib, model)
+
+
+def level_dirs(out: str | Path, levels: list[float]) -> dict[float, Path]:
+    """Where each level goes: OUT itself for one, OUT/sparsity-0.10 ... for several (two
+    decimals unless the level has more)."""
+    if len(levels) == 1:
+        return {levels[0]: Path(out)}
+    return {s: Path(out) / f"sparsity-{f'{s:.2f}' if float(f'{s:.2f}') == s else repr(s)}" for s in levels}
+
+
+def compress_to(model: str, out: str | Path, cfg: CompressConfig, overwrite: bool = False, dtype: str = "auto",
+                written: Callable[[Plan, Path], None] | None = None) -> list[Plan]:
+    """Compress the model at `model` (Hub id, local directory, .gguf) and write a stock checkpoint
+    to `out` (several --sparsity levels: one per level, out/sparsity-0.10, ...); return the Plans,
+    smallest level first. `written(plan, path)` is told of each checkpoint as it lands."""
+    from .api_inputs import expect
+    from .checkpoint import save_checkpoint
+    from .compression import compress, resolve
+
+    cfg = resolve(expect(cfg, CompressConfig, "cfg"))
+    outs = level_dirs(out, cfg.levels())
+    run = prepare(model, [cfg], [out, *outs.values()], overwrite,  # OUT as given: '' is refused, not '.'
+                  {"MODEL": model, "--calib": cfg.calib}, dtype)
+    plans: list[Plan] = []
+
+    def write(compressed: nn.Module, plan: Plan) -> None:
+        path = save_checkpoint(compressed, run.tokenizer, plan, outs[plan.target_sparsity], overwrite)
+        plans.append(plan)
+        if written is not None:
+            written(plan, path)
+
+    write(*compress(run.model, run.tokenizer, cfg, calib=run.calib, model_name=model, on_level=write))
+    return plans
+
+
+def compare_to(model: str, out: str | Path, cfg: CompressConfig, methods: str | None = None,
+               evaluation: EvalConfig | None = None, overwrite: bool = False, dtype: str = "auto") -> list[dict]:
+    """Compress the model at `model` with each of `methods` (`--methods` text; None: the default
+    set) on the same calibration, evaluate them and the dense model, and write report.md,
+    report.json and the plots to `out`; return the report rows."""
+    from .api_inputs import expect
+    from .compare import compare, method_list
+    from .registry import default_methods
+
+    expect(cfg, CompressConfig, "cfg")
+    evaluation = EvalConfig() if evaluation is None else expect(evaluation, EvalConfig, "evaluation")
+    chosen = method_list(default_methods() if methods is None else methods, cfg)
+    run = prepare(model, [spec.config(cfg) for spec in chosen], [out], overwrite,
+                  {"MODEL": model, "--calib": cfg.calib, "--ppl-data": evaluation.ppl_data,
+                   "--task-data": evaluation.task_data}, dtype, evaluation)
+    return compare(run.model, run.tokenizer, cfg, chosen, run.calib, Path(out), evaluation, model_name=model,
+                   overwrite=overwrite)
+
+
+@contextmanager
+def _prefixed_flags(group: type, other: type, prefix: str) -> Iterator[None]:
+    """A ComeError raised in the block names `group`'s flags as the command spells them: the
+    fields `other` also has take `prefix` there (compare's --eval-seqlen beside --seqlen)."""
+    taken = {f.name for f in cli_fields(other)}
+    renamed = {flag_of(f): flag_of(f, prefix) for f in cli_fields(group) if f.name in taken}
+    try:
+        yield
+    except ComeError as exc:
+        if not renamed:
+            raise
+        pattern = "|".join(re.escape(flag) for flag in renamed)
+        raise ComeError(re.sub(f"({pattern})(?![\\w-])", lambda m: renamed[m.group(1)], str(exc))) from None
