@@ -63,12 +63,9 @@ class Auto(Method):
         return min(REGISTRY[s.method].removable(n_layers, s.config(_shared(cfg))) for s in _candidates(cfg))
 
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        from ..data import load_calibration
         from ..fidelity import ReferenceWriter, score_windows
         from ..loops import run_method
 
-        if calib is None:
-            calib = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
         n_held = max(1, round(len(calib) * HOLDOUT))
         fit, held = calib[:-n_held], calib[-n_held:]
         scores, best = [], None
