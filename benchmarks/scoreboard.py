@@ -286,8 +286,24 @@ def table(model: str, level: float, entry: dict, protocol: dict) -> str:
                       f"{100 * acc / dense_acc:.1f}" if acc is not None and dense_acc else "-"]
         cells.append(f"{r0['compress_s']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    note = auto_note(rows, test_text)
-    return "\n".join(lines + (["", note] if note else []))
+    notes = [winners(rows, [test_text, *other_texts, decision_text], decision_text), auto_note(rows, test_text)]
+    return "\n".join(lines + [line for note in notes if note for line in ("", note)])
+
+
+def winners(rows: dict, texts: list[str], decision_text: str) -> str:
+    """The lowest KL on each text (seed 0), with the runner-up's paired difference against it."""
+    parts = []
+    for text in texts:
+        ranked = sorted(rows, key=lambda lab: rows[lab][0]["texts"][text]["fidelity"]["kl"]["mean"])
+        best = ranked[0]
+        part = f"{text}{' (decision split)' if text == decision_text else ''}: **{best}**"
+        if len(ranked) > 1:
+            second = ranked[1]
+            d = _paired(rows[second][0]["texts"][text]["fidelity"]["per_window"]["kl"],
+                        rows[best][0]["texts"][text]["fidelity"]["per_window"]["kl"])
+            part += f" (next: {second}, {d[0]:+.4f} ± {d[1]:.4f})"
+        parts.append(part)
+    return "Lowest KL per text: " + "; ".join(parts) + "."
 
 
 def auto_note(rows: dict, test_text: str) -> str:
