@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import re
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from come.fidelity import paired_difference
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scoreboard"
@@ -215,11 +216,6 @@ def load_results(results: Path) -> dict[tuple[str, float], dict]:
     return found
 
 
-def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    return float(d.mean()), float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
-
-
 def _task_pairs(a: dict, b: dict) -> tuple[float, float] | None:
     from come.evaluate import paired_delta
 
@@ -269,7 +265,8 @@ def table(model: str, level: float, entry: dict, protocol: dict) -> str:
     for label in sorted(rows, key=lambda lab: kl(rows[lab][0], test_text)):
         r0 = rows[label][0]
         fid = r0["texts"][test_text]["fidelity"]
-        diff = _paired(fid["per_window"]["kl"], rows[best][0]["texts"][test_text]["fidelity"]["per_window"]["kl"])
+        diff = paired_difference(fid["per_window"]["kl"],
+                                 rows[best][0]["texts"][test_text]["fidelity"]["per_window"]["kl"])
         spread = [kl(r, test_text) for _, r in sorted(rows[label].items())]
         mark = "**" if label == best else ""
         cells = [f"{mark}{label}{mark}", f"{mark}{fid['kl']['mean']:.4f}{mark}",
@@ -299,7 +296,7 @@ def winners(rows: dict, texts: list[str], decision_text: str) -> str:
         part = f"{text}{' (decision split)' if text == decision_text else ''}: **{best}**"
         if len(ranked) > 1:
             second = ranked[1]
-            d = _paired(rows[second][0]["texts"][text]["fidelity"]["per_window"]["kl"],
+            d = paired_difference(rows[second][0]["texts"][text]["fidelity"]["per_window"]["kl"],
                         rows[best][0]["texts"][text]["fidelity"]["per_window"]["kl"])
             part += f" (next: {second}, {d[0]:+.4f} ± {d[1]:.4f})"
         parts.append(part)

@@ -74,6 +74,12 @@ def summarize(per_token: dict[str, Tensor], windows: list[dict[str, float]], ref
             "per_window": {k: [w[k] for w in windows] for k in STATS}}
 
 
+def paired_difference(xa: list[float], xb: list[float]) -> tuple[float, float]:
+    """(mean of xa - xb, its standard error): values paired item by item (windows, seeds)."""
+    d = torch.tensor(xa, dtype=torch.float64) - torch.tensor(xb, dtype=torch.float64)
+    return float(d.mean()), float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
 def paired_fidelity(a: dict, b: dict, stat: str = "kl") -> tuple[float, float] | None:
     """(mean of `a`'s per-window `stat` minus `b`'s, standard error over windows): two models
     scored against the same reference on the same windows. None when they are not comparable."""
@@ -82,9 +88,7 @@ def paired_fidelity(a: dict, b: dict, stat: str = "kl") -> tuple[float, float] |
     xa, xb = a["per_window"][stat], b["per_window"][stat]
     if not xa or len(xa) != len(xb):
         return None
-    d = torch.tensor(xa, dtype=torch.float64) - torch.tensor(xb, dtype=torch.float64)
-    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    return float(d.mean()), se
+    return paired_difference(xa, xb)
 
 
 class ReferenceLogprobs:
@@ -112,12 +116,11 @@ class ReferenceLogprobs:
     def window(self, i: int) -> dict[str, Tensor]:
         return load_file(str(self.directory / f"window-{i:06d}.safetensors"))
 
-    def check_windows(self, windows: Tensor) -> None:
-        """The model is scored on exactly the reference's tokens (same text, tokenizer, seqlen)."""
-        if len(windows) != self.windows or any(not torch.equal(self.window(i)["ids"], w) for i, w in enumerate(windows)):
-            raise ComeError(f"the reference {self.name!r} was computed on other tokens than this model's perplexity "
-                            "windows; use the same --ppl-data, --seqlen, --ppl-windows and a model with the "
-                            "reference's tokenizer")
+    def refuse(self) -> None:
+        """The one-line refusal of windows other than the reference's (other text, tokenizer, seqlen)."""
+        raise ComeError(f"the reference {self.name!r} was computed on other tokens than this model's perplexity "
+                        "windows; use the same --ppl-data, --seqlen, --ppl-windows and a model with the "
+                        "reference's tokenizer")
 
 
 class ReferenceWriter:
@@ -156,10 +159,13 @@ def score_windows(model, windows: Tensor, reference: ReferenceLogprobs | None = 
 
     model.eval()
     device = device or next(model.parameters()).device
-    if reference is not None:
-        reference.check_windows(windows)
+    if reference is not None and len(windows) != reference.windows:
+        reference.refuse()
     nll, count, per_token, per_window = 0.0, 0, [], []
     for i, window in enumerate(tqdm(windows, desc="perplexity", leave=False, unit="window")):
+        ref = reference.window(i) if reference is not None else None  # read once: checked, then scored
+        if ref is not None and not torch.equal(ref["ids"], window):
+            reference.refuse()
         ids = window.unsqueeze(0).to(device)
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         target = ids[0, 1:]
@@ -167,8 +173,8 @@ def score_windows(model, windows: Tensor, reference: ReferenceLogprobs | None = 
         count += target.numel()
         if writer is not None:
             writer.add(logits, window)
-        if reference is not None:
-            ref = {k: v.to(device) for k, v in reference.window(i).items()}
+        if ref is not None:
+            ref = {k: v.to(device) for k, v in ref.items()}
             stats = {k: v.cpu() for k, v in token_stats(ref, logits, target).items()}
             per_token.append(stats)
             per_window.append({k: float(v.mean()) for k, v in stats.items()})
