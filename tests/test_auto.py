@@ -1,6 +1,6 @@
 """`--method auto` (methods/auto.py): it never keeps a deliberately broken candidate, keeps the
-candidate with the lowest held-out KL (the very model that candidate builds on the same
-windows), records every candidate in the Plan, takes every registered method as a candidate,
+candidate with the lowest held-out KL and writes the very model that candidate builds on ALL
+the calibration windows, records every candidate in the Plan, takes every registered method as a candidate,
 and refuses what it cannot honour before any work."""
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ def test_auto_never_keeps_the_broken_candidate_and_keeps_the_best(tokenizer, mon
     assert auto["chosen"] == min(kl, key=kl.get) != "broken" and kl["broken"] > max(kl["shortgpt:refit=ls"], kl["come"])
     n_held = max(1, round(len(calib) * HOLDOUT))
     assert auto["holdout_windows"] == n_held and auto["holdout_tokens"] == n_held * (calib.shape[1] - 1)
-    # the model kept is the chosen recipe's own, built on the windows not held out
+    # the model kept is the chosen recipe's own, built on every calibration window (held-out ones too)
     from come.compare import method_list
 
     shared = replace(cfg, candidates=CompressConfig().candidates)
     spec = method_list(auto["chosen"], shared)[0]
-    again, again_plan = compress(copy.deepcopy(model), tokenizer, spec.config(shared), calib=calib[:-n_held])
+    again, again_plan = compress(copy.deepcopy(model), tokenizer, spec.config(shared), calib=calib)
     assert again_plan.groups == plan.groups and plan.method == "auto"
     assert auto["settings"]["method"] == spec.method and auto["settings"] == again_plan.settings
     for a, b in zip(out.state_dict().values(), again.state_dict().values()):
