@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from come.adapters import ADAPTERS, AttnShape, get_adapter
+from come.models.adapters import ADAPTERS, AttnShape, get_adapter
 from come.errors import ComeError
 
 from conftest import FAMILIES, MOE_FAMILIES, tiny_config, tiny_model

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from come import ComeError
-from come.train_state import latest_checkpoint
+from come.recovery.train_state import latest_checkpoint
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="runs are forked from a warm interpreter")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "COLUMNS": "1000"}
@@ -54,7 +54,7 @@ def pair(tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dirs(pair, tokenizer):
     """The same, saved as a user has them."""
-    from come.checkpoint import save_checkpoint
+    from come.models.checkpoint import save_checkpoint
 
     teacher, student, plan, text = pair
     save_checkpoint(teacher, tokenizer, None, text.parent / "teacher")
@@ -341,7 +341,7 @@ def _child(fault: str, args: list[str]) -> None:
     SIGNAL@plan (compress), SIGNAL@output (both: OUT renamed aside for the result); the SIGNAL
     READONLY makes OUT's folder 0o500 there."""
     from come import cli, pipeline, plan, train_state
-    from come.distill import _Run
+    from come.recovery.distill import _Run
 
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     if fault != "-":

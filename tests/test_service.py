@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 import come
-import come.checkpoint
-import come.data
+import come.models.checkpoint
+import come.models.data
 import come.service
 from come import ComeError, CompressConfig, EvalConfig
-from come.cli import app
+from come.cli.app import app
 
 from conftest import tiny_model
 
