@@ -1,7 +1,7 @@
 """The progressive loop: profile -> score pairs -> merge, until the target sparsity.
 
 Every merge method (methods/) runs through it, and the loop knows none of them: it profiles
-the current model (activation_cache.py), asks the method's per-run steps
+the current model (cache.py), asks the method's per-run steps
 (`MergeMethod.steps`: methods/base.py `MergeSteps`) for the pair scores, picks the lowest
 eligible pair, asks the steps for the merged layer (and the units it keeps, recorded in the
 Plan), writes it, refits it and re-profiles. What a method measures for its scores or units

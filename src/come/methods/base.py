@@ -152,7 +152,7 @@ class MergeMethod(Method):
     keeps_units: ClassVar[bool] = False
     needs_originals: ClassVar[bool] = False  # True: merge() reads the original layers
     merges_windows: ClassVar[bool] = False  # True: merge_window() builds one layer from m > 2 (--merge-item)
-    # what the progressive pipeline reads (pipeline.py, pair_scoring.py, activation_cache.py)
+    # what the progressive pipeline reads (engine/pipeline.py, scoring/pair_scoring.py, engine/cache.py)
     options = Method.options | {"pair_score", "no_repeat", "merge_item", "reprofile", "reprofile_window",
                                 "reprofile_drift"}
 

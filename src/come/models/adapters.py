@@ -281,7 +281,7 @@ class Adapter:
 
     def experts(self, layer: nn.Module) -> nn.Module | None:
         """The routed experts of an MoE layer (None: a dense FFN). Their forward takes (x,
-        top-k expert ids, top-k routing weights); the statistics hook it (profile.py)."""
+        top-k expert ids, top-k routing weights); the statistics hook it (engine/runner.py)."""
         experts = getattr(layer.mlp, "experts", None)
         if experts is not None and (getattr(experts, "is_transposed", False)
                                     or not getattr(experts, "is_concatenated", True)):

@@ -1,6 +1,6 @@
 """Backpropagation of the calibration next-token loss through the CURRENT model, one decoder
 layer at a time: what Taylor+ (methods/taylor.py, block importance) and `--sensitivity taylor`
-(unit importance, activation_cache.py) read.
+(unit importance, engine/cache.py) read.
 
 L is the mean NLL over every predicted token of all calibration batches. The gradient is
 exact backpropagation through the whole model, taken one decoder layer at a time on the

@@ -3,7 +3,7 @@
 Pure tensor functions (method.md section 1), one family per `--sensitivity`:
 - l1 (the paper's): a unit's contribution to the residual update is W_out[:, j] * a_j, so
   E_t |a_j| * ||W_out[:, j]||_1 is the first-order size of what removing it changes. The
-  statistics E_t |a_j| come from profile.py.
+  statistics E_t |a_j| come from engine/runner.py.
 - magnitude: weight-only, the unit's L1 path norm (`ffn_path_norm`, `attn_path_norm`).
 - taylor: the first-order Taylor estimate |dL| of the calibration loss when the unit goes
   (`output_taylor`, `taylor_unit_sensitivity`); the gradients come from backprop.py.
@@ -25,7 +25,7 @@ def channel_sensitivity(act_abs_mean: Tensor, w_out: Tensor, gain: Tensor | None
 
     Used for FFN channels (w_out = down_proj) and attention channels (w_out = o_proj).
     `gain`: a post-norm's per-channel gain g (Gemma 2/3, OLMo-2), which scales what each
-    unit writes to the residual stream (its 1 / rms is in the statistics, profile.py);
+    unit writes to the residual stream (its 1 / rms is in the statistics, engine/runner.py);
     without it the column writes as it is.
     """
     if act_abs_mean.shape[0] != w_out.shape[1]:
@@ -56,7 +56,7 @@ def kv_group_sensitivity(head_s: Tensor, n_kv_heads: int) -> Tensor:
 def exact_head_sensitivity(head_out_l1_mean: Tensor) -> Tensor:
     """`--head-score exact`: E_t ||W_o[:, cols(i)] z_i(t)||_1 (what the head writes to the
     residual stream: through the post-norm's gain and 1 / rms where there is one), measured
-    directly by profile.py.
+    directly by engine/runner.py.
 
     The channel-sum score bounds it from above (triangle inequality); the exact score sees
     cancellation between a head's channels.
@@ -69,7 +69,7 @@ def routed_expert_l1(x: Tensor, top_idx: Tensor, top_w: Tensor, gate_up: Tensor,
     """Per expert e, the sum over tokens of ||w_e(t) * expert_e(x_t)||_1 (float64 [E]): what e
     writes to the residual stream, w_e(t) its routing weight (0 where e is not among the
     token's top-k), so the first-order size of what removing it changes. An MoE FFN's unit
-    score (profile.py divides by the tokens). The experts' own computation, re-run per
+    score (engine/runner.py divides by the tokens). The experts' own computation, re-run per
     expert: their module only returns the sum. x [T, hidden]; top_idx, top_w [T, k];
     gate_up [E, 2 ff, hidden] (gate rows first); down [E, hidden, ff]."""
     out = torch.zeros(gate_up.shape[0], dtype=torch.float64, device=x.device)

@@ -1,5 +1,5 @@
 """The options objects of `compress` and of evaluation: one per command, shared by the CLI
-(generated from these fields, cli_options.py) and the Python API, saved in the Plan.
+(generated from these fields, cli/commands.py) and the Python API, saved in the Plan.
 
 The settings floor: this module imports neither torch nor the engine, so the engine can
 name its settings' type and `come --help` builds without torch. What a setting means for a

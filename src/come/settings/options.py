@@ -2,7 +2,7 @@
 
 The options objects (CompressConfig, EvalConfig, DistillConfig, ...) are dataclasses whose
 fields are made with `option()`; the CLI builds its typer options from them
-(cli_options.py) and README's reference is generated from them, so the command line, the
+(cli/commands.py) and README's reference is generated from them, so the command line, the
 Python API and the docs cannot drift apart (mergekit's `add_merge_options` pattern).
 """
 
