@@ -38,8 +38,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from come import CompressConfig, DistillConfig, compress
-from come.recovery.distill import distill
 from come.models.adapters import get_adapter
+from come.recovery.distill import distill
 from _common import add_model_args, load, sync
 
 FLOPS = ("model FLOPs per token, matmul weights only (2 per weight forward, 2 more for the activation gradient "

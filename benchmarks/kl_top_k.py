@@ -18,9 +18,9 @@ import torch
 
 from come import CompressConfig, compress
 from come.models.checkpoint import load_model
-from come.settings.specs import method_list
 from come.models.data import eval_windows, read_text, token_windows
 from come.scoring.fidelity import compact, token_stats
+from come.settings.specs import method_list
 
 
 def main() -> None:

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from come import CompressConfig, DistillConfig, compress, distill
-from come.models.checkpoint import load_model
-from come.settings.specs import method_list
-from come.models.data import eval_windows, read_text, token_windows
 from come.evaluation.evaluate import evaluate, paired_delta, paper_score, perplexity
 from come.evaluation.report import delta_cell
+from come.models.checkpoint import load_model
+from come.models.data import eval_windows, read_text, token_windows
+from come.settings.specs import method_list
 from come.settings.tasks import DEFAULT_TASKS, parse_tasks
 
 # Each row is a `come compare` method spec (method[:option=value...]) or "dense".

@@ -113,11 +113,11 @@ def _texts(protocol: dict) -> dict[str, tuple[str, str, int]]:
 def run(a: argparse.Namespace, protocol: dict) -> None:
     """Dense first (its references and its own row), then each row and seed; each written when done."""
     from come import CompressConfig, compress
-    from come.models.checkpoint import load_model
-    from come.settings.specs import method_list
-    from come.models.data import eval_windows, token_windows
     from come.evaluation.evaluate import evaluate
+    from come.models.checkpoint import load_model
+    from come.models.data import eval_windows, token_windows
     from come.scoring.fidelity import ReferenceLogprobs, ReferenceWriter, score_windows
+    from come.settings.specs import method_list
 
     torch.set_grad_enabled(False)
     dense, tok = load_model(a.model, a.dtype)

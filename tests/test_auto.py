@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from come import CompressConfig, compress
 from come.cli.app import app
-from come.errors import ComeError
 from come.engine.compression import run_method
+from come.errors import ComeError
 from come.methods import REGISTRY, method_names
 from come.methods.auto import HOLDOUT
 from come.methods.base import Method

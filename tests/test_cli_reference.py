@@ -29,8 +29,8 @@ def test_generated_blocks_are_current():
 
 
 def test_the_generated_tables_name_every_method_and_family():
-    from come.models.adapters import ADAPTERS
     from come.methods import method_names
+    from come.models.adapters import ADAPTERS
 
     text = (ROOT / "README.md").read_text()
     methods, families = block(text, "methods"), block(text, "families")

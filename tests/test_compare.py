@@ -35,8 +35,8 @@ def test_compare_report(tmp_path, model_dir, text_file):
     for name in ("come", "shortgpt", "laco", "average"):
         assert rows[name]["layers"] < rows["dense"]["layers"]
         assert rows[name]["achieved_sparsity"] >= 0.3
-    from come.models.checkpoint import load_model
     from come.evaluation.evaluate import evaluate
+    from come.models.checkpoint import load_model
 
     dense, tok = load_model(str(model_dir))
     direct = evaluate(dense, tok, tasks=[], ppl_data=str(text_file), seqlen=64, ppl_windows=2)
@@ -55,9 +55,9 @@ def test_compare_report(tmp_path, model_dir, text_file):
 
 
 def test_method_overrides_parse_and_validate():
-    from come.settings.specs import method_list
-    from come.settings.config import CompressConfig
     from come.errors import ComeError
+    from come.settings.config import CompressConfig
+    from come.settings.specs import method_list
 
     specs = method_list("come, come:refit=none, shortgpt:refit=ls:max-cache-gb=2, come:no_repeat=true")
     cfgs = [s.config(CompressConfig(refit="ls")).resolved() for s in specs]

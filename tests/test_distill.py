@@ -21,12 +21,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 from come import CompressConfig, ComeError, compress
-from come.models.checkpoint import save_checkpoint
 from come.cli.app import app
+from come.models.checkpoint import save_checkpoint
 from come.models.data import token_windows
 from come.recovery.distill import distill
-from come.settings.distill_config import DistillConfig
 from come.recovery.distill_losses import head_kl, head_terms
+from come.settings.distill_config import DistillConfig
 
 distill_mod = importlib.import_module("come.recovery.distill")  # the module; `come.distill` is the API function
 distill_losses = importlib.import_module("come.recovery.distill_losses")

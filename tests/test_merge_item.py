@@ -12,15 +12,15 @@ import transformers
 from typer.testing import CliRunner
 
 from come import CompressConfig, ComeError, compress, load_plan
+from come.cli.app import app
+from come.engine.runner import LayerRunner
+from come.merging.merge import concat_merge_many
 from come.models.adapters import get_adapter
 from come.models.budget import count_params, merge_windows, merges_needed
 from come.models.checkpoint import load_model, save_checkpoint
-from come.cli.app import app
 from come.models.data import token_windows
 from come.recovery.distill import check_pair
-from come.merging.merge import concat_merge_many
 from come.scoring.pair_scoring import choose_window_units, eligible_pairs
-from come.engine.runner import LayerRunner
 from come.scoring.selection import joint_counts, joint_split, share_counts, split_counts, split_ratio, split_shares
 
 from conftest import corpus, tiny_model

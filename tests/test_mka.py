@@ -13,10 +13,10 @@ import torch
 from conftest import corpus, tiny_model
 
 from come import CompressConfig, compress
-from come.models.adapters import AttnShape, LayerWeights, get_adapter
-from come.models.data import token_windows
 from come.methods import get_method
 from come.methods.mka import diffusion_embedding, fusion_weight, layer_similarity, npib_matrix
+from come.models.adapters import AttnShape, LayerWeights, get_adapter
+from come.models.data import token_windows
 from come.scoring.pair_scoring import PairToMerge, no_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")

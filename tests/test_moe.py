@@ -16,12 +16,12 @@ import torch
 import transformers
 
 from come.engine.cache import ActivationCache
-from come.models.adapters import get_adapter
-from come.models.data import token_windows
+from come.engine.runner import LayerRunner
 from come.errors import ComeError
 from come.merging.layer_refit import refit_layer, write_down_proj
 from come.merging.merge import concat_merge, fold_norms, linear_combination
-from come.engine.runner import LayerRunner
+from come.models.adapters import get_adapter
+from come.models.data import token_windows
 
 from conftest import MOE_FAMILIES, corpus, tiny_model
 

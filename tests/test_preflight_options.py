@@ -34,7 +34,7 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise ComeError(NO_WEIGHTS)
 
-    monkeypatch.setattr(come.checkpoint, "load_model", refuse)
+    monkeypatch.setattr(come.models.checkpoint, "load_model", refuse)
 
 
 def _run(*args):

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from come.engine.cache import ActivationCache
-from come.models.adapters import get_adapter
-from come.errors import ComeError
-from come.models.data import token_windows
-from come.merging.layer_refit import refit_layer
 from come.engine.runner import LayerRunner
+from come.errors import ComeError
+from come.merging.layer_refit import refit_layer
+from come.models.adapters import get_adapter
+from come.models.data import token_windows
 
 from conftest import FAMILIES, MOE_FAMILIES, corpus, tiny_model
 

@@ -10,9 +10,9 @@ import torch
 import transformers
 
 from come import CompressConfig, compress
+from come.evaluation.evaluate import perplexity
 from come.models.checkpoint import load_model, save_checkpoint
 from come.models.data import eval_windows, token_windows
-from come.evaluation.evaluate import perplexity
 
 from conftest import corpus
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from come import CompressConfig, ComeError, compress
-from come.models.adapters import get_adapter
-from come.models.data import token_windows
 from come.engine.runner import LayerRunner
 from come.merging.refit import NormalEquations, fit, fit_map, gram, ridge_solve, sq_error
+from come.models.adapters import get_adapter
+from come.models.data import token_windows
 
 from conftest import corpus, tiny_model
 

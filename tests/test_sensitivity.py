@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from come.models.adapters import get_adapter
 from come.engine.runner import LayerRunner
+from come.models.adapters import get_adapter
 from come.scoring.selection import choose_pair, joint_split, skip_scores, split_counts, split_ratio
 from come.scoring.sensitivity import channel_abs_sum, channel_sensitivity, head_sensitivity, top_units
 

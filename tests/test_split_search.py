@@ -13,13 +13,13 @@ import transformers
 from conftest import tiny_model
 
 from come import CompressConfig, compress
-from come.models.adapters import get_adapter
+from come.engine.preparation import prepare
 from come.errors import ComeError
 from come.merging.merge import concat_merge
+from come.models.adapters import get_adapter
 from come.scoring.pair_scoring import choose_units, read_pair
-from come.settings.plan import PLAN_FILE, load_plan
-from come.engine.preparation import prepare
 from come.scoring.split_search import split_grid
+from come.settings.plan import PLAN_FILE, load_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
