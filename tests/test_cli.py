@@ -179,7 +179,7 @@ def test_eval_table_keeps_task_names_whole_at_80_columns(monkeypatch, capsys):
 
 def test_eval_without_task_data_names_the_variable(model_dir, monkeypatch):
     """Offline and no COME_TASK_DATA: one error line (tasks or perplexity text), naming it."""
-    from come.settings.tasks import hf_offline
+    from come.settings.hub import hf_offline
 
     monkeypatch.delenv("COME_TASK_DATA", raising=False)
     with hf_offline():

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from come.cli.app import app
 from come.errors import ComeError
 from come.evaluation.evaluate import average, eval_windows, evaluate, paired_delta, perplexity, ppl_text, retention
-from come.settings.tasks import parse_tasks, resolve_split, run_tasks, write_task_yamls
+from come.evaluation.zero_shot import run_tasks, write_task_yamls
+from come.settings.tasks import parse_tasks, resolve_split
 
 evaluate_mod = importlib.import_module("come.evaluation.evaluate")  # `come.evaluate` the attribute is the function
 

@@ -166,7 +166,7 @@ def eval_(
     from ..models.outputs import write_text_atomic
     from ..models.preflight import check_output_file
     from ..settings.device import resolve_device
-    from ..settings.tasks import hf_offline
+    from ..settings.hub import hf_offline
 
     evaluation.check()
     resolve_device(device)

@@ -24,7 +24,9 @@ from ..models.api_inputs import expect_model
 from ..models.data import eval_windows, read_text
 from ..scoring.fidelity import ReferenceLogprobs, ReferenceWriter, score_windows
 from ..settings.eval_inputs import PPL_SETS, boolq_dir, check_inputs
-from ..settings.tasks import DEFAULT_TASKS, TASK_DATA_HINT, hf_offline, run_tasks
+from ..settings.hub import hf_offline
+from ..settings.tasks import DEFAULT_TASKS, TASK_DATA_HINT
+from .zero_shot import run_tasks
 
 log = logging.getLogger(__name__)
 
