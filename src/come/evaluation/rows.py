@@ -20,7 +20,7 @@ def _scored(tasks: dict) -> dict:
 
 
 def row(label: str, lm, plan: Plan | None, seconds: float | None, tokenizer, eval_kwargs: dict,
-         plans: dict[str, Plan], reference=None, writer: ReferenceWriter | None = None) -> dict:
+        plans: dict[str, Plan], reference=None, writer: ReferenceWriter | None = None) -> dict:
     """Evaluate one model into a report row (`seconds`: its compression's wall time)."""
     log.info("evaluating %s", label)
     res = evaluate(lm, tokenizer, **eval_kwargs, reference=reference, writer=writer)
