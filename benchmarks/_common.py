@@ -63,7 +63,7 @@ def load(a: argparse.Namespace) -> tuple[nn.Module, str]:
         return llama_1b(), "random LLaMA 1.1B"
     if not a.model:
         raise SystemExit("give --model DIR, --random-llama-1b or --quick")
-    from come.checkpoint import load_model
+    from come.models.checkpoint import load_model
 
     return load_model(a.model)[0], Path(a.model).name
 
@@ -106,7 +106,7 @@ def _bytes(tensors) -> int:
 
 def model_shape(model: nn.Module) -> dict:
     """What the memory predictions read from a model: bytes, layer size and attention shape."""
-    from come.adapters import get_adapter
+    from come.models.adapters import get_adapter
 
     cfg, adapter = model.config, get_adapter(model.config)
     layer0 = adapter.decoder_layers(model)[0]

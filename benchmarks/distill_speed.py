@@ -38,8 +38,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from come import CompressConfig, DistillConfig, compress
-from come.distill import distill
-from come.adapters import get_adapter
+from come.models.adapters import get_adapter
+from come.recovery.distill import distill
 from _common import add_model_args, load, sync
 
 FLOPS = ("model FLOPs per token, matmul weights only (2 per weight forward, 2 more for the activation gradient "
@@ -173,8 +173,8 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, vocab, (8, min(a.seqlen, 128)), generator=gen)
     if a.student:
-        from come.checkpoint import load_model
-        from come.plan import load_plan
+        from come.models.checkpoint import load_model
+        from come.settings.plan import load_plan
 
         student, plan = load_model(a.student)[0], load_plan(a.student)
     else:

@@ -34,9 +34,9 @@ import torch
 import transformers
 
 from come import CompressConfig, compress
-from come.adapters import get_adapter
-from come.device import resolve_device
-from come.profile import LayerRunner
+from come.engine.runner import LayerRunner
+from come.models.adapters import get_adapter
+from come.settings.device import resolve_device
 from _common import GPU_FORMULA, LLAMA2_7B, LLAMA_1B, TINY_GQA, generation_speed, gpu_prediction, model_shape, random_llama, sync
 
 SHAPES = {"llama-2-7b": LLAMA2_7B, "llama-1.1b": LLAMA_1B}

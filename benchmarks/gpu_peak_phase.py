@@ -26,7 +26,6 @@ from collections import Counter
 import torch
 
 import come
-import come.methods
 from come import CompressConfig, compress
 from _common import LLAMA2_7B, TINY_GQA, model_shape, random_llama
 
@@ -50,8 +49,7 @@ def instrument(events: list, cuda: bool) -> None:
             return out
         return wrapped
 
-    mods = [importlib.import_module(f"come.{m.name}") for m in pkgutil.iter_modules(come.__path__)]
-    mods += [importlib.import_module(f"come.methods.{m.name}") for m in pkgutil.iter_modules(come.methods.__path__)]
+    mods = [importlib.import_module(m.name) for m in pkgutil.walk_packages(come.__path__, "come.")]
     wrapped_fns = {}
     for mod in mods:
         for name, obj in list(vars(mod).items()):

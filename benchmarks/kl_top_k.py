@@ -17,10 +17,10 @@ import copy
 import torch
 
 from come import CompressConfig, compress
-from come.checkpoint import load_model
-from come.compare import method_list
-from come.data import eval_windows, read_text, token_windows
-from come.fidelity import compact, token_stats
+from come.models.checkpoint import load_model
+from come.models.data import eval_windows, read_text, token_windows
+from come.scoring.fidelity import compact, token_stats
+from come.settings.specs import method_list
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import psutil
 import torch
 
 from come import CompressConfig, compress
-from come.activation_cache import cache_layout
+from come.engine.cache import cache_layout
 from _common import GPU_FORMULA, REFIT_COLLECT, REFIT_SOLVE, add_model_args, gpu_prediction, load, model_shape
 
 ROWS = {"come (+ refit)": {}, "come --refit none": {"refit": "none"}, "shortgpt": {"method": "shortgpt"}}
@@ -42,7 +42,7 @@ def _runtime_baseline(a: argparse.Namespace) -> int:
     """RSS of the runtime alone: the interpreter, torch, transformers and the model's modeling
     code (imported by building its structure on the 'meta' device, no weights: 130 MiB for
     LLaMA in transformers 5), and on CUDA the context's host memory."""
-    from come.checkpoint import load_config, meta_model
+    from come.models.checkpoint import load_config, meta_model
 
     if a.quick or a.random_llama_1b:
         with torch.device("meta"):

@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from come.evaluate import paired_delta
-from come.report import delta_cell
+from come.evaluation.evaluate import paired_delta
+from come.evaluation.report import delta_cell
 
 
 def main() -> int:

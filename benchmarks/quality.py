@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from come import CompressConfig, DistillConfig, compress, distill
-from come.checkpoint import load_model
-from come.compare import method_list
-from come.data import eval_windows, read_text, token_windows
-from come.evaluate import evaluate, paired_delta, paper_score, perplexity
-from come.report import delta_cell
-from come.tasks import DEFAULT_TASKS, parse_tasks
+from come.evaluation.evaluate import evaluate, paired_delta, paper_score, perplexity
+from come.evaluation.report import delta_cell
+from come.models.checkpoint import load_model
+from come.models.data import eval_windows, read_text, token_windows
+from come.settings.specs import method_list
+from come.settings.tasks import DEFAULT_TASKS, parse_tasks
 
 # Each row is a `come compare` method spec (method[:option=value...]) or "dense".
 ROWS = ("dense,shortgpt,shortgpt:refit=ls,replaceme:select=angle,replaceme:select=bi,come:refit=none:split=bi:pair_score=angular,come,"

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from come import CompressConfig, compress
-from come.activation_cache import ActivationCache, relative_change
-from come.data import read_text, token_windows
-from come.pair_scoring import choose_units, unit_scores
-from come.selection import choose_pair
+from come.engine.cache import ActivationCache, relative_change
+from come.models.data import read_text, token_windows
+from come.scoring.pair_scoring import choose_units, unit_scores
+from come.scoring.selection import choose_pair
 from _common import add_model_args, load
 
 SMOL = Path.home() / ".cache" / "come" / "smollm2-135m"

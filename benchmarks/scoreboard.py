@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from come.fidelity import paired_difference
+from come.scoring.fidelity import paired_difference
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scoreboard"
@@ -113,11 +113,11 @@ def _texts(protocol: dict) -> dict[str, tuple[str, str, int]]:
 def run(a: argparse.Namespace, protocol: dict) -> None:
     """Dense first (its references and its own row), then each row and seed; each written when done."""
     from come import CompressConfig, compress
-    from come.checkpoint import load_model
-    from come.compare import method_list
-    from come.data import eval_windows, token_windows
-    from come.evaluate import evaluate
-    from come.fidelity import ReferenceLogprobs, ReferenceWriter, score_windows
+    from come.evaluation.evaluate import evaluate
+    from come.models.checkpoint import load_model
+    from come.models.data import eval_windows, token_windows
+    from come.scoring.fidelity import ReferenceLogprobs, ReferenceWriter, score_windows
+    from come.settings.specs import method_list
 
     torch.set_grad_enabled(False)
     dense, tok = load_model(a.model, a.dtype)
@@ -217,7 +217,7 @@ def load_results(results: Path) -> dict[tuple[str, float], dict]:
 
 
 def _task_pairs(a: dict, b: dict) -> tuple[float, float] | None:
-    from come.evaluate import paired_delta
+    from come.evaluation.evaluate import paired_delta
 
     return paired_delta(a, b) if a and b else None
 
@@ -225,7 +225,7 @@ def _task_pairs(a: dict, b: dict) -> tuple[float, float] | None:
 def table(model: str, level: float, entry: dict, protocol: dict) -> str:
     """One model and level: a row per recipe (seed 0's paired differences against the best row
     on the test text; the spread over seeds), the winner per metric marked."""
-    from come.evaluate import average
+    from come.evaluation.evaluate import average
 
     test_text = next(iter(protocol["test"]["texts"]))
     other_texts = [n for n in protocol["test"]["texts"] if n != test_text]

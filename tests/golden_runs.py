@@ -85,7 +85,7 @@ def machine() -> dict:
 
 
 def tiny_calib(tokenizer):
-    from come.data import token_windows
+    from come.models.data import token_windows
 
     return token_windows(corpus(), tokenizer, 8, 32, seed=0)
 
@@ -101,13 +101,13 @@ def tiny_records(tokenizer) -> dict:
 
 
 def real_calib(tokenizer):
-    from come.data import token_windows
+    from come.models.data import token_windows
 
     return token_windows(corpus(8000), tokenizer, 8, 128, seed=0)
 
 
 def real_records(model_dir: Path) -> dict:
-    from come.checkpoint import load_model
+    from come.models.checkpoint import load_model
 
     out = {}
     for name, overrides in REAL_RUNS.items():

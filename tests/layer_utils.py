@@ -61,7 +61,7 @@ def reload_equal(model, tokenizer, plan, out_dir, ids):
     model and the output directory."""
     import transformers
 
-    from come.checkpoint import save_checkpoint
+    from come.models.checkpoint import save_checkpoint
 
     with torch.no_grad():
         logits = model(ids).logits

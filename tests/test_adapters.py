@@ -1,6 +1,6 @@
 """The adapter contract: every family in conftest.FAMILIES passes the same checks.
 
-src/come/adapters.py is the only module that knows a family's module names; everything
+src/come/models/adapters.py is the only module that knows a family's module names; everything
 else trusts what it returns. Adding a family is one `Adapter(...)` entry plus its tiny
 config in conftest.FAMILIES, and then every test here runs on it. Each check compares the
 adapter's answer with what the transformers model really holds or computes, so a wrong
@@ -15,8 +15,8 @@ import pytest
 import torch
 import transformers
 
-from come.adapters import ADAPTERS, AttnShape, get_adapter
 from come.errors import ComeError
+from come.models.adapters import ADAPTERS, AttnShape, get_adapter
 
 from conftest import FAMILIES, MOE_FAMILIES, tiny_config, tiny_model
 

@@ -15,9 +15,9 @@ from conftest import tiny_model
 from typer.testing import CliRunner
 
 from come import CompressConfig, compress
-from come.cli import app
+from come.cli.app import app
+from come.engine.compression import run_method
 from come.errors import ComeError
-from come.loops import run_method
 from come.methods import REGISTRY, method_names
 from come.methods.auto import HOLDOUT
 from come.methods.base import Method
@@ -58,7 +58,7 @@ def test_auto_never_keeps_the_broken_candidate_and_keeps_the_best(tokenizer, mon
     n_held = max(1, round(len(calib) * HOLDOUT))
     assert auto["holdout_windows"] == n_held and auto["holdout_tokens"] == n_held * (calib.shape[1] - 1)
     # the model kept is the chosen recipe's own, built on every calibration window (held-out ones too)
-    from come.compare import method_list
+    from come.settings.specs import method_list
 
     shared = replace(cfg, candidates=CompressConfig().candidates)
     spec = method_list(auto["chosen"], shared)[0]

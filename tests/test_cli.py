@@ -8,8 +8,8 @@ from pathlib import Path
 import transformers
 from typer.testing import CliRunner
 
-from come.cli import app
-from come.plan import PLAN_FILE, load_plan
+from come.cli.app import app
+from come.settings.plan import PLAN_FILE, load_plan
 
 
 runner = CliRunner()
@@ -119,8 +119,8 @@ def test_flags_that_default_on_get_a_plain_off_switch():
 
     import typer
 
-    from come.cli_options import Typer, with_options
-    from come.options import option
+    from come.cli.commands import Typer, with_options
+    from come.settings.options import option
 
     @dataclass
     class Switches:
@@ -151,7 +151,7 @@ def test_cli_starts_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from typer.testing import CliRunner; from come.cli import app; "
+    code = ("import sys; from typer.testing import CliRunner; from come.cli.app import app; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0 and 'distill' in r.output, r.output; "
             "r = CliRunner().invoke(app, ['compress', '--help']); assert r.exit_code == 0 and 'shortgpt' in r.output; "
             "heavy = ('torch', 'transformers', 'lm_eval', 'datasets', 'matplotlib'); "
@@ -162,8 +162,8 @@ def test_cli_starts_without_torch():
 
 
 def test_eval_table_keeps_task_names_whole_at_80_columns(monkeypatch, capsys):
-    from come.cli import print_eval
-    from come.tasks import DEFAULT_TASKS
+    from come.cli.app import print_eval
+    from come.settings.tasks import DEFAULT_TASKS
 
     monkeypatch.setenv("COLUMNS", "80")
     tasks = {t: {"acc": 0.41, "acc_norm": 0.43, "n": 100, "split": "validation",
@@ -179,7 +179,7 @@ def test_eval_table_keeps_task_names_whole_at_80_columns(monkeypatch, capsys):
 
 def test_eval_without_task_data_names_the_variable(model_dir, monkeypatch):
     """Offline and no COME_TASK_DATA: one error line (tasks or perplexity text), naming it."""
-    from come.tasks import hf_offline
+    from come.settings.hub import hf_offline
 
     monkeypatch.delenv("COME_TASK_DATA", raising=False)
     with hf_offline():

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import typer
 
-from come.cli import app
-from come.cli_reference import BLOCKS, block, markdown, markers, replace_block
-from come.config import CompressConfig, EvalConfig, LoadOptions
-from come.distill_config import DistillConfig
-from come.options import cli_fields, flag_of
+from come.cli.app import app
+from come.cli.reference import BLOCKS, block, markdown, markers, replace_block
+from come.settings.config import CompressConfig, EvalConfig, LoadOptions
+from come.settings.distill_config import DistillConfig
+from come.settings.options import cli_fields, flag_of
 
 ROOT = Path(__file__).parents[1]
 
@@ -25,12 +25,12 @@ def test_generated_blocks_are_current():
     for file, blocks in BLOCKS.items():
         text = (ROOT / file).read_text()
         for name, make in blocks.items():
-            assert block(text, name) == make(), f"{file}'s {name} block is stale: run python -m come.cli_reference"
+            assert block(text, name) == make(), f"{file}'s {name} block is stale: run python -m come.cli.reference"
 
 
 def test_the_generated_tables_name_every_method_and_family():
-    from come.adapters import ADAPTERS
     from come.methods import method_names
+    from come.models.adapters import ADAPTERS
 
     text = (ROOT / "README.md").read_text()
     methods, families = block(text, "methods"), block(text, "families")

@@ -8,8 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from come.cli import app
-from come.fidelity import ReferenceWriter
+from come.cli.app import app
+from come.scoring.fidelity import ReferenceWriter
 
 runner = CliRunner()
 
@@ -35,8 +35,8 @@ def test_compare_report(tmp_path, model_dir, text_file):
     for name in ("come", "shortgpt", "laco", "average"):
         assert rows[name]["layers"] < rows["dense"]["layers"]
         assert rows[name]["achieved_sparsity"] >= 0.3
-    from come.checkpoint import load_model
-    from come.evaluate import evaluate
+    from come.evaluation.evaluate import evaluate
+    from come.models.checkpoint import load_model
 
     dense, tok = load_model(str(model_dir))
     direct = evaluate(dense, tok, tasks=[], ppl_data=str(text_file), seqlen=64, ppl_windows=2)
@@ -55,9 +55,9 @@ def test_compare_report(tmp_path, model_dir, text_file):
 
 
 def test_method_overrides_parse_and_validate():
-    from come.compare import method_list
-    from come.config import CompressConfig
     from come.errors import ComeError
+    from come.settings.config import CompressConfig
+    from come.settings.specs import method_list
 
     specs = method_list("come, come:refit=none, shortgpt:refit=ls:max-cache-gb=2, come:no_repeat=true")
     cfgs = [s.config(CompressConfig(refit="ls")).resolved() for s in specs]
@@ -78,7 +78,7 @@ def test_method_overrides_parse_and_validate():
 
 
 def _record(step, position, scores, operator="concat", group_b=(1,)):
-    from come.plan import MergeRecord
+    from come.settings.plan import MergeRecord
 
     return MergeRecord(step=step, position=position, group_a=[position], group_b=list(group_b), operator=operator,
                        kv_a=[], kv_b=[], ffn_a=[], ffn_b=[], r_a=0.5, bi_a=0.1, bi_b=0.1, pair_score=min(scores),
@@ -98,7 +98,7 @@ def _rows(tasks):
 
 
 def _plans():
-    from come.plan import Plan
+    from come.settings.plan import Plan
 
     come = Plan("m", "come", {"pair_score": "bi-all-tokens"}, 6, groups=[[0, 1, 2], [3], [4], [5]],
                 merges=[_record(0, 1, [1.0, 0.1, 0.2, 0.3, 0.2]), _record(1, 0, [0.9, 0.2, 0.25, 0.3])])
@@ -115,7 +115,7 @@ def _table_heads(md: str) -> list[str]:
 def test_report_text_matches_its_table(tmp_path):
     """With tasks: task columns, average, vs, retention, each explained, and the accuracy bars.
     Without: only perplexity, params, layers and time, no note or figure about the rest."""
-    from come.report import write_report
+    from come.evaluation.report import write_report
 
     for tasks in (["arc_easy", "boolq"], []):
         out = tmp_path / ("tasks" if tasks else "none")
@@ -139,7 +139,7 @@ def test_pair_score_colours_are_not_set_by_one_large_score():
     percentile, so the rest of the scores spread over it."""
     import numpy as np
 
-    from come.plots import _robust_norm, dropped_layers
+    from come.evaluation.plots import _robust_norm, dropped_layers
 
     grid = np.array([[1.0, 0.10, 0.12, 0.14, 0.16, 0.18, 0.20, 0.22, 0.24, 0.26, 0.28, np.nan]])
     norm = _robust_norm(grid)

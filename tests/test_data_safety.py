@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from come.checkpoint import atomic_dir, save_checkpoint
-from come.cli import app
-from come.outputs import come_output, come_results
-from come.plan import PLAN_FILE, Plan
-from come.train_state import write_output
+from come.cli.app import app
+from come.models.checkpoint import atomic_dir, save_checkpoint
+from come.models.outputs import come_output, come_results
+from come.recovery.train_state import write_output
+from come.settings.plan import PLAN_FILE, Plan
 
 from conftest import tiny_model
 

@@ -40,7 +40,7 @@ def compressed(smollm2_dir, tmp_path_factory) -> Path:
     if not TEXT.is_file():
         pytest.skip(f"calibration text {TEXT} absent")
     out = tmp_path_factory.mktemp("deploy") / "smol-come"
-    subprocess.run([sys.executable, "-m", "come.cli", "compress", str(smollm2_dir), "--out", str(out),
+    subprocess.run([sys.executable, "-m", "come.cli.app", "compress", str(smollm2_dir), "--out", str(out),
                     "--sparsity", "0.2", "--calib", str(TEXT), "--nsamples", "8", "--seqlen", "128",
                     "--device", "cpu"], check=True, capture_output=True)
     return out

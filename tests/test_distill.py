@@ -21,15 +21,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 from come import CompressConfig, ComeError, compress
-from come.checkpoint import save_checkpoint
-from come.cli import app
-from come.data import token_windows
-from come.distill import distill
-from come.distill_config import DistillConfig
-from come.distill_losses import head_kl, head_terms
+from come.cli.app import app
+from come.models.checkpoint import save_checkpoint
+from come.models.data import token_windows
+from come.recovery.distill import distill
+from come.recovery.distill_losses import head_kl, head_terms
+from come.settings.distill_config import DistillConfig
 
-distill_mod = importlib.import_module("come.distill")  # the module; `come.distill` is the API function
-distill_losses = importlib.import_module("come.distill_losses")
+distill_mod = importlib.import_module("come.recovery.distill")  # the module; `come.distill` is the API function
+distill_losses = importlib.import_module("come.recovery.distill_losses")
 
 from conftest import corpus, tiny_model
 
@@ -303,8 +303,8 @@ def test_torchrun_two_cpu_processes_equal_one_with_the_whole_batch(dirs, tmp_pat
     root, text = dirs
     common = ["--teacher", str(root / "teacher"), "--student", str(root / "student"), "--data", text, "--steps", "2",
               "--seqlen", "32", "--eval-windows", "2", "--device", "cpu", "--lr", "3e-3"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "come.cli", "distill", *common,
-           "--batch-size", "2", "--out", str(tmp_path / "two")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "come.cli.app", "distill",
+           *common, "--batch-size", "2", "--out", str(tmp_path / "two")]
     two = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     one = CliRunner().invoke(app, ["distill", *common, "--batch-size", "4", "--out", str(tmp_path / "one")])

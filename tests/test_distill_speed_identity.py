@@ -80,10 +80,10 @@ def one_batch(teacher, groups: list[list[int]], windows, overrides: dict, base: 
     """distill for one optimizer step of a student that keeps the first layer of each group:
     the loss of its batch (the log), its gradient (sums of |g| and g^2 over the trainable
     parameters, read just before the step) and the held-out KL after the step."""
-    from come.adapters import get_adapter
-    from come.distill import distill
-    from come.distill_config import DistillConfig
-    from come.plan import Plan
+    from come.models.adapters import get_adapter
+    from come.recovery.distill import distill
+    from come.settings.distill_config import DistillConfig
+    from come.settings.plan import Plan
 
     student = copy.deepcopy(teacher)
     get_adapter(student.config).keep_layers(student, [g[0] for g in groups])
@@ -115,7 +115,7 @@ def tiny_values() -> dict:
 
 def real_values() -> dict:
     """SmolLM2-135M (30 layers, vocabulary 49152) as 21 layers."""
-    from come.checkpoint import load_model
+    from come.models.checkpoint import load_model
 
     teacher, _ = load_model(str(smollm2_path()))
     ids = torch.randint(0, teacher.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))

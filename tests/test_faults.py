@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from come import ComeError
-from come.train_state import latest_checkpoint
+from come.recovery.train_state import latest_checkpoint
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="runs are forked from a warm interpreter")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "COLUMNS": "1000"}
@@ -54,7 +54,7 @@ def pair(tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dirs(pair, tokenizer):
     """The same, saved as a user has them."""
-    from come.checkpoint import save_checkpoint
+    from come.models.checkpoint import save_checkpoint
 
     teacher, student, plan, text = pair
     save_checkpoint(teacher, tokenizer, None, text.parent / "teacher")
@@ -340,8 +340,11 @@ def _child(fault: str, args: list[str]) -> None:
     """Run the CLI with `fault` armed: SIGNAL@save:N | SIGNAL@step:N (distill), SIGNAL@merge:N |
     SIGNAL@plan (compress), SIGNAL@output (both: OUT renamed aside for the result); the SIGNAL
     READONLY makes OUT's folder 0o500 there."""
-    from come import cli, pipeline, plan, train_state
-    from come.distill import _Run
+    from come.cli.app import app
+    from come.engine import pipeline
+    from come.recovery import train_state
+    from come.recovery.distill import _Run
+    from come.settings import plan
 
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     if fault != "-":
@@ -403,7 +406,7 @@ def _child(fault: str, args: list[str]) -> None:
                 real_replace(src, dst, *a, **kw)
 
             os.replace = replace
-    cli.app(args=args, prog_name="come")
+    app(args=args, prog_name="come")
 
 
 def _serve() -> None:
@@ -413,7 +416,9 @@ def _serve() -> None:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    from come import cli, compression, distill  # noqa: F401  (and what their commands import on the way)
+    from come.cli import app  # noqa: F401  (and what its commands import on the way)
+    from come.engine import compression  # noqa: F401
+    from come.recovery import distill  # noqa: F401
 
     # Ctrl-C as at a terminal, also when pytest was started in the background (where the
     # shell starts it with SIGINT ignored and Python then installs no handler)

@@ -13,10 +13,10 @@ import torch
 from conftest import tiny_model
 from typer.testing import CliRunner
 
-from come.cli import app
+from come.cli.app import app
 from come.errors import ComeError
-from come.evaluate import perplexity
-from come.fidelity import ReferenceLogprobs, compact, paired_fidelity, score_windows, token_stats
+from come.evaluation.evaluate import perplexity
+from come.scoring.fidelity import ReferenceLogprobs, compact, paired_fidelity, score_windows, token_stats
 
 runner = CliRunner()
 
@@ -125,7 +125,7 @@ def test_paired_difference_over_windows():
 
 
 def test_eval_reference_cli(tmp_path, model_dir, text_file, tokenizer):
-    from come.checkpoint import save_checkpoint
+    from come.models.checkpoint import save_checkpoint
 
     other = tmp_path / "other"
     save_checkpoint(tiny_model("llama", seed=5), tokenizer, None, other)

@@ -1,5 +1,6 @@
 """The package's import structure: every module of `come` imports on its own, first, in a
-fresh interpreter; and the intra-package import graph is a DAG.
+fresh interpreter; the intra-package import graph is a DAG of at most MAX_LEVELS levels; and
+every import goes down the layers (LAYERS: the folders, from the ground up).
 
 Both read src/come from the file system (no `come` import is needed to find the modules),
 so a new module or subpackage (come.methods.*) is covered the day it is added.
@@ -272,7 +273,7 @@ MODULES = discover(SRC, PACKAGE)
 def test_discovery_sees_every_file():
     files = {p.resolve() for p in (SRC / PACKAGE).rglob("*.py")}
     assert {p.resolve() for p, _ in MODULES.values()} == files
-    assert "come.pipeline" in MODULES and "come.adapters" in MODULES
+    assert "come.engine.pipeline" in MODULES and "come.models.adapters" in MODULES
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +293,77 @@ def test_import_graph_is_a_dag():
 
 
 # ---- the checks themselves can fail ----------------------------------------------------------------
+
+
+# ---- levels and layers ---------------------------------------------------------------------------
+
+MAX_LEVELS = 10  # a module's level: 1 + the highest level among the modules it imports
+# The layers from the ground up, each a folder of the package (or top-level modules); a module
+# imports only from its own layer or one below. "" is the package itself, the public API face.
+LAYERS = (("errors", "_version"), ("settings",), ("models",), ("merging",), ("scoring",), ("engine",), ("methods",),
+          ("recovery", "evaluation"), ("service",), ("cli",), ("",))
+
+
+def levels(graph: dict[str, dict[str, str]]) -> dict[str, int]:
+    """{module: level} of an acyclic import graph: 1 for a module that imports none of the package."""
+    found: dict[str, int] = {}
+
+    def level(m: str) -> int:
+        if m not in found:
+            found[m] = 1 + max((level(d) for d in graph[m]), default=0)
+        return found[m]
+
+    for m in graph:
+        level(m)
+    return found
+
+
+def deepest_chain(graph: dict[str, dict[str, str]]) -> list[str]:
+    """The longest import chain, from the highest module down to the ground."""
+    level = levels(graph)
+    chain = [max(sorted(graph), key=level.get)]
+    while graph[chain[-1]]:
+        chain.append(max(sorted(graph[chain[-1]]), key=level.get))
+    return chain
+
+
+def layer_of(module: str, package: str, layers: tuple[tuple[str, ...], ...]) -> int | None:
+    """The index in `layers` of the folder (or top-level module) that holds `module`; None: in none."""
+    part = module[len(package) + 1:].split(".")[0] if module != package else ""
+    return next((i for i, names in enumerate(layers) if part in names), None)
+
+
+def upward_imports(graph: dict[str, dict[str, str]], package: str, layers: tuple[tuple[str, ...], ...]) -> list[str]:
+    """Every import of a module from a higher layer (or of/by a module in no layer), as 'a -> b at file:line'."""
+    bad = []
+    for a in sorted(graph):
+        for b, where in sorted(graph[a].items()):
+            la, lb = layer_of(a, package, layers), layer_of(b, package, layers)
+            if la is None or lb is None or lb > la:
+                bad.append(f"{a} (layer {la}) -> {b} (layer {lb})  at {where}")
+    return bad
+
+
+def test_import_graph_has_at_most_ten_levels():
+    graph = import_graph(MODULES, PACKAGE)
+    assert not find_cycles(graph)
+    chain = deepest_chain(graph)
+    assert len(chain) <= MAX_LEVELS, f"{len(chain)} levels: " + " -> ".join(chain)
+
+
+def test_imports_go_down_the_layers():
+    """No module imports one of a higher layer (an import inside a function counts; one under
+    `if TYPE_CHECKING:`, for a type hint only, never runs and does not), and every module sits
+    in a declared layer."""
+    assert not upward_imports(import_graph(MODULES, PACKAGE), PACKAGE, LAYERS)
+
+
+def test_package_faces_are_empty():
+    """A subpackage's __init__.py holds a docstring only (come.methods: the registry's filling),
+    so importing a folder adds no level and no hidden edge; the API face is the package's own."""
+    faces = {m: imports(path, m, True) for m, (path, is_pkg) in MODULES.items()
+             if is_pkg and m not in (PACKAGE, f"{PACKAGE}.methods")}
+    assert faces and not {m: i for m, i in faces.items() if i}
 
 
 def _write_package(root: Path, files: dict[str, str]) -> None:
@@ -340,21 +412,46 @@ def test_fresh_imports_catch_an_import_order_bug(tmp_path):
 
 
 def test_public_functions_keep_their_names_after_their_submodules_load():
-    """`come.distill` / `come.evaluate` are modules AND public functions: importing the module
-    first must not turn `from come import distill` into the module."""
-    code = ("import come.distill, come.evaluate, come.compression\n"
+    """`come.distill` / `come.evaluate` are public functions whose modules share their names
+    (recovery/distill.py, evaluation/evaluate.py): importing the modules first leaves
+    `from come import distill` the function."""
+    code = ("import come.recovery.distill, come.evaluation.evaluate, come.engine.compression\n"
             "from come import compress, distill, evaluate\n"
             "assert all(callable(f) and not isinstance(f, type(come)) for f in (compress, distill, evaluate))\n"
-            "from come.distill import check_pair\n"
+            "from come.recovery.distill import check_pair\n"
             "import come\n")
     run = subprocess.run([sys.executable, "-c", "import come\n" + code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
 
 
+def test_level_and_layer_checks_see_a_deep_chain_and_an_upward_import(tmp_path):
+    _write_package(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/errors.py": "",
+        "pkg/low/__init__.py": "",
+        "pkg/low/a.py": "from ..errors import x\n",
+        "pkg/low/b.py": "from typing import TYPE_CHECKING\nfrom .a import y\nif TYPE_CHECKING:\n    from ..high.c import T\n",
+        "pkg/high/__init__.py": "",
+        "pkg/high/c.py": "from ..low.b import z\n\ndef f():\n    from ..low import a\n",
+        "pkg/stray.py": "",
+    })
+    graph = import_graph(discover(tmp_path, "pkg"), "pkg")
+    assert levels(graph)["pkg.high.c"] == 4 and deepest_chain(graph) == ["pkg.high.c", "pkg.low.b", "pkg.low.a",
+                                                                          "pkg.errors"]
+    layers = (("errors",), ("low",), ("high",), ("",))
+    assert upward_imports(graph, "pkg", layers) == []  # the TYPE_CHECKING import up is no edge
+    graph["pkg.low.a"]["pkg.high.c"] = "pkg/low/a.py:9"
+    assert upward_imports(graph, "pkg", layers) == [
+        "pkg.low.a (layer 1) -> pkg.high.c (layer 2)  at pkg/low/a.py:9"]
+    del graph["pkg.low.a"]["pkg.high.c"]
+    graph["pkg.stray"]["pkg.errors"] = "pkg/stray.py:1"  # a module in no declared layer
+    assert upward_imports(graph, "pkg", layers) == ["pkg.stray (layer None) -> pkg.errors (layer 0)  at pkg/stray.py:1"]
+
+
 # ---- the settings floor ----------------------------------------------------------------------------
 
-SETTINGS = ("come.config", "come.distill_config", "come.options", "come.registry")  # the options objects, their
-# parsing and checks, and the registry they look methods up in
+SETTINGS = tuple(m for m in MODULES if m.startswith("come.settings"))  # the options objects, their parsing and
+# checks, the registry they look methods up in, the Plan
 HEAVY = ("torch", "transformers", "numpy")
 
 
@@ -375,7 +472,8 @@ def test_settings_floor_imports_no_torch_nor_the_engine():
     functions that run it)."""
     graph = import_graph(MODULES, PACKAGE)
     below = _reachable(graph, SETTINGS)
-    assert not below & {"come.methods", "come.pipeline", "come.profile", "come.compression"}, sorted(below)
+    assert not below & {"come.methods", "come.engine.pipeline", "come.engine.runner", "come.engine.compression"}, \
+        sorted(below)
     checked = below | {m for m in MODULES if m == "come.methods" or m.startswith("come.methods.")}
     heavy = {m: sorted({i.module for i in imports(MODULES[m][0], m, MODULES[m][1])
                         if i.module_level and i.module.split(".")[0] in HEAVY}) for m in sorted(checked)}
@@ -385,7 +483,7 @@ def test_settings_floor_imports_no_torch_nor_the_engine():
 def test_settings_load_without_torch():
     """Importing the settings, the registry and every method (what `come compress --help` and
     `CompressConfig(...).resolved()` need) loads no torch, in a fresh interpreter."""
-    code = ("import sys; import come.config, come.distill_config, come.options, come.methods; "
+    code = ("import sys; import come.settings.config, come.settings.distill_config, come.settings.specs, come.methods; "
             "from come import CompressConfig; CompressConfig(device='cpu', method='shortgpt').resolved(); "
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -403,7 +501,7 @@ def test_no_untyped_settings():
 
 # ---- the loops and the methods ---------------------------------------------------------------------
 
-LOOPS = ("come.pipeline", "come.dropping", "come.loops")  # the loops, and the module that starts them
+LOOPS = ("come.engine.pipeline", "come.engine.dropping", "come.engine.compression")  # the loops, and where a run starts
 # CoMe's own concepts (its split rules and search, unit sensitivities, its pair scorers): the
 # progressive loop names none of them, in any identifier, attribute, argument or import
 COME_CONCEPTS = ("split", "keeps_units", "sensitiv", "taylor", "head_score", "unit_gradients", "choose_units",
@@ -424,7 +522,7 @@ def _all_imports(path: Path) -> set[str]:
 
 def test_method_base_starts_no_loop():
     """methods/base.py imports no loop, not even under TYPE_CHECKING or through another module:
-    the layer above (come.loops) runs a method in its loop, which calls the method back."""
+    the engine (come.engine.compression) runs a method in its loop, which calls the method back."""
     base = MODULES["come.methods.base"][0]
     named = {m.rpartition(".")[2] for m in _all_imports(base)}
     assert not named & {m.rpartition(".")[2] for m in LOOPS}, sorted(named)
@@ -458,7 +556,7 @@ def come_concepts(source: str) -> list[str]:
 
 
 def test_the_loop_does_not_know_come():
-    assert come_concepts(MODULES["come.pipeline"][0].read_text()) == []
+    assert come_concepts(MODULES["come.engine.pipeline"][0].read_text()) == []
 
 
 @pytest.mark.parametrize("line", [

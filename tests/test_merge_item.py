@@ -12,16 +12,16 @@ import transformers
 from typer.testing import CliRunner
 
 from come import CompressConfig, ComeError, compress, load_plan
-from come.adapters import get_adapter
-from come.budget import count_params, merge_windows, merges_needed
-from come.checkpoint import load_model, save_checkpoint
-from come.cli import app
-from come.data import token_windows
-from come.distill import check_pair
-from come.merge import concat_merge_many
-from come.pair_scoring import choose_window_units, eligible_pairs
-from come.profile import LayerRunner
-from come.selection import joint_counts, joint_split, share_counts, split_counts, split_ratio, split_shares
+from come.cli.app import app
+from come.engine.runner import LayerRunner
+from come.merging.merge import concat_merge_many
+from come.models.adapters import get_adapter
+from come.models.budget import count_params, merge_windows, merges_needed
+from come.models.checkpoint import load_model, save_checkpoint
+from come.models.data import token_windows
+from come.recovery.distill import check_pair
+from come.scoring.pair_scoring import choose_window_units, eligible_pairs
+from come.scoring.selection import joint_counts, joint_split, share_counts, split_counts, split_ratio, split_shares
 
 from conftest import corpus, tiny_model
 from layer_utils import parallel, rel_err, reload_equal, run_layer

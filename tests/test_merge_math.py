@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from come.adapters import get_adapter
-from come.merge import concat_merge, fold_norms, query_heads
+from come.merging.merge import concat_merge, fold_norms, query_heads
+from come.models.adapters import get_adapter
 
 from conftest import tiny_model
 from layer_utils import masked, parallel, rel_err, run_layer

@@ -10,11 +10,11 @@ import torch
 import transformers
 
 from come import CompressConfig, compress
-from come.dropping import absorb
+from come.engine.dropping import absorb
 from come.methods.replaceme import angle_block
 from come.methods.shortgpt import lowest_bi_layers
-from come.checkpoint import save_checkpoint
-from come.data import token_windows
+from come.models.checkpoint import save_checkpoint
+from come.models.data import token_windows
 
 from conftest import corpus, tiny_model
 
@@ -76,7 +76,7 @@ def test_replaceme_drops_a_layer_that_writes_nothing_without_change(tokenizer):
 def test_rdsc_and_average_operators(tokenizer):
     """On two single layers LaCo's RDSC is theta_A + (theta_B - theta_A) = theta_B exactly;
     averaging gives the mean of every tensor."""
-    from come.merge import rdsc_coefficients
+    from come.merging.merge import rdsc_coefficients
 
     assert rdsc_coefficients(3) == [-1.0, 1.0, 1.0]
     dense = tiny_model("llama")
@@ -103,7 +103,7 @@ from come.methods import REGISTRY, get_method, method_names  # noqa: E402
 def test_every_registered_method_writes_a_stock_checkpoint_and_a_plan(tokenizer, tmp_path, name):
     """Whatever a method does, its output is a stock checkpoint with one Plan covering every
     original layer, reached through `compress()` by name alone."""
-    from come.plan import load_plan
+    from come.settings.plan import load_plan
 
     dense = tiny_model("qwen2")
     calib = token_windows(corpus(), tokenizer, 8, 32, seed=0)
@@ -123,8 +123,8 @@ def test_every_registered_method_writes_a_stock_checkpoint_and_a_plan(tokenizer,
 def test_the_cli_and_compare_read_the_registry():
     import typer
 
-    from come.cli import app
-    from come.compare import default_methods
+    from come.cli.app import app
+    from come.settings.registry import default_methods
 
     params = typer.main.get_command(app).commands["compress"].params
     method = next(p for p in params if "--method" in getattr(p, "opts", []))
@@ -176,7 +176,7 @@ def test_a_new_method_is_one_new_file(tmp_path, tokenizer, text_file):
     tiny_model("llama").save_pretrained(model)
     tokenizer.save_pretrained(model)
     script = (
-        "import sys; from typer.testing import CliRunner; from come.cli import app; from come.plan import load_plan\n"
+        "import sys; from typer.testing import CliRunner; from come.cli.app import app; from come.settings.plan import load_plan\n"
         "from come.methods import method_names; assert 'first-layers' in method_names(), method_names()\n"
         "import typer; ps = typer.main.get_command(app).commands['compress'].params\n"
         "assert any('first-layers' in (p.help or '') for p in ps)\n"

@@ -13,11 +13,11 @@ import torch
 from conftest import corpus, tiny_model
 
 from come import CompressConfig, compress
-from come.adapters import AttnShape, LayerWeights, get_adapter
-from come.data import token_windows
 from come.methods import get_method
 from come.methods.mka import diffusion_embedding, fusion_weight, layer_similarity, npib_matrix
-from come.pair_scoring import PairToMerge, no_units
+from come.models.adapters import AttnShape, LayerWeights, get_adapter
+from come.models.data import token_windows
+from come.scoring.pair_scoring import PairToMerge, no_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

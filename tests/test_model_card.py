@@ -13,9 +13,9 @@ import pytest
 import transformers
 import yaml
 
-from come.checkpoint import save_checkpoint, source_metadata
-from come.model_card import CARD_FILE, EVAL_END, EVAL_START, add_eval_to_card, front_matter, model_card
-from come.plan import PLAN_FILE, MergeRecord, Plan, load_plan
+from come.models.checkpoint import save_checkpoint, source_metadata
+from come.models.model_card import CARD_FILE, EVAL_END, EVAL_START, add_eval_to_card, front_matter, model_card
+from come.settings.plan import PLAN_FILE, MergeRecord, Plan, load_plan
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M"
 RESULTS = {

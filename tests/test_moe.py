@@ -15,13 +15,13 @@ import pytest
 import torch
 import transformers
 
-from come.activation_cache import ActivationCache
-from come.adapters import get_adapter
-from come.data import token_windows
+from come.engine.cache import ActivationCache
+from come.engine.runner import LayerRunner
 from come.errors import ComeError
-from come.layer_refit import refit_layer, write_down_proj
-from come.merge import concat_merge, fold_norms, linear_combination
-from come.profile import LayerRunner
+from come.merging.layer_refit import refit_layer, write_down_proj
+from come.merging.merge import concat_merge, fold_norms, linear_combination
+from come.models.adapters import get_adapter
+from come.models.data import token_windows
 
 from conftest import MOE_FAMILIES, corpus, tiny_model
 

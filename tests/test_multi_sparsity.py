@@ -11,10 +11,10 @@ import transformers
 from typer.testing import CliRunner
 
 from come import CompressConfig, ComeError, compress
-from come.cli import app
-from come.compare import method_list
+from come.cli.app import app
 from come.methods import get_method, method_names
-from come.plan import PLAN_FILE, load_plan
+from come.settings.plan import PLAN_FILE, load_plan
+from come.settings.specs import method_list
 
 from conftest import tiny_model
 from golden_runs import _strip, tiny_calib, weights_record
@@ -69,9 +69,9 @@ def test_a_list_needs_somewhere_to_go(tokenizer):
     ("0.1,,0.2", "takes a number"),
 ])
 def test_bad_lists_are_one_line_errors_before_loading(text, message, model_dir, text_file, tmp_path, monkeypatch):
-    import come.checkpoint
+    import come.models.checkpoint
 
-    monkeypatch.setattr(come.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(come.models.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["compress", str(model_dir), "--out", str(out), "--calib", str(text_file),
                                       "--sparsity", text, "--device", "cpu"])

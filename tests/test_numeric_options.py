@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from come import ComeError, DistillConfig, distill
-from come.checkpoint import save_checkpoint
-from come.cli import app
-from come.options import base_type, bounds_of, count
-from come.selection import split_ratio
+from come.cli.app import app
+from come.models.checkpoint import save_checkpoint
+from come.scoring.selection import split_ratio
+from come.settings.options import base_type, bounds_of, count
 
-distill_mod = importlib.import_module("come.distill")  # the module; `come.distill` is the API function
+distill_mod = importlib.import_module("come.recovery.distill")  # the module; `come.distill` is the API function
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 import transformers
 
 from come import CompressConfig, compress
-from come.adapters import get_adapter
-from come.checkpoint import save_checkpoint
-from come.data import token_windows
+from come.engine.preparation import prepare
 from come.errors import ComeError
 from come.methods.magnitude import least_important_plus, magnitude_importance, spared_blocks
 from come.methods.sleb import candidate_losses, sleb_order
 from come.methods.taylor import taylor_importance
-from come.preparation import prepare
+from come.models.adapters import get_adapter
+from come.models.checkpoint import save_checkpoint
+from come.models.data import token_windows
 
 from conftest import corpus, tiny_model
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from come import CompressConfig, ComeError, compress, load_plan
-from come.data import token_windows
-from come.budget import count_params, merges_needed
+from come.models.budget import count_params, merges_needed
+from come.models.data import token_windows
 
 from conftest import corpus, tiny_model
 from layer_utils import reload_equal

@@ -16,8 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 from come import CompressConfig, ComeError, compress
-from come.cli import app
-from come.data import token_windows
+from come.cli.app import app
+from come.models.data import token_windows
 
 from conftest import corpus, tiny_model
 
@@ -103,7 +103,7 @@ def test_ranges_against_the_model(model_dir, text_file, tmp_path):
 
 
 def test_corrupt_plans(model_dir, tmp_path):
-    from come.plan import load_plan
+    from come.settings.plan import load_plan
 
     bad = tmp_path / "come_plan.json"
     for content in ("{not json", json.dumps({"model": "m", "method": "come", "settings": {}, "num_layers_before": 6,
@@ -154,7 +154,7 @@ def test_plan_is_always_valid_json(tokenizer):
 
 
 def test_outputs_are_normal_directories_and_leftovers_are_cleaned(tokenizer, tmp_path):
-    from come.checkpoint import save_checkpoint
+    from come.models.checkpoint import save_checkpoint
 
     out = tmp_path / "out"
     stale = tmp_path / ".out.tmp-999999999-abcdefgh"  # a pid that is not running (test_data_safety.py: other names)
@@ -200,7 +200,7 @@ def test_eval_perplexity_default_is_offline_with_task_data():
 @pytest.fixture
 def no_hub(monkeypatch):
     """The Hub unreachable (a name that never resolves), the probe's memo cleared both ways."""
-    from come.hub import hub_reachable
+    from come.settings.hub import hub_reachable
 
     monkeypatch.setenv("HF_ENDPOINT", "https://come-offline.invalid")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

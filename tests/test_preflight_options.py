@@ -15,8 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from come import CompressConfig, ComeError, DistillConfig, EvalConfig, compress
-from come.cli import app
-from come.data import token_windows
+from come.cli.app import app
+from come.models.data import token_windows
 
 from conftest import corpus, tiny_model
 
@@ -29,12 +29,12 @@ NO_WEIGHTS = "the test's stand-in for loading weights was reached"
 def no_weights(monkeypatch):
     """Loading weights fails with a marker: a check that fires first is one line without it;
     a run that passes every check ends on it (exit 2, the marker in its line)."""
-    import come.checkpoint
+    import come.models.checkpoint
 
     def refuse(*args, **kwargs):
         raise ComeError(NO_WEIGHTS)
 
-    monkeypatch.setattr(come.checkpoint, "load_model", refuse)
+    monkeypatch.setattr(come.models.checkpoint, "load_model", refuse)
 
 
 def _run(*args):
@@ -110,7 +110,7 @@ def test_api_entry_refuses_wrong_objects(tokenizer):
 
 def test_api_distill_and_compare_refuse_wrong_objects(tokenizer, tmp_path):
     from come import distill
-    from come.compare import compare
+    from come.service import compare
 
     model = tiny_model("llama")
     calib = token_windows(corpus(), tokenizer, 8, 32, seed=0)
@@ -174,7 +174,7 @@ def test_compare_applies_a_shared_option_where_it_is_read(no_weights, model_dir,
 
 
 def test_compare_methods_list_is_checked(no_weights, model_dir, text_file):
-    from come.compare import default_methods
+    from come.settings.registry import default_methods
 
     _one_line(_compare(model_dir, text_file, "--methods", ""), "--methods: none given")
     _one_line(_compare(model_dir, text_file, "--methods", "come:refit=none:refit=ls"), "sets refit twice")
@@ -190,7 +190,7 @@ def test_compare_methods_list_is_checked(no_weights, model_dir, text_file):
 @pytest.fixture(scope="module")
 def student_dirs(tokenizer, tmp_path_factory):
     """(teacher dir, student dir with its Plan, training text): a tiny 6 -> 5 layer pair."""
-    from come.checkpoint import save_checkpoint
+    from come.models.checkpoint import save_checkpoint
 
     teacher = tiny_model("llama")
     calib = token_windows(corpus(), tokenizer, 8, 32, seed=0)

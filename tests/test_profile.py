@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from come.activation_cache import ActivationCache
-from come.adapters import get_adapter
+from come.engine.cache import ActivationCache
+from come.engine.runner import LayerRunner
 from come.errors import ComeError
-from come.data import token_windows
-from come.layer_refit import refit_layer
-from come.profile import LayerRunner
+from come.merging.layer_refit import refit_layer
+from come.models.adapters import get_adapter
+from come.models.data import token_windows
 
 from conftest import FAMILIES, MOE_FAMILIES, corpus, tiny_model
 

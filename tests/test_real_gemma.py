@@ -10,9 +10,9 @@ import torch
 import transformers
 
 from come import CompressConfig, compress
-from come.checkpoint import load_model, save_checkpoint
-from come.data import eval_windows, token_windows
-from come.evaluate import perplexity
+from come.evaluation.evaluate import perplexity
+from come.models.checkpoint import load_model, save_checkpoint
+from come.models.data import eval_windows, token_windows
 
 from conftest import corpus
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from come import CompressConfig, ComeError, compress
-from come.adapters import get_adapter
-from come.data import token_windows
-from come.profile import LayerRunner
-from come.refit import NormalEquations, fit, fit_map, gram, ridge_solve, sq_error
+from come.engine.runner import LayerRunner
+from come.merging.refit import NormalEquations, fit, fit_map, gram, ridge_solve, sq_error
+from come.models.adapters import get_adapter
+from come.models.data import token_windows
 
 from conftest import corpus, tiny_model
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from come import CompressConfig, ComeError, compress
-from come.activation_cache import ActivationCache, relative_change
-from come.data import token_windows
+from come.engine.cache import ActivationCache, relative_change
+from come.models.data import token_windows
 
 from conftest import corpus, tiny_model
 
@@ -96,7 +96,7 @@ def _count_layer_passes(monkeypatch) -> list[int]:
     """Counts every pass of a decoder layer over the calibration batches, through the runner
     or the refit's statistics pass (each checked to call the layer): what `layer_forwards`
     must add up to."""
-    from come.profile import LayerRunner
+    from come.engine.runner import LayerRunner
 
     passes = [0]
     for name in ("run", "collect_refit"):
@@ -160,7 +160,7 @@ def test_refit_reads_true_inputs_in_window_mode(tokenizer, caches, monkeypatch, 
     """Past a window the later layers' statistics are stale, but the refit of a later merge
     reads the states entering its layer in the CURRENT model: checked at every refit against
     the stock model's own forward (output_hidden_states)."""
-    import come.pipeline as pipeline
+    import come.engine.pipeline as pipeline
 
     real = pipeline.refit_layer
     seen = []
@@ -220,7 +220,7 @@ def test_dense_targets_survive_a_merge_at_position_0(tokenizer, caches, monkeypa
     targets, by original boundary). Regression: it did, in full mode."""
     import copy
 
-    import come.pipeline as pipeline
+    import come.engine.pipeline as pipeline
 
     picks = []
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from come.adapters import get_adapter
-from come.profile import LayerRunner
-from come.selection import choose_pair, joint_split, skip_scores, split_counts, split_ratio
-from come.sensitivity import channel_abs_sum, channel_sensitivity, head_sensitivity, top_units
+from come.engine.runner import LayerRunner
+from come.models.adapters import get_adapter
+from come.scoring.selection import choose_pair, joint_split, skip_scores, split_counts, split_ratio
+from come.scoring.sensitivity import channel_abs_sum, channel_sensitivity, head_sensitivity, top_units
 
 from conftest import tiny_model
 from layer_utils import masked, run_layer

@@ -16,14 +16,14 @@ import transformers
 from typer.testing import CliRunner
 
 from come import CompressConfig, compress
-from come.adapters import get_adapter
-from come.checkpoint import load_model, save_checkpoint
-from come.cli import app
-from come.data import eval_windows, token_windows
-from come.evaluate import perplexity
-from come.pair_scoring import unit_scores
-from come.preparation import prepare
-from come.sensitivity import attn_path_norm, ffn_path_norm, output_taylor, taylor_unit_sensitivity
+from come.cli.app import app
+from come.engine.preparation import prepare
+from come.evaluation.evaluate import perplexity
+from come.models.adapters import get_adapter
+from come.models.checkpoint import load_model, save_checkpoint
+from come.models.data import eval_windows, token_windows
+from come.scoring.pair_scoring import unit_scores
+from come.scoring.sensitivity import attn_path_norm, ffn_path_norm, output_taylor, taylor_unit_sensitivity
 
 from conftest import corpus, tiny_model
 

@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 import come
-import come.checkpoint
-import come.data
+import come.models.checkpoint
+import come.models.data
 import come.service
 from come import ComeError, CompressConfig, EvalConfig
-from come.cli import app
+from come.cli.app import app
 
 from conftest import tiny_model
 
@@ -86,7 +86,7 @@ def test_every_entry_goes_through_prepare(model_dir, text_file, tmp_path, monkey
     (dict(protect="0,1,2,3,4,5"), "nothing can merge"),
 ])
 def test_the_same_preflight_for_every_entry(model_dir, text_file, tmp_path, monkeypatch, cfg, said):
-    monkeypatch.setattr(come.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(come.models.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     out = tmp_path / "out"
     lines = {entry: call() for entry, call in _entries(model_dir, text_file, out, **cfg).items()}
     assert said in lines["come compress"], lines
@@ -95,15 +95,15 @@ def test_the_same_preflight_for_every_entry(model_dir, text_file, tmp_path, monk
 
 
 def test_the_output_check_names_the_inputs(model_dir, text_file, monkeypatch):
-    monkeypatch.setattr(come.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(come.models.checkpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     lines = {entry: call() for entry, call in _entries(model_dir, text_file, model_dir).items()}
     assert all("is the input MODEL" in line for line in lines.values()), lines
 
 
 def test_calibration_is_tokenized_once_per_run(model_dir, text_file, tokenizer, tmp_path, monkeypatch):
     calls = []
-    real = come.data.load_calibration
-    monkeypatch.setattr(come.data, "load_calibration", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = come.models.data.load_calibration
+    monkeypatch.setattr(come.models.data, "load_calibration", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     levels = dict(sparsity="0.1,0.3")
     written = {"come compress": "sparsity-0.30/come_plan.json", "come.compress_to": "sparsity-0.30/come_plan.json",
                "come compare": "report.json", "come.compare_to": "report.json"}
@@ -129,16 +129,15 @@ def test_calibration_is_tokenized_in_one_place():
     run starts without ids: compress() and the service. The methods receive the ids (the test
     above runs auto, whose candidates share them)."""
     names = {"token_windows", "load_calibration"}
-    callers = {p.relative_to(SRC).as_posix(): _calls(p, names) for p in SRC.rglob("*.py")
-               if p.parent == SRC}
-    assert {p: c for p, c in callers.items() if c} == {"data.py": {"token_windows"},
-                                                       "compression.py": {"load_calibration"},
+    callers = {p.relative_to(SRC).as_posix(): _calls(p, names) for p in SRC.rglob("*.py")}
+    assert {p: c for p, c in callers.items() if c} == {"models/data.py": {"token_windows"},
+                                                       "engine/compression.py": {"load_calibration"},
                                                        "service.py": {"load_calibration"}}
 
 
 def test_the_cli_leaves_the_run_to_the_service():
-    """cli.py parses and prints: the budget, the run and the comparison are the service's."""
-    tree = ast.parse((SRC / "cli.py").read_text())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not imported & {"budget", "compression", "compare"}, imported
+    """cli/app.py parses and prints: the budget, the run and the comparison are the service's."""
+    tree = ast.parse((SRC / "cli" / "app.py").read_text())
+    imported = {node.module.rpartition(".")[2] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"budget", "compression", "rows"}, imported
     assert "service" in imported

@@ -13,13 +13,13 @@ import transformers
 from conftest import tiny_model
 
 from come import CompressConfig, compress
-from come.adapters import get_adapter
+from come.engine.preparation import prepare
 from come.errors import ComeError
-from come.merge import concat_merge
-from come.pair_scoring import choose_units, read_pair
-from come.plan import PLAN_FILE, load_plan
-from come.preparation import prepare
-from come.split_search import split_grid
+from come.merging.merge import concat_merge
+from come.models.adapters import get_adapter
+from come.scoring.pair_scoring import choose_units, read_pair
+from come.scoring.split_search import split_grid
+from come.settings.plan import PLAN_FILE, load_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +94,7 @@ def test_every_candidate_nll_is_the_whole_merged_models(setup, tokenizer):
 
 
 def test_granularity_one_tries_the_two_drops_and_the_plan_round_trips(setup, tokenizer, tmp_path):
-    from come.checkpoint import save_checkpoint
+    from come.models.checkpoint import save_checkpoint
 
     model, ids = setup
     out, plan = compress(copy.deepcopy(model), tokenizer, _cfg(granularity=1), calib=ids)
@@ -115,7 +115,7 @@ def test_error_score_ranks_by_the_merged_layers_output_error(setup, tokenizer):
 
 
 def test_plans_without_a_search_keep_their_json():
-    from come.plan import MergeRecord, Plan
+    from come.settings.plan import MergeRecord, Plan
 
     rec = MergeRecord(0, 0, [0], [1], "concat", [], [], [], [], 0.5, 0.1, 0.1, 0.1, [0.1], 10, 9)
     assert "split_search" not in Plan("m", "come", {}, 2, merges=[rec]).to_json()

@@ -10,9 +10,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from come.threads import available_cores, others_running, wait_policy
+from come.settings.threads import available_cores, others_running, wait_policy
 
-PROBE = "import os, come.cli; print(os.environ.get('OMP_WAIT_POLICY'), come.cli._WAIT_POLICY[1])"
+PROBE = "import os, come.cli.app; print(os.environ.get('OMP_WAIT_POLICY'), come.cli.app._WAIT_POLICY[1])"
 
 
 def test_wait_policy_rule():

@@ -10,25 +10,23 @@ load on first use (PEP 562), since they import torch and `come --help` should no
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from . import methods  # noqa: F401  (fills the registry the settings resolve against)
 from ._version import __version__
-from .config import CompressConfig, EvalConfig
-from .distill_config import DistillConfig
 from .errors import ComeError
 from .service import compare_to, compress_to
+from .settings.config import CompressConfig, EvalConfig
+from .settings.distill_config import DistillConfig
 
-_HOMES = {"compress": "compression", "Plan": "plan", "load_plan": "plan", "distill": "distill",
-          "evaluate": "evaluate"}
+_HOMES = {"compress": "engine.compression", "Plan": "settings.plan", "load_plan": "settings.plan",
+          "distill": "recovery.distill", "evaluate": "evaluation.evaluate"}
 
 if TYPE_CHECKING:
-    from .compression import compress
-    from .distill import distill
-    from .evaluate import evaluate
-    from .plan import Plan, load_plan
+    from .engine.compression import compress
+    from .evaluation.evaluate import evaluate
+    from .recovery.distill import distill
+    from .settings.plan import Plan, load_plan
 
 __all__ = ["CompressConfig", "ComeError", "EvalConfig", "DistillConfig", "Plan", "compare_to", "compress",
            "compress_to", "distill", "evaluate", "load_plan", "__version__"]
@@ -38,17 +36,3 @@ def __getattr__(name: str):
     if name not in _HOMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-
-
-class _Package(types.ModuleType):
-    """`distill` and `evaluate` name both a submodule and its public function. Importing a
-    submodule binds it as the package's attribute; here the function keeps the name (the
-    submodule stays importable as `come.distill` through sys.modules)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _HOMES and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -3,8 +3,10 @@
 same pre-flight in the same order (the outputs, naming the inputs they must not overwrite; the
 settings against the model's config: context, protected layers, whether the target is
 reachable), then the tokenizer, the calibration (tokenized once, for every row and level) and
-the weights. A bad input fails before any weight loads, with nothing written. Imported, it
-loads no torch (the engine loads inside the functions): the CLI imports it at start-up."""
+the weights. A bad input fails before any weight loads, with nothing written. `compare` is the
+comparison on a model in memory: each method compresses a copy (the engine) and each copy is
+evaluated into a report row (rows.py). Imported, it loads no torch (the engine loads inside the
+functions): the CLI imports it at start-up."""
 
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import CompressConfig, EvalConfig
 from .errors import ComeError
-from .options import cli_fields, flag_of
+from .settings.config import CompressConfig, EvalConfig
+from .settings.options import cli_fields, flag_of
+from .settings.registry import default_methods
+from .settings.specs import MethodSpec, method_list, resolve
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from .plan import Plan
+    from .settings.plan import Plan
 
 EVAL_PREFIX = "eval-"  # compare spells the evaluation's flags that compress also has --eval-seqlen, ...
 
@@ -43,10 +47,10 @@ def prepare(name: str, cfgs: list[CompressConfig], outs: list[str | Path], overw
     `cfgs`: the runs' settings (compare: one per row; they share the calibration and the target);
     `outs`: the directories to write, checked against `inputs` ({flag: path}, never overwritten);
     `evaluation`: compare's, checked against the model too (its flags as compare spells them)."""
-    from .budget import merge_budget
-    from .checkpoint import load_config, load_model, load_tokenizer, meta_model
-    from .data import load_calibration
-    from .preflight import check_output_dir
+    from .models.budget import merge_budget
+    from .models.checkpoint import load_config, load_model, load_tokenizer, meta_model
+    from .models.data import load_calibration
+    from .models.preflight import check_output_dir
 
     for path in outs:
         check_output_dir(path, overwrite, inputs=inputs)
@@ -81,9 +85,9 @@ def compress_to(model: str, out: str | Path, cfg: CompressConfig, overwrite: boo
     """Compress the model at `model` (Hub id, local directory, .gguf) and write a stock checkpoint
     to `out` (several --sparsity levels: one per level, out/sparsity-0.10, ...); return the Plans,
     smallest level first. `written(plan, path)` is told of each checkpoint as it lands."""
-    from .api_inputs import expect
-    from .checkpoint import save_checkpoint
-    from .compression import compress, resolve
+    from .engine.compression import compress
+    from .models.api_inputs import expect
+    from .models.checkpoint import save_checkpoint
 
     cfg = resolve(expect(cfg, CompressConfig, "cfg"))
     outs = level_dirs(out, cfg.levels())
@@ -101,14 +105,63 @@ def compress_to(model: str, out: str | Path, cfg: CompressConfig, overwrite: boo
     return plans
 
 
+def compare(model, tokenizer, base: CompressConfig, methods: list[MethodSpec] | str, calib: Tensor, out: Path,
+            evaluation: EvalConfig, model_name: str = "", overwrite: bool = False) -> list[dict]:
+    """Compress a copy of `model` with each method (same calibration ids), evaluate each
+    and the dense model, and write the report into `out`. Returns the report rows. With
+    several sparsities (`base.sparsity` a list) each method runs once through every level
+    (compress's `on_level`) and gives one row per level, labelled `method@level`. `methods` may
+    be given as `--methods` text ("come,shortgpt:refit=ls"). `out` is checked before any work
+    (empty, or with `overwrite` a come output: atomic_dir)."""
+    import copy
+    import tempfile
+
+    from .engine.compression import compress
+    from .evaluation.report import write_report
+    from .evaluation.rows import evaluated, row, set_against_first
+    from .models.api_inputs import expect, expect_model, expect_token_ids
+    from .models.checkpoint import atomic_dir
+    from .models.preflight import check_output_dir
+    from .scoring.fidelity import ReferenceWriter
+
+    expect(base, CompressConfig, "base")
+    expect(evaluation, EvalConfig, "evaluation")
+    expect_token_ids(calib, expect_model(model), "calib")
+    methods = method_list(methods, base) if isinstance(methods, str) else methods
+    evaluation.check()
+    check_output_dir(out, overwrite, inputs={"model": model_name, "calib": base.calib})
+    eval_kwargs = evaluation.evaluate_kwargs()
+    levels = base.levels()
+    plans: dict[str, Plan] = {}
+    with tempfile.TemporaryDirectory(prefix="come-reference-") as ref_dir:
+        # the dense row's perplexity pass records its distributions: every row's KL reuses them
+        writer = ReferenceWriter(ref_dir, "dense") if eval_kwargs["ppl_data"] else None
+        rows = [row("dense", model, None, None, tokenizer, eval_kwargs, plans, writer=writer)]
+        reference = writer.close() if writer else None
+        for spec in methods:
+            def on_level(lm, plan: Plan, spec=spec) -> None:  # each level's model is evaluated as the run passes it
+                label = spec.label if len(levels) == 1 else f"{spec.label}@{plan.target_sparsity:g}"
+                rows.append(row(label, lm, plan, plan.wall_time_s, tokenizer, eval_kwargs, plans, reference))
+
+            on_level(*compress(copy.deepcopy(model), tokenizer, spec.config(base), calib=calib, model_name=model_name,
+                               on_level=on_level if len(levels) > 1 else None))
+    set_against_first(rows, len(methods) > 1)
+    tasks = list(rows[0]["tasks"])
+    header = (f"Model {model_name or 'model'}; sparsity {', '.join(f'{s:g}' for s in levels)} of all params; "
+              f"calibration {calib.shape[0]} x {calib.shape[1]} tokens of {base.calib} (seed {base.seed}); "
+              f"{evaluated(evaluation, eval_kwargs)}.")
+    with atomic_dir(out, overwrite) as tmp:
+        write_report(tmp, rows, tasks, plans, header)
+    return rows
+
+
+
 def compare_to(model: str, out: str | Path, cfg: CompressConfig, methods: str | None = None,
                evaluation: EvalConfig | None = None, overwrite: bool = False, dtype: str = "auto") -> list[dict]:
     """Compress the model at `model` with each of `methods` (`--methods` text; None: the default
     set) on the same calibration, evaluate them and the dense model, and write report.md,
     report.json and the plots to `out`; return the report rows."""
-    from .api_inputs import expect
-    from .compare import compare, method_list
-    from .registry import default_methods
+    from .models.api_inputs import expect
 
     expect(cfg, CompressConfig, "cfg")
     evaluation = EvalConfig() if evaluation is None else expect(evaluation, EvalConfig, "evaluation")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ..registry import REGISTRY, default_methods, get_method, method_names, method_options, register
+from ..settings.registry import REGISTRY, default_methods, get_method, method_names, method_options, register
 from .base import DropMethod, MergeMethod, Method
 
 for _info in pkgutil.iter_modules(__path__):

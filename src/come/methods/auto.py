@@ -46,7 +46,7 @@ class Auto(Method):
     ignored_hint = " (each candidate has its own: give it in the candidate's spec, e.g. --candidates come,shortgpt:refit=ls)"
 
     def check(self, cfg) -> None:
-        from ..compare import method_list
+        from ..settings.specs import method_list
 
         if len(cfg.levels()) > 1:
             raise ComeError("--method auto takes one --sparsity: the best recipe may differ by level; run each level")
@@ -66,8 +66,8 @@ class Auto(Method):
         return min(REGISTRY[s.method].removable(n_layers, s.config(_shared(cfg))) for s in _candidates(cfg))
 
     def compress(self, model, tokenizer, cfg, calib, model_name, levels=None):
-        from ..fidelity import ReferenceWriter, score_windows
-        from ..loops import run_method
+        from ..engine.compression import run_method
+        from ..scoring.fidelity import ReferenceWriter, score_windows
 
         n_held = max(1, round(len(calib) * HOLDOUT))
         fit, held = calib[:-n_held], calib[-n_held:]
@@ -108,6 +108,6 @@ def _shared(cfg):
 
 def _candidates(cfg) -> list:
     """The candidates' specs (compare.MethodSpec), each resolved on the shared settings."""
-    from ..compare import method_list
+    from ..settings.specs import method_list
 
     return method_list(cfg.candidates, _shared(cfg), "--candidates")

@@ -16,12 +16,12 @@ class Average(MergeMethod):
     merges_windows = True
 
     def merge(self, pair):
-        from ..merge import linear_combination
+        from ..merging.merge import linear_combination
 
         return linear_combination([pair.a, pair.b], [0.5, 0.5])
 
     def merge_window(self, window):
         """The mean of the m layers' weights (`--merge-item m`)."""
-        from ..merge import linear_combination
+        from ..merging.merge import linear_combination
 
         return linear_combination(window.layers, [1.0 / len(window.layers)] * len(window.layers))

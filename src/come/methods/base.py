@@ -6,8 +6,8 @@ to remove) subclass and decorates it with `@register`. Everything else (the CLI'
 choices and help, the defaults a config resolves to, `come compare`'s list) reads the
 registry (come.registry), so adding a method is one new file.
 
-Who runs a method: the layer above (come.loops.run_method, which compression.compress calls)
-puts a `MergeMethod` through the progressive loop (pipeline.py) and a `DropMethod` through the
+Who runs a method: the engine (come.compression.run_method, by the method's `loop`) puts a
+`MergeMethod` through the progressive loop (pipeline.py) and a `DropMethod` through the
 one-shot loop (dropping.py); the loop calls the method back (`MergeMethod.steps`,
 `DropMethod.select`). So a method never starts a loop, this module imports none, and one
 method stays one file: what only it measures (CoMe's split search, MKA's similarities) sits
@@ -27,19 +27,19 @@ import dataclasses
 import itertools
 from typing import TYPE_CHECKING, ClassVar
 
-from ..config import BUILT_SCORES, ERROR_SCORES, CompressConfig
 from ..errors import ComeError
-from ..options import flag_of
-from ..registry import REGISTRY, method_options, register
+from ..settings.config import BUILT_SCORES, ERROR_SCORES, CompressConfig
+from ..settings.options import flag_of
+from ..settings.registry import REGISTRY, method_options, register
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from ..activation_cache import ActivationCache
-    from ..adapters import LayerWeights
-    from ..pair_scoring import Choice, PairToMerge, WindowChoice, WindowToMerge
-    from ..plan import Plan
-    from ..preparation import Levels, Run
+    from ..engine.cache import ActivationCache
+    from ..engine.preparation import Levels, Run
+    from ..models.adapters import LayerWeights
+    from ..scoring.pair_scoring import Choice, PairToMerge, WindowChoice, WindowToMerge
+    from ..settings.plan import Plan
 
 __all__ = ["REGISTRY", "DropMethod", "MergeMethod", "MergeSteps", "Method", "method_options", "register",
            "unprotected_runs"]
@@ -65,7 +65,9 @@ class Method:
     default_pair_score: ClassVar[str] = "angular"  # what --pair-score resolves to when not given
     default_reprofile: ClassVar[str] = "full"  # what --reprofile resolves to when not given (and it fits)
     compared_by_default: ClassVar[bool] = True  # a row of `come compare` when --methods is not given
-    progressive: ClassVar[bool] = False  # True: removes layers by merging adjacent ones (MergeMethod)
+    # which loop runs it (come.compression.run_method): "progressive", merging adjacent layers
+    # (MergeMethod); "one-shot", dropping layers (DropMethod); None: it runs itself (`compress`)
+    loop: ClassVar[str | None] = None
     # The method-specific options (CompressConfig fields) this method reads. An option that some
     # method declares and this one does not is ignored by this one: a run refuses it when set
     # (`ignored`), a preset or `come compare`'s shared option leaves it at its default here.
@@ -108,7 +110,7 @@ class Method:
     def compress(self, model: "nn.Module", tokenizer, cfg: CompressConfig, calib: "Tensor | None", model_name: str,
                  levels: "Levels | None" = None) -> tuple["nn.Module", "Plan"]:
         """Compress in place to `cfg.sparsity`: only a method that is neither a `MergeMethod`
-        nor a `DropMethod` (those run in their loop, come.loops.run_method) implements it;
+        nor a `DropMethod` (those run in their loop, come.compression.run_method) implements it;
         `levels`: the smaller targets to hand over on the way (compression.compress makes it)."""
         raise NotImplementedError
 
@@ -144,13 +146,13 @@ class MergeMethod(Method):
     re-profile, repeat (pipeline.py)."""
 
     operator: ClassVar[str]  # recorded in the Plan per merge
-    progressive = True
+    loop = "progressive"
     # True: its merges keep units chosen by sensitivity (concatenation), so the pair scores that
     # build each candidate merge (BUILT_SCORES) apply; its steps choose the units
     keeps_units: ClassVar[bool] = False
     needs_originals: ClassVar[bool] = False  # True: merge() reads the original layers
     merges_windows: ClassVar[bool] = False  # True: merge_window() builds one layer from m > 2 (--merge-item)
-    # what the progressive pipeline reads (pipeline.py, pair_scoring.py, activation_cache.py)
+    # what the progressive pipeline reads (engine/pipeline.py, scoring/pair_scoring.py, engine/cache.py)
     options = Method.options | {"pair_score", "no_repeat", "merge_item", "reprofile", "reprofile_window",
                                 "reprofile_drift"}
 
@@ -191,6 +193,7 @@ class DropMethod(Method):
     """One-shot: choose the layers to remove from one profiling pass, drop them, and
     optionally refit the layer kept before each removed run (dropping.py)."""
 
+    loop = "one-shot"
     refit_features: ClassVar[str] = "channels"  # "channels": our refit; "mlp_out": a hidden x hidden map
     always_refits: ClassVar[bool] = False  # the method's own recovery, whatever --refit says
     # True: the method removes layers one at a time, each choice seeing the ones before

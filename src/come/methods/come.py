@@ -20,7 +20,7 @@ class ComeSteps(MergeSteps):
     picked for each pair at the last step (the units its candidate merge kept)."""
 
     def __init__(self, method, run, cfg):
-        from ..pair_scoring import built_scores
+        from ..scoring.pair_scoring import built_scores
 
         super().__init__(method, run, cfg)
         self.shape = run.adapter.attn_shape(run.model.config)
@@ -37,8 +37,8 @@ class ComeSteps(MergeSteps):
         return scores
 
     def merge_pair(self, k, pair):
-        from ..pair_scoring import choose_units
-        from ..split_search import search_split
+        from ..scoring.pair_scoring import choose_units
+        from ..scoring.split_search import search_split
 
         cfg, cache = self.cfg, self.run.cache
         stats_a, stats_b = cache.stats[k], cache.stats[k + 1]
@@ -55,7 +55,7 @@ class ComeSteps(MergeSteps):
         return self.method.merge(replace(pair, choice=choice)), choice, {}
 
     def merge_window(self, k, window):
-        from ..pair_scoring import choose_window_units
+        from ..scoring.pair_scoring import choose_window_units
 
         stats = self.run.cache.stats[k:k + len(window.layers)]
         choice = choose_window_units(window.layers, stats, window.shape, self.cfg, sum(len(g) for g in window.groups))
@@ -85,13 +85,13 @@ class Come(MergeMethod):
         return ComeSteps(self, run, cfg)
 
     def merge(self, pair):
-        from ..merge import concat_merge
+        from ..merging.merge import concat_merge
 
         c = pair.choice
         return concat_merge(pair.a, pair.b, pair.shape, c.kv_a, c.kv_b, c.ffn_a, c.ffn_b, c.r_a, pair.cfg.norm)
 
     def merge_window(self, window):
-        from ..merge import concat_merge_many
+        from ..merging.merge import concat_merge_many
 
         c = window.choice
         return concat_merge_many(window.layers, window.shape, c.kv, c.ffn, c.shares, window.cfg.norm)

@@ -19,7 +19,7 @@ class LaCo(MergeMethod):
     def merge(self, pair):
         import torch
 
-        from ..merge import linear_combination, rdsc_coefficients
+        from ..merging.merge import linear_combination, rdsc_coefficients
 
         layers = [w.map(torch.Tensor.double) for w in pair.originals]
         return linear_combination(layers, rdsc_coefficients(len(layers)))

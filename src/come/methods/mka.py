@@ -121,9 +121,9 @@ def layer_states(model, calib: torch.Tensor, cfg) -> list[np.ndarray]:
     [N, hidden] float64 per layer (layers run one at a time on the compute device)."""
     import torch
 
-    from ..adapters import get_adapter
-    from ..device import resolve_device
-    from ..profile import LayerRunner
+    from ..engine.runner import LayerRunner
+    from ..models.adapters import get_adapter
+    from ..settings.device import resolve_device
 
     adapter = get_adapter(model.config)
     runner = LayerRunner(model, adapter, resolve_device(cfg.device), torch.device("cpu"))
@@ -177,7 +177,7 @@ class MKA(MergeMethod):
 
     def merge(self, pair):
         """lambda_A W_A + (1 - lambda_A) W_B, lambda_A = `pair.choice.r_a` (MKASteps sets it)."""
-        from ..merge import linear_combination
+        from ..merging.merge import linear_combination
 
         lam = pair.choice.r_a
         return linear_combination([pair.a, pair.b], [lam, 1.0 - lam])

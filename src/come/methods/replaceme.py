@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def angle_block(last_tok: list[Tensor], n: int, protect: list[int]) -> list[int]:
     """The block i..i+n-1 minimizing the mean angular distance between the last-token
     states entering i and leaving i+n-1."""
-    from ..selection import angular_distance
+    from ..scoring.selection import angular_distance
 
     best = None
     for i in range(len(last_tok) - n):

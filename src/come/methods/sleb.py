@@ -42,7 +42,7 @@ def candidate_losses(cache, kept: list[int], protect=()) -> dict[int, float]:
     cached embeddings, each at its original position (its own attention type)."""
     from tqdm.auto import tqdm
 
-    from ..lm_loss import next_token_nll
+    from ..scoring.lm_loss import next_token_nll
 
     layers = cache.adapter.decoder_layers(cache.model)
     runner, protect = cache.runner, set(protect)

@@ -34,7 +34,7 @@ def taylor_importance(cache) -> list[float]:
     NLL of the calibration batches), by backpropagation one layer at a time."""
     import torch
 
-    from ..backprop import backward_by_layer, weight_grads
+    from ..scoring.backprop import backward_by_layer, weight_grads
 
     importance = [0.0] * len(cache.adapter.decoder_layers(cache.model))
 

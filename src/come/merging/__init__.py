@@ -1,0 +1,1 @@
+"""Building one layer from others: the merge operators and the least-squares refit."""

@@ -1,0 +1,1 @@
+"""Recovery after compression: distillation from the dense teacher, and its resumable state."""
