@@ -44,6 +44,7 @@ from .distill_losses import head_kl, head_terms, normalized_mse
 from .errors import ComeError
 from .options import check_context
 from .plan import Plan
+from .sharding import ShardedCheckpoint, all_finite, check_processes, gathered, shard_models
 from .train_state import TrainState, last_complete, restore, write_checkpoint
 from .trainable import activation_checkpointing, make_trainable, seeded_rng
 
@@ -126,7 +127,8 @@ def _record(model: nn.Module, adapter: Adapter, ids: Tensor, bounds: set[int],
         if b == last:
             raise _Stop
 
-    hooks = [layers[b].register_forward_pre_hook(partial(before, b), with_kwargs=True) for b in bounds if b < len(layers)]
+    hooks = [layers[b].register_forward_pre_hook(partial(before, b), with_kwargs=True, prepend=True)  # before FSDP's
+             for b in bounds if b < len(layers)]
     if len(layers) in bounds:
         hooks.append(layers[-1].register_forward_hook(lambda _m, _a, out: states.__setitem__(len(layers), _hidden(out))))
     try:
@@ -240,8 +242,7 @@ def _finite(value: float, what: str, state: TrainState, cfg: DistillConfig) -> N
 
 def _check_weights(layers: Mapping[int, nn.Module], state: TrainState, cfg: DistillConfig) -> None:
     """Every trained weight finite (one device sync): checked before each checkpoint and the result."""
-    finite = torch.stack([p.detach().isfinite().all() for layer in layers.values() for p in layer.parameters()])
-    if not bool(finite.all()):
+    if not all_finite(p for layer in layers.values() for p in layer.parameters()):
         raise _stopped(state, cfg, "a trained weight is NaN or infinite")
 
 
@@ -269,7 +270,7 @@ class _Run:
             ids = shuffled_batch(self.train_w, first, cfg.batch_size, cfg.seed).to(acc.device)
             loss += self.job.backward(ids, 1.0 / cfg.grad_accum) / cfg.grad_accum
         for group in self.clip_groups:
-            if acc.num_processes > 1:
+            if acc.num_processes > 1 and not cfg.shard:  # sharded gradients arrive averaged
                 for p in group:
                     p.grad = acc.reduce(p.grad, "mean")
             torch.nn.utils.clip_grad_norm_(group, cfg.max_grad_norm)
@@ -333,6 +334,7 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     accelerator = Accelerator(cpu=device.type == "cpu")  # its mixed_precision is process-wide: autocast is ours
     _say_processes(accelerator, cfg)
+    check_processes(cfg, accelerator.num_processes)
     autocast = partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
     adapter = get_adapter(student.config)
     windows = windows if windows is not None else training_windows(cfg, tokenizer)
@@ -341,7 +343,7 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
 
     stored = next(student.parameters()).dtype
     for model in (teacher, student):
-        model.to(accelerator.device, None if bf16 else torch.float32).requires_grad_(False)
+        model.to(None if cfg.shard else accelerator.device, None if bf16 else torch.float32).requires_grad_(False)
     teacher.eval()
     student.train()
     job = _Distiller(teacher, student, adapter, plan.groups, cfg, autocast)
@@ -349,6 +351,8 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     lora = make_trainable(student, list(layers.values()), cfg)
     if cfg.gradient_checkpointing:
         activation_checkpointing(student, True)
+    if cfg.shard:
+        shard_models((teacher, student), adapter.decoder_layers, accelerator.device, bf16)
     per_layer = [[p for p in layer.parameters() if p.requires_grad] for layer in layers.values()]
     params = [p for group in per_layer for p in group]
 
@@ -359,7 +363,8 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
         "settings": cfg.to_dict(), "groups": plan.groups, "trainable_layers": job.trainable, "steps": steps,
         "processes": accelerator.num_processes, "train": [], "eval": [], "tokens_seen": 0, "train_time_s": 0.0,
         "tokens_per_s": None, "teacher_ppl": None, "eval_tokens": int(windows[1].numel()), "resumed_from": None},
-        {"settings": cfg.run_settings(), "precision": "bf16" if bf16 else "fp32", "processes": accelerator.num_processes})
+        {"settings": cfg.run_settings(), "precision": "bf16" if bf16 else "fp32", "processes": accelerator.num_processes},
+        ShardedCheckpoint(layers, optimizer) if cfg.shard else None)
     accelerator.register_for_checkpointing(state)
     with seeded_rng(cfg.seed + accelerator.process_index, accelerator.device):  # LoRA dropout's masks
         restore(accelerator, state, cfg)
@@ -383,6 +388,9 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
         activation_checkpointing(student, False)
     if lora is not None:
         lora.merge_and_unload()  # in place: W += alpha / r * B A (in fp32), the peft wrappers give way to plain Linears
+    if cfg.shard:  # one whole student again, in every process
+        student = gathered(student)
+        layers = {k: adapter.decoder_layers(student)[k] for k in layers}
     student.requires_grad_(False).to(stored)
     _check_weights(layers, state, cfg)  # in the stored dtype: fp16 overflows where fp32 did not
     return student.eval(), state.log
