@@ -356,9 +356,10 @@ def distill_(
     from .checkpoint import load_config, load_model, load_tokenizer
     from .data import training_windows
     from .preflight import check_output_dir
-    from .distill import check_pair, check_tokenizers
+    from .distill import check_pair, check_tokenizers, process_count
     from .distill import distill as run_distill
     from .plan import load_plan
+    from .sharding import check_processes
     from .train_state import CHECKPOINTS, resume_point, write_output
 
     if official:
@@ -371,8 +372,10 @@ def distill_(
     check_output_dir(out, overwrite or resume, inputs={"--teacher": teacher, "--student": student, "--plan": plan,
                                                        "--data": cfg.data, "--eval-data": cfg.eval_data},
                      kept=(CHECKPOINTS,) if resume else ())
+    processes = process_count(cfg.device)
     if resume:
-        resume_point(ckpt, cfg, processes=PartialState().num_processes)
+        resume_point(ckpt, cfg, processes=processes)
+    check_processes(cfg, processes)
     the_plan = load_plan(plan or student)
     configs = load_config(teacher), load_config(student)
     check_pair(*configs, the_plan)

@@ -85,6 +85,14 @@ def launcher_processes(env: Mapping[str, str]) -> tuple[int, str]:
     return 1, ""
 
 
+def process_count(device: str) -> int:
+    """How many processes train on `device` (a --device name), asked of accelerate as distill()
+    asks it: on CPU, accelerate sees torchrun's processes only when told cpu=True."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=resolve_device(device).type == "cpu").num_processes
+
+
 def _say_processes(accelerator, cfg: DistillConfig) -> None:
     """One line on how many processes train; one warning when the launcher asked for more."""
     n, (asked, why) = accelerator.num_processes, launcher_processes(os.environ)

@@ -49,7 +49,9 @@ def shard_models(models: Iterable[nn.Module], layers_of, device: torch.device, b
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for model in models:
         for layer in layers_of(model):
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
+            # said explicitly: a root unit otherwise keeps its weights gathered after forward, and a
+            # teacher layer, with no backward to free them, would keep them whole for good
+            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
         model.to(device)
 
 
