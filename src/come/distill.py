@@ -329,7 +329,8 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     Under `accelerate launch` / `torchrun` every process takes its own share of each batch
     and gradients are averaged once per optimizer step. The student is deliberately not
     wrapped in DDP: mp runs single layers outside the model's forward, which DDP cannot
-    follow.
+    follow. With cfg.shard every decoder layer of both models is split over the processes
+    (sharding.py; the teacher is left sharded), and every process gets the whole student back.
     """
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
