@@ -22,6 +22,7 @@ from come import CompressConfig, compress
 from come.checkpoint import save_checkpoint
 from come.cli import app
 from come.data import token_windows
+from come.distill_memory import memory_plan
 
 from conftest import corpus, tiny_model
 from shard_worker import measured
@@ -131,9 +132,24 @@ def test_each_sharded_process_holds_half_the_layers_and_training_state(runs, mod
     assert sum(sharded[0][k] for k in state) == sum(one[k] for k in state) / 2
 
 
+@pytest.mark.parametrize("mode", ["sp", "mp"])
+def test_the_memory_plan_is_the_bytes_each_process_held(runs, dirs, mode):
+    """The plan logged at start, from the configs alone, against the bytes counted after the
+    first step, for 1 process and for each of 2 sharded ones."""
+    configs = [transformers.AutoConfig.from_pretrained(dirs / name) for name in ("teacher", "student")]
+    trainable = list(range(configs[1].num_hidden_layers))  # --train all
+    for measured_bytes, processes in zip(runs(mode)["bytes"], (1, 2, 2)):
+        plan = memory_plan(*configs, trainable, processes, shard=processes > 1, bf16=False)
+        assert plan == {"teacher": measured_bytes["teacher"], "student": measured_bytes["student"],
+                        "gradients + AdamW": measured_bytes["gradients"] + measured_bytes["optimizer"],
+                        "total": measured_bytes["teacher"] + measured_bytes["student"] + measured_bytes["gradients"]
+                        + measured_bytes["optimizer"]}
+
+
 def test_kill_9_after_a_checkpoint_then_resume_ends_as_the_uninterrupted_run(runs, dirs):
     """Both processes SIGKILLed right after the step-2 checkpoint (DCP shards + record);
-    --resume on 2 processes reads its shards back and ends bit-identical to the whole run."""
+    --resume on 2 processes reads its shards back and ends bit-identical to the whole run (with
+    activation checkpointing switched on, which recomputes the same numbers)."""
     whole = runs("sp")["sharded"]
     out = dirs / "killed"
     args = _distill_args(dirs, out, "sp", "--batch-size", "2", "--shard")
@@ -143,7 +159,7 @@ def test_kill_9_after_a_checkpoint_then_resume_ends_as_the_uninterrupted_run(run
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_2"]
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(_free_port()),
-           "-m", "come.cli", *args, "--resume"]
+           "-m", "come.cli", *args, "--resume", "--gradient-checkpointing"]  # may change on resume
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log, whole_log = _log(out), _log(whole)
@@ -160,16 +176,18 @@ def test_kill_9_after_a_checkpoint_then_resume_ends_as_the_uninterrupted_run(run
 
 
 @pytest.mark.parametrize("extra, message", [
-    ([], "--shard needs 2 or more processes"),
-    (["--lora-r", "4"], "--shard does not train LoRA adapters"),
+    (["--shard"], "--shard needs 2 or more processes"),
+    (["--shard", "--lora-r", "4"], "--shard does not train LoRA adapters"),
+    (["--max-memory-gb", "0.002"], "needs 0.00253 GB per process"),  # the plan above, 1 process, --train all
 ])
-def test_unsupported_shard_runs_are_one_line_before_any_weight_loads(dirs, monkeypatch, extra, message):
+def test_unsupported_or_too_big_runs_are_one_line_before_any_weight_loads(dirs, monkeypatch, extra, message):
     def no_loading(*_args, **_kwargs):
         raise AssertionError("weights loaded")
 
     monkeypatch.setattr("come.checkpoint.load_model", no_loading)
-    out = dirs / f"refused{len(extra)}"
-    result = CliRunner().invoke(app, [*_distill_args(dirs, out, "mp", "--shard"), *extra])
+    out = dirs / f"refused-{'-'.join(extra)}"
+    result = CliRunner().invoke(app, [*_distill_args(dirs, out, "mp"), *extra])
     assert result.exit_code == 2
-    assert message in result.output and "\n" not in result.output.strip()
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]  # after the plan's log
+    assert len(errors) == 1 and message in errors[0] and result.output.strip().endswith(errors[0])
     assert not out.exists()

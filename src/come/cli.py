@@ -356,7 +356,9 @@ def distill_(
     from .checkpoint import load_config, load_model, load_tokenizer
     from .data import training_windows
     from .preflight import check_output_dir
-    from .distill import check_pair, check_tokenizers, process_count
+    from .distill import check_pair, check_tokenizers, process_count, trainable_layers
+    from .distill_memory import check_memory, memory_plan
+    from .device import resolve_device
     from .distill import distill as run_distill
     from .plan import load_plan
     from .sharding import check_processes
@@ -381,6 +383,9 @@ def distill_(
     check_pair(*configs, the_plan)
     for config in configs:
         cfg.check_model(config)
+    needs = memory_plan(*configs, trainable_layers(the_plan.groups, cfg.train), processes, cfg.shard,
+                        cfg.bf16(resolve_device(cfg.device).type))
+    check_memory(needs, cfg.max_memory_gb, processes, cfg.shard, PartialState().is_main_process)
     tokenizer = load_tokenizer(student)
     check_tokenizers(load_tokenizer(teacher), tokenizer)
     windows = training_windows(cfg, tokenizer)

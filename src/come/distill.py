@@ -149,6 +149,11 @@ def _record(model: nn.Module, adapter: Adapter, ids: Tensor, bounds: set[int],
     return states, kwargs
 
 
+def trainable_layers(groups: list[list[int]], train: str) -> list[int]:
+    """The student layers that train: every one (--train all), or those standing for more than one."""
+    return [k for k, g in enumerate(groups) if train == "all" or len(g) > 1]
+
+
 class _Distiller:
     """The two modes' losses for one teacher / student pair, and the held-out evaluation."""
 
@@ -158,7 +163,7 @@ class _Distiller:
         self.n_t, self.n_s = sum(len(g) for g in groups), len(groups)
         self.starts = [g[0] for g in groups]
         self.ends = self.starts[1:] + [self.n_t]
-        self.trainable = [k for k, g in enumerate(groups) if cfg.train == "all" or len(g) > 1]
+        self.trainable = trainable_layers(groups, cfg.train)
         if not self.trainable:
             raise ComeError("the Plan has no merged layer to train; use --train all")
         self.points = range(self.trainable[0], self.n_s - 1)  # layer-loss points upstream of the final logits
@@ -340,7 +345,7 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     cfg.validate()
     check_pair(expect_model(teacher, "teacher").config, expect_model(student, "student").config, plan)
     device = resolve_device(cfg.device)
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    bf16 = cfg.bf16(device.type)
     accelerator = Accelerator(cpu=device.type == "cpu")  # its mixed_precision is process-wide: autocast is ours
     _say_processes(accelerator, cfg)
     check_processes(cfg, accelerator.num_processes)
