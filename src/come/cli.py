@@ -383,12 +383,12 @@ def distill_(
     check_pair(*configs, the_plan)
     for config in configs:
         cfg.check_model(config)
-    needs = memory_plan(*configs, trainable_layers(the_plan.groups, cfg.train), processes, cfg.shard,
-                        cfg.bf16(resolve_device(cfg.device).type))
-    check_memory(needs, cfg.max_memory_gb, processes, cfg.shard, PartialState().is_main_process)
     tokenizer = load_tokenizer(student)
     check_tokenizers(load_tokenizer(teacher), tokenizer)
     windows = training_windows(cfg, tokenizer)
+    needs = memory_plan(*configs, trainable_layers(the_plan.groups, cfg.train), processes, cfg.shard,
+                        cfg.bf16(resolve_device(cfg.device).type))
+    check_memory(needs, cfg.max_memory_gb, processes, cfg.shard, PartialState().is_main_process)
     if not resume:
         shutil.rmtree(ckpt, ignore_errors=True)
     t_model, _ = load_model(teacher, tokenizer=tokenizer)
