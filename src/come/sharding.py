@@ -2,10 +2,13 @@
 student and of the frozen teacher is split over the processes (each holds 1/N of its
 weights, and of the student's gradients and AdamW state), all-gathered for its own forward
 and backward only; checkpoints are written shard by shard with torch.distributed.checkpoint
-(DCP), and the result is gathered into one whole model on the main process.
+(DCP), and the result is gathered back into one whole model (in every process; the main
+one writes it).
 
-Why `fully_shard` directly and not accelerate's FSDP2 plugin: the plugin shards what
-`accelerator.prepare` is given, one model run through its own forward. Distillation runs two
+Why `fully_shard` directly and not accelerate's FSDP2 plugin: accelerate (1.16) switches to
+FSDP only for GPU-type process groups (AcceleratorState: MULTI_CPU is not among them), so on
+CPU / gloo the plugin would do nothing and the tests could not run; and the plugin shards
+what `accelerator.prepare` is given, one model run through its own forward. Distillation runs two
 models and calls their parts on their own: mp runs a single decoder layer on the teacher's
 activations, and both modes apply the final norm and the LM head to one chunk of tokens at
 a time, outside the model's forward. So every decoder layer is its own FSDP unit (its own
