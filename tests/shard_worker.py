@@ -6,8 +6,11 @@ sharding tests need (tests/test_distill_shard.py):
 
 measure: after the first optimizer step, each process writes OUT.json.<rank> with the bytes
 it holds (its shards only) of the teacher, the student and the trainable state (weights,
-gradients, AdamW's moments). crash: each process kills itself with SIGKILL as soon as the first
-checkpoint is written (what `kill -9` leaves, at a known step).
+gradients, AdamW's moments), and the rise of its resident memory (now and at its peak)
+over what it was before the models loaded (run as its own process, as in docs/recovery.md's
+"Memory plan": in pytest's process the peak is pytest's). crash: each process kills itself
+with SIGKILL as soon as the first checkpoint is written (what `kill -9` leaves, at a known
+step).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import importlib
 import json
 import os
+import resource
 import signal
 import sys
 from collections.abc import Iterable, Iterator
@@ -32,14 +36,29 @@ def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
 
+def _rss() -> int:
+    """This process's resident memory now, in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _layer_bytes(model) -> int:
     return local_bytes(p for name, p in model.named_parameters() if ".layers." in name)
 
 
 @contextlib.contextmanager
 def measured(path: str) -> Iterator[None]:
-    """Record the bytes held after the first optimizer step into `path`.<rank>."""
-    real_step = distill_mod._Run.step
+    """Record the bytes held after the first optimizer step into `path`.<rank>, and how far
+    the process's resident memory (now, and its peak: ru_maxrss) rose above what it was
+    just before the first model loaded."""
+    import come.checkpoint
+
+    real_step, real_load = distill_mod._Run.step, come.checkpoint.load_model
+    before_load = []
+
+    def load_model(*args, **kwargs):
+        before_load.append(_rss())
+        return real_load(*args, **kwargs)
 
     def step(run) -> None:
         if run.state.step:
@@ -63,15 +82,17 @@ def measured(path: str) -> Iterator[None]:
                 hook.remove()
         record.update(trainable_weights=local_bytes(params), teacher=local_bytes(run.job.teacher.parameters()),
                       student=local_bytes(run.job.student.parameters()), teacher_layers=_layer_bytes(run.job.teacher),
-                      student_layers=_layer_bytes(run.job.student))
+                      student_layers=_layer_bytes(run.job.student),
+                      peak_rise=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before_load[0],
+                      rise=_rss() - before_load[0])
         with open(f"{path}.{os.environ.get('RANK', '0')}", "w") as f:
             json.dump(record, f)
 
-    distill_mod._Run.step = step
+    distill_mod._Run.step, come.checkpoint.load_model = step, load_model
     try:
         yield
     finally:
-        distill_mod._Run.step = real_step
+        distill_mod._Run.step, come.checkpoint.load_model = real_step, real_load
 
 
 @contextlib.contextmanager
