@@ -4,7 +4,9 @@ compressed LLaMA in the branches a refactor can break: sp, mp, LoRA, the MSE lay
 with every layer trained, and a run resumed from its checkpoint. Recorded BEFORE distill.py
 was split into modules, so the split code can be held to them byte for byte
 (tests/test_golden_distill.py). The "mse" run was re-recorded once, on purpose, when
-normalized_mse became a mean of per-window terms (the other runs stayed byte-identical).
+normalized_mse became a mean of per-window terms (the other runs stayed byte-identical). The
+settings of every run gained two pairs, ["shard", false] and ["max_memory_gb", null], when
+--shard and --max-memory-gb were added (issue 39); nothing else in the file changed.
 
     python tests/golden_distill.py   # rewrite tests/golden/distill.json from this checkout
 

@@ -356,9 +356,12 @@ def distill_(
     from ..models.checkpoint import load_config, load_model, load_tokenizer
     from ..models.data import training_windows
     from ..models.preflight import check_output_dir
-    from ..recovery.distill import check_pair, check_tokenizers
+    from ..recovery.distill import check_pair, check_tokenizers, process_count, trainable_layers
     from ..recovery.distill import distill as run_distill
+    from ..recovery.distill_memory import check_memory, memory_plan
+    from ..recovery.sharding import check_processes
     from ..recovery.train_state import CHECKPOINTS, resume_point, write_output
+    from ..settings.device import resolve_device
     from ..settings.plan import load_plan
 
     if official:
@@ -371,8 +374,10 @@ def distill_(
     check_output_dir(out, overwrite or resume, inputs={"--teacher": teacher, "--student": student, "--plan": plan,
                                                        "--data": cfg.data, "--eval-data": cfg.eval_data},
                      kept=(CHECKPOINTS,) if resume else ())
+    processes = process_count(cfg.device)
     if resume:
-        resume_point(ckpt, cfg, processes=PartialState().num_processes)
+        resume_point(ckpt, cfg, processes=processes)
+    check_processes(cfg, processes)
     the_plan = load_plan(plan or student)
     configs = load_config(teacher), load_config(student)
     check_pair(*configs, the_plan)
@@ -381,6 +386,9 @@ def distill_(
     tokenizer = load_tokenizer(student)
     check_tokenizers(load_tokenizer(teacher), tokenizer)
     windows = training_windows(cfg, tokenizer)
+    needs = memory_plan(*configs, trainable_layers(the_plan.groups, cfg.train), processes, cfg.shard,
+                        cfg.bf16(resolve_device(cfg.device).type))
+    check_memory(needs, cfg.max_memory_gb, processes, cfg.shard, PartialState().is_main_process)
     if not resume:
         shutil.rmtree(ckpt, ignore_errors=True)
     t_model, _ = load_model(teacher, tokenizer=tokenizer)

@@ -44,6 +44,7 @@ from ..settings.distill_config import DistillConfig
 from ..settings.options import check_context
 from ..settings.plan import Plan
 from .distill_losses import head_kl, head_terms, normalized_mse
+from .sharding import ShardedCheckpoint, all_finite, check_processes, gathered, shard_models
 from .train_state import TrainState, last_complete, restore, write_checkpoint
 from .trainable import activation_checkpointing, make_trainable, seeded_rng
 
@@ -82,6 +83,14 @@ def launcher_processes(env: Mapping[str, str]) -> tuple[int, str]:
     if "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env:
         return 2, "accelerate launch set MASTER_PORT, for --num_processes > 1"
     return 1, ""
+
+
+def process_count(device: str) -> int:
+    """How many processes train on `device` (a --device name), asked of accelerate as distill()
+    asks it: on CPU, accelerate sees torchrun's processes only when told cpu=True."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=resolve_device(device).type == "cpu").num_processes
 
 
 def _say_processes(accelerator, cfg: DistillConfig) -> None:
@@ -126,7 +135,8 @@ def _record(model: nn.Module, adapter: Adapter, ids: Tensor, bounds: set[int],
         if b == last:
             raise _Stop
 
-    hooks = [layers[b].register_forward_pre_hook(partial(before, b), with_kwargs=True) for b in bounds if b < len(layers)]
+    hooks = [layers[b].register_forward_pre_hook(partial(before, b), with_kwargs=True, prepend=True)  # before FSDP's
+             for b in bounds if b < len(layers)]
     if len(layers) in bounds:
         hooks.append(layers[-1].register_forward_hook(lambda _m, _a, out: states.__setitem__(len(layers), _hidden(out))))
     try:
@@ -139,6 +149,11 @@ def _record(model: nn.Module, adapter: Adapter, ids: Tensor, bounds: set[int],
     return states, kwargs
 
 
+def trainable_layers(groups: list[list[int]], train: str) -> list[int]:
+    """The student layers that train: every one (--train all), or those standing for more than one."""
+    return [k for k, g in enumerate(groups) if train == "all" or len(g) > 1]
+
+
 class _Distiller:
     """The two modes' losses for one teacher / student pair, and the held-out evaluation."""
 
@@ -148,7 +163,7 @@ class _Distiller:
         self.n_t, self.n_s = sum(len(g) for g in groups), len(groups)
         self.starts = [g[0] for g in groups]
         self.ends = self.starts[1:] + [self.n_t]
-        self.trainable = [k for k, g in enumerate(groups) if cfg.train == "all" or len(g) > 1]
+        self.trainable = trainable_layers(groups, cfg.train)
         if not self.trainable:
             raise ComeError("the Plan has no merged layer to train; use --train all")
         self.points = range(self.trainable[0], self.n_s - 1)  # layer-loss points upstream of the final logits
@@ -240,8 +255,7 @@ def _finite(value: float, what: str, state: TrainState, cfg: DistillConfig) -> N
 
 def _check_weights(layers: Mapping[int, nn.Module], state: TrainState, cfg: DistillConfig) -> None:
     """Every trained weight finite (one device sync): checked before each checkpoint and the result."""
-    finite = torch.stack([p.detach().isfinite().all() for layer in layers.values() for p in layer.parameters()])
-    if not bool(finite.all()):
+    if not all_finite(p for layer in layers.values() for p in layer.parameters()):
         raise _stopped(state, cfg, "a trained weight is NaN or infinite")
 
 
@@ -269,7 +283,7 @@ class _Run:
             ids = shuffled_batch(self.train_w, first, cfg.batch_size, cfg.seed).to(acc.device)
             loss += self.job.backward(ids, 1.0 / cfg.grad_accum) / cfg.grad_accum
         for group in self.clip_groups:
-            if acc.num_processes > 1:
+            if acc.num_processes > 1 and not cfg.shard:  # sharded gradients arrive averaged
                 for p in group:
                     p.grad = acc.reduce(p.grad, "mean")
             torch.nn.utils.clip_grad_norm_(group, cfg.max_grad_norm)
@@ -320,7 +334,8 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     Under `accelerate launch` / `torchrun` every process takes its own share of each batch
     and gradients are averaged once per optimizer step. The student is deliberately not
     wrapped in DDP: mp runs single layers outside the model's forward, which DDP cannot
-    follow.
+    follow. With cfg.shard every decoder layer of both models is split over the processes
+    (sharding.py; the teacher is left sharded), and every process gets the whole student back.
     """
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
@@ -330,9 +345,10 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     cfg.validate()
     check_pair(expect_model(teacher, "teacher").config, expect_model(student, "student").config, plan)
     device = resolve_device(cfg.device)
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    bf16 = cfg.bf16(device.type)
     accelerator = Accelerator(cpu=device.type == "cpu")  # its mixed_precision is process-wide: autocast is ours
     _say_processes(accelerator, cfg)
+    check_processes(cfg, accelerator.num_processes)
     autocast = partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
     adapter = get_adapter(student.config)
     windows = windows if windows is not None else training_windows(cfg, tokenizer)
@@ -341,7 +357,7 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
 
     stored = next(student.parameters()).dtype
     for model in (teacher, student):
-        model.to(accelerator.device, None if bf16 else torch.float32).requires_grad_(False)
+        model.to(None if cfg.shard else accelerator.device, None if bf16 else torch.float32).requires_grad_(False)
     teacher.eval()
     student.train()
     job = _Distiller(teacher, student, adapter, plan.groups, cfg, autocast)
@@ -349,6 +365,8 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     lora = make_trainable(student, list(layers.values()), cfg)
     if cfg.gradient_checkpointing:
         activation_checkpointing(student, True)
+    if cfg.shard:
+        shard_models((teacher, student), adapter.decoder_layers, accelerator.device, bf16)
     per_layer = [[p for p in layer.parameters() if p.requires_grad] for layer in layers.values()]
     params = [p for group in per_layer for p in group]
 
@@ -359,7 +377,8 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
         "settings": cfg.to_dict(), "groups": plan.groups, "trainable_layers": job.trainable, "steps": steps,
         "processes": accelerator.num_processes, "train": [], "eval": [], "tokens_seen": 0, "train_time_s": 0.0,
         "tokens_per_s": None, "teacher_ppl": None, "eval_tokens": int(windows[1].numel()), "resumed_from": None},
-        {"settings": cfg.run_settings(), "precision": "bf16" if bf16 else "fp32", "processes": accelerator.num_processes})
+        {"settings": cfg.run_settings(), "precision": "bf16" if bf16 else "fp32", "processes": accelerator.num_processes},
+        ShardedCheckpoint(layers, optimizer) if cfg.shard else None)
     accelerator.register_for_checkpointing(state)
     with seeded_rng(cfg.seed + accelerator.process_index, accelerator.device):  # LoRA dropout's masks
         restore(accelerator, state, cfg)
@@ -383,6 +402,9 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
         activation_checkpointing(student, False)
     if lora is not None:
         lora.merge_and_unload()  # in place: W += alpha / r * B A (in fp32), the peft wrappers give way to plain Linears
+    if cfg.shard:  # one whole student again, in every process
+        student = gathered(student)
+        layers = {k: adapter.decoder_layers(student)[k] for k in layers}
     student.requires_grad_(False).to(stored)
     _check_weights(layers, state, cfg)  # in the stored dtype: fp16 overflows where fp32 did not
     return student.eval(), state.log

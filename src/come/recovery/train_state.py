@@ -38,20 +38,25 @@ class TrainState:
     """What a checkpoint holds: the trainable layers, optimizer, schedule, step and log.
     Registered with accelerate, so save_state / load_state carry it (with the RNG states)."""
 
-    def __init__(self, layers: dict[int, nn.Module], optimizer, scheduler, log: dict, run: dict | None = None):
+    def __init__(self, layers: dict[int, nn.Module], optimizer, scheduler, log: dict, run: dict | None = None,
+                 shards=None):
         self.layers, self.optimizer, self.scheduler, self.log, self.step = layers, optimizer, scheduler, log, 0
         self.run = run or {}  # what defines the run ("settings", "precision", "processes"): each RECORD holds it
+        self.shards = shards  # with --shard, a sharding.ShardedCheckpoint: the layers and optimizer go through DCP
 
     def state_dict(self) -> dict:
+        if self.shards is not None:
+            return {"step": self.step, "log": self.log, "scheduler": self.scheduler.state_dict()}
         return {"step": self.step, "log": self.log, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "layers": {k: layer.state_dict() for k, layer in self.layers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         try:  # other layers or tensors (--train, --lora-r changed) would fail deep inside torch
-            for k, layer in self.layers.items():
-                layer.load_state_dict(state["layers"][k])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.shards is None:
+                for k, layer in self.layers.items():
+                    layer.load_state_dict(state["layers"][k])
+                self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, RuntimeError, ValueError):
             raise ComeError("the checkpoint was written with another --train or --lora-r: "
                             "resume with the same settings, or start over without --resume") from None
@@ -146,6 +151,8 @@ def restore(accelerator, state: TrainState, cfg) -> None:
     if path is None:
         return
     accelerator.load_state(str(path))
+    if state.shards is not None:
+        state.shards.load(path)
     state.log["resumed_from"] = state.step
     _log.info("resumed from %s (step %d of %d)", path, state.step, state.log["steps"])
 
@@ -165,6 +172,8 @@ def write_checkpoint(accelerator, state: TrainState, directory: str) -> None:
     tmp = Path(tmp)
     try:
         accelerator.save_state(str(tmp))
+        if state.shards is not None:  # each process writes its own shards
+            state.shards.save(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = sorted(p.name for p in tmp.iterdir())

@@ -37,7 +37,7 @@ class DistillConfig(Options):
     # memory knob may move the result in the last float bits). Every other field defines the run,
     # and --resume refuses a change (train_state.resume_point).
     RUN_CONTROL: ClassVar[tuple[str, ...]] = ("resume", "checkpoint_dir", "save_every", "eval_every", "device",
-                                              "kl_chunk", "gradient_checkpointing")
+                                              "kl_chunk", "gradient_checkpointing", "max_memory_gb")
 
     mode: Mode = option("sp", "sp: all trainable layers at once, full loss | mp: each layer alone on the teacher's "
                         "activations.", choices=get_args(Mode))
@@ -68,6 +68,11 @@ class DistillConfig(Options):
     lora_dropout: float = option(0.0, "Dropout on the LoRA adapters' input.", bounds="[0, 1)")
     kl_chunk: int = option(2048, "Tokens per KL chunk (full-vocab logits of one chunk at a time).", bounds=">= 1")
     gradient_checkpointing: bool = option(False, "Recompute layer activations in backward (sp memory).")
+    shard: bool = option(False, "Split every decoder layer of the student (weights, gradients, AdamW state) and of "
+                         "the teacher over the processes (FSDP2); needs >= 2 processes (torchrun).")
+    max_memory_gb: float | None = option(None, "Refuse, before loading, a run whose memory plan (weights + "
+                                         "gradients + AdamW per process, logged at start) exceeds this.",
+                                         bounds="> 0")
     device: str = option("auto", "cuda | cpu | auto.")
     dtype: Precision = option("auto", "Compute precision: auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32.",
                               choices=get_args(Precision))
@@ -86,6 +91,12 @@ class DistillConfig(Options):
             raise ComeError("checkpoints (--save-every, --resume) need a checkpoint directory")
         if self.lora_r == 0 and (self.lora_alpha is not None or self.lora_dropout):  # they need a rank
             raise ComeError("--lora-alpha and --lora-dropout need --lora-r > 0")
+        if self.shard and self.lora_r:
+            raise ComeError("--shard does not train LoRA adapters: drop --lora-r (or --shard)")
+
+    def bf16(self, device_type: str) -> bool:
+        """Whether the run computes under bf16 autocast on a device of this type."""
+        return self.dtype == "bf16" or (self.dtype == "auto" and device_type == "cuda")
 
     def check_model(self, config) -> None:
         """The training windows fit the models' context (on a config, before weights load)."""
