@@ -21,7 +21,7 @@ from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
 
 PairScore = Literal["angular", "bi-all-tokens", "angular-all-tokens", "error", "merge-error", "nll"]
 Split = Literal["bi", "joint", "search"]
-SplitScore = Literal["nll", "error"]
+SplitScore = Literal["nll", "error", "refit"]
 Refit = Literal["ls", "none"]
 RefitInput = Literal["dense", "compressed"]
 Select = Literal["angle", "bi"]
@@ -114,7 +114,9 @@ class CompressConfig(Options):
     split_score: SplitScore = option("nll", "What --split search minimizes. nll (the authors'): next-token NLL of "
                                             "the whole merged model on the calibration windows; error: held-out "
                                             "output error of the merged layer against the dense group (one layer "
-                                            "per candidate).", choices=SplitScore.__args__)
+                                            "per candidate); refit: the same error AFTER the candidate's refit "
+                                            "(needs --refit ls), the joint split's merge a candidate too, so a drop "
+                                            "+ refit and each merge + refit compete.", choices=SplitScore.__args__)
     skew: float = option(1.0, "Exponent p of the bi split rule (needs --split bi); 0: equal shares, large: the "
                               "side of higher BI keeps all.", bounds=">= 0")
     min_max: float = option(0.0, "bi split: raise the larger share to at least m^(1/(k-1)), k = original layers in "

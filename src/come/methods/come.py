@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..errors import ComeError
 from .base import MergeMethod, MergeSteps, register
 
 
@@ -76,6 +77,13 @@ class Come(MergeMethod):
     # how the units are chosen and shared (pair_scoring.py, split_search.py) and the norms folded
     options = MergeMethod.options | {"split", "granularity", "split_score", "skew", "min_max", "norm", "head_score",
                                      "sensitivity"}
+
+    def check(self, cfg):
+        """--split-score refit scores each candidate after its refit: there must be one."""
+        super().check(cfg)
+        if cfg.split_score == "refit" and cfg.refit != "ls":
+            raise ComeError("--split-score refit scores each candidate after its refit; drop --refit none, or use "
+                            "--split-score nll / error")
 
     def needs_dense(self, cfg):
         """Also for `--split search --split-score error`: it scores each candidate against the dense group."""
