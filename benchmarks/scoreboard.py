@@ -46,7 +46,7 @@ ROWS = {
     "come --official": "come:norm=average:refit=none:split=bi:pair_score=angular:reprofile=full",
     "CoMe-P": "come:split=search",
     # issue 41: each pair's drop + refit, merges + refit and the joint merge + refit compete on the refit's error
-    "come, split by refit (g=4)": "come:split=search:split_score=refit:granularity=4:reprofile=window",
+    "come split by refit (g=4)": "come:split=search:split_score=refit:granularity=4:reprofile=window",
     "ShortGPT": "shortgpt",
     "ShortGPT + refit": "shortgpt:refit=ls",
     "SLEB + refit": "sleb:refit=ls",
