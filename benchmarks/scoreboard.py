@@ -199,8 +199,16 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
                 write(path, {**meta, "row": label, "spec": ROWS[label], "level": level, "seed": seed,
                              "compress_s": round(seconds, 1), "params": plan.params_after,
                              "layers": plan.num_layers_after, "groups": plan.groups, "texts": texts,
-                             "tasks": tasks(model), "auto": plan.settings.get("auto")})
+                             "tasks": tasks(model), "auto": plan.settings.get("auto"),
+                             **_searched(plan)})
                 del model
+
+
+def _searched(plan) -> dict:
+    """A `--split search` row's per-merge search records (what each merge took, its candidates'
+    scores), so a row says where the merge paid; nothing for other rows."""
+    found = [m.split_search for m in plan.merges if m.split_search is not None]
+    return {"split_search": found} if found else {}
 
 
 # ---------------------------------------------------------------- tables
