@@ -106,3 +106,72 @@ def test_cli_refuses_it_before_the_weights_load(model_dir, text_file, tmp_path):
     result = _run(*_compress_args(model_dir, text_file, out, "--split", "search", "--split-score", "refit",
                                   "--refit", "none"))
     assert result.exit_code == 2 and "--split-score refit" in result.output and not out.exists()
+
+
+# ---- --split refit: the channels chosen by the refit's objective (channel_selection.py)
+
+def _ridge_objective(f, t, w0, subset, scale) -> float:
+    """min_W ||F_S W^T - T||^2 + scale ||W - W0_S||^2, solved directly on the subset."""
+    fs, w0s = f[:, subset], w0[:, subset]
+    a = fs.T @ fs + scale * torch.eye(len(subset), dtype=torch.float64)
+    w = torch.linalg.solve(a, fs.T @ t + scale * w0s.T).T
+    return float(((fs @ w.T - t) ** 2).sum() + scale * ((w - w0s) ** 2).sum())
+
+
+def _equations(f, t):
+    from come.refit import NormalEquations
+
+    eq = NormalEquations.empty(f.shape[1], t.shape[1])
+    eq.add(f, t, t)
+    eq.ff, eq.ft = f.T @ f, f.T @ t  # exact float64 statistics (add's products are float32)
+    return eq
+
+
+def test_elimination_is_greedy_backward_selection_by_direct_solves():
+    """One channel at a time, the closed-form downdates remove exactly the channel whose
+    removal a direct ridge solve on each remaining subset says costs least."""
+    from come.channel_selection import eliminate
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(200, 10, dtype=torch.float64, generator=gen) @ torch.randn(10, 10, dtype=torch.float64,
+                                                                                generator=gen)
+    t = f[:, :3] @ torch.randn(3, 4, dtype=torch.float64, generator=gen) + 0.5 * torch.randn(200, 4, generator=gen,
+                                                                                             dtype=torch.float64)
+    w0 = torch.randn(4, 10, dtype=torch.float64, generator=gen)
+    eq, lam = _equations(f, t), 0.1
+    scale = lam * float(eq.ff.diagonal().mean())
+    alive = list(range(10))
+    while len(alive) > 4:
+        alive.remove(min(alive, key=lambda j: _ridge_objective(f, t, w0, [i for i in alive if i != j], scale)))
+    assert eliminate(eq, w0, 4, lam=lam, block=1) == sorted(alive)
+
+
+def test_elimination_keeps_the_channels_the_target_needs():
+    from come.channel_selection import eliminate
+
+    gen = torch.Generator().manual_seed(1)
+    f = torch.randn(300, 8, dtype=torch.float64, generator=gen)
+    t = f[:, [1, 4, 6]] @ torch.randn(3, 5, dtype=torch.float64, generator=gen)
+    assert eliminate(_equations(f, t), torch.zeros(5, 8, dtype=torch.float64), 3, lam=1e-3, block=2) == [1, 4, 6]
+
+
+def test_split_refit_keeps_joints_kv_and_d_ff_channels_of_both(model_ids, tokenizer):
+    model, ids = model_ids
+    cfg = dict(sparsity=0.05, device="cpu", batch_size=4, protect=[0, 1, 4, 5])
+    _, plan = compress(copy.deepcopy(model), tokenizer, CompressConfig(split="refit", **cfg), calib=ids)
+    _, joint = compress(copy.deepcopy(model), tokenizer, CompressConfig(**cfg), calib=ids)
+    (m,), (j,) = plan.merges, joint.merges
+    assert (m.kv_a, m.kv_b) == (j.kv_a, j.kv_b)
+    d_ff = model.config.intermediate_size
+    assert len(m.ffn_a) + len(m.ffn_b) == d_ff and m.r_a == len(m.ffn_a) / d_ff
+    assert (m.ffn_a, m.ffn_b) != (j.ffn_a, j.ffn_b)  # the refit's objective is not the sensitivity ranking
+    assert plan.settings["split"] == "refit" and m.refit["kept"]
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"split": "refit", "refit": "none"}, "^--split refit keeps the FFN channels the refit needs most"),
+    ({"split": "refit", "merge_item": 3}, "^--split refit chooses the channels of a pair"),
+])
+def test_split_refit_refusals_are_one_line(kw, message):
+    with pytest.raises(ComeError, match=message):
+        CompressConfig(**kw).resolved()

@@ -20,7 +20,7 @@ from .registry import REGISTRY, get_method, method_names, method_options
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
 
 PairScore = Literal["angular", "bi-all-tokens", "angular-all-tokens", "error", "merge-error", "nll"]
-Split = Literal["bi", "joint", "search"]
+Split = Literal["bi", "joint", "search", "refit"]
 SplitScore = Literal["nll", "error", "refit"]
 Refit = Literal["ls", "none"]
 RefitInput = Literal["dense", "compressed"]
@@ -108,7 +108,9 @@ class CompressConfig(Options):
     split: Split = option("joint", "joint (DECISION, BENCHMARKS.md): top-N of both layers' units ranked together by "
                                    "sensitivity; bi (OFFICIAL): side A's share r = normalize(normalize(BI)^p); search "
                                    "(CoMe-P, the paper's Alg. 2): try r in {0, 1/g, ..., 1} and keep the merge that "
-                                   "scores best (--granularity, --split-score).", choices=Split.__args__)
+                                   "scores best (--granularity, --split-score); refit: joint's KV groups, and the d_ff "
+                                   "channels of both layers that the refit's least squares needs most (backward "
+                                   "elimination on their Gram; needs --refit ls).", choices=Split.__args__)
     granularity: int = option(20, "Grid steps g of --split search: r_A in {0, 1/g, ..., 1} (the authors' 20).",
                               bounds=">= 1")
     split_score: SplitScore = option("nll", "What --split search minimizes. nll (the authors'): next-token NLL of "
