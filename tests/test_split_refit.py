@@ -175,3 +175,9 @@ def test_split_refit_keeps_joints_kv_and_d_ff_channels_of_both(model_ids, tokeni
 def test_split_refit_refusals_are_one_line(kw, message):
     with pytest.raises(ComeError, match=message):
         CompressConfig(**kw).resolved()
+
+
+def test_split_refit_on_an_moe_model_is_refused_on_its_config():
+    cfg = CompressConfig(split="refit", seqlen=32).resolved()
+    with pytest.raises(ComeError, match="^--split refit picks FFN channels; an MoE model's units are experts"):
+        cfg.check_model(tiny_model("qwen2_moe").config)

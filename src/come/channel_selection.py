@@ -27,8 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .activation_cache import ActivationCache
-from .adapters import Adapter, ExpertUnits, LayerWeights, _get, _out_dim
-from .errors import ComeError
+from .adapters import Adapter, LayerWeights, _get, _out_dim
 from .pair_scoring import Choice
 from .refit import NormalEquations
 
@@ -43,8 +42,6 @@ def refit_channels(cache: ActivationCache, k: int, group: list[int], joint: Choi
     d_ff = a.ffn_units
     union = build(replace(joint, ffn_a=list(range(d_ff)), ffn_b=list(range(d_ff))))
     layer = copy.deepcopy(cache.adapter.decoder_layers(cache.model)[k])
-    if isinstance(cache.adapter.ffn_output_proj(layer), ExpertUnits):
-        raise ComeError("--split refit picks FFN channels; an MoE layer's units are experts: use --split joint")
     _widen(cache.adapter, layer, union)
     cache.adapter.write_layer(layer, union)
     x = cache.inputs_at(k) if cfg.refit_input == "compressed" else cache.dense[group[0]]

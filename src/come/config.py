@@ -240,6 +240,8 @@ class CompressConfig(Options):
         if outside:
             raise ComeError(f"--protect {','.join(map(str, outside))}: the model has layers 0..{n - 1}")
         check_context(config, self.seqlen)
+        if self.split == "refit" and (getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0)):
+            raise ComeError("--split refit picks FFN channels; an MoE model's units are experts: use --split joint")
         method = get_method(self.method)
         if method.progressive and method.removable(n, self) == 0:
             raise ComeError("every adjacent pair of layers touches a --protect layer, so nothing can merge; "
