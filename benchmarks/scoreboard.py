@@ -47,6 +47,7 @@ ROWS = {
     "CoMe-P": "come:split=search",
     # issue 41: each pair's drop + refit, merges + refit and the joint merge + refit compete on the refit's error
     "come split by refit (g=4)": "come:split=search:split_score=refit:granularity=4:reprofile=window",
+    "come split by refit (g=2)": "come:split=search:split_score=refit:granularity=2:reprofile=window",
     "come channels by refit": "come:split=refit",  # issue 41 item 1: the channels the refit needs most
     "ShortGPT": "shortgpt",
     "ShortGPT + refit": "shortgpt:refit=ls",
