@@ -45,6 +45,10 @@ ROWS = {
     "come": "come",
     "come --official": "come:norm=average:refit=none:split=bi:pair_score=angular:reprofile=full",
     "CoMe-P": "come:split=search",
+    # issue 41: each pair's drop + refit, merges + refit and the joint merge + refit compete on the refit's error
+    "come split by refit (g=4)": "come:split=search:split_score=refit:granularity=4:reprofile=window",
+    "come split by refit (g=2)": "come:split=search:split_score=refit:granularity=2:reprofile=window",
+    "come channels by refit": "come:split=refit",  # issue 41 item 1: the channels the refit needs most
     "ShortGPT": "shortgpt",
     "ShortGPT + refit": "shortgpt:refit=ls",
     "SLEB + refit": "sleb:refit=ls",
@@ -197,8 +201,16 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
                 write(path, {**meta, "row": label, "spec": ROWS[label], "level": level, "seed": seed,
                              "compress_s": round(seconds, 1), "params": plan.params_after,
                              "layers": plan.num_layers_after, "groups": plan.groups, "texts": texts,
-                             "tasks": tasks(model), "auto": plan.settings.get("auto")})
+                             "tasks": tasks(model), "auto": plan.settings.get("auto"),
+                             **_searched(plan)})
                 del model
+
+
+def _searched(plan) -> dict:
+    """A `--split search` row's per-merge search records (what each merge took, its candidates'
+    scores), so a row says where the merge paid; nothing for other rows."""
+    found = [m.split_search for m in plan.merges if m.split_search is not None]
+    return {"split_search": found} if found else {}
 
 
 # ---------------------------------------------------------------- tables

@@ -75,7 +75,7 @@ def test_api_settings_are_converted_and_typed_like_the_cli():
     bad = {"--nsamples takes an integer, got 8.5": lambda: CompressConfig(nsamples=8.5),
            "--protect takes a list of integers": lambda: CompressConfig(protect=[1.5]),
            "--sparsity takes a number": lambda: CompressConfig(sparsity=None),
-           "--split takes one of bi, joint, search, got 1": lambda: CompressConfig(split=1),
+           "--split takes one of bi, joint, search, refit, got 1": lambda: CompressConfig(split=1),
            "--lr takes a number": lambda: DistillConfig(lr="fast"),
            "--limit takes an integer": lambda: EvalConfig(limit=2.5)}
     for message, build in bad.items():

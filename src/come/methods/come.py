@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..errors import ComeError
 from .base import MergeMethod, MergeSteps, register
 
 
@@ -47,6 +48,12 @@ class ComeSteps(MergeSteps):
         def units(r_a: float | None = None):
             return choose_units(pair.a, pair.b, stats_a, stats_b, pair.shape, cfg, len(group), r_a)
 
+        if cfg.split == "refit":
+            from ..scoring.channel_selection import refit_channels
+
+            choice = refit_channels(cache, k, group, units(), pair.a, pair.b,
+                                    lambda c: self.method.merge(replace(pair, choice=c)), cfg)
+            return self.method.merge(replace(pair, choice=choice)), choice, {}
         if cfg.split == "search":
             choice, searched = search_split(cache, k, group, units,
                                             lambda c: self.method.merge(replace(pair, choice=c)), cfg)
@@ -76,6 +83,19 @@ class Come(MergeMethod):
     # how the units are chosen and shared (pair_scoring.py, split_search.py) and the norms folded
     options = MergeMethod.options | {"split", "granularity", "split_score", "skew", "min_max", "norm", "head_score",
                                      "sensitivity"}
+
+    def check(self, cfg):
+        """--split-score refit scores each candidate after its refit: there must be one."""
+        super().check(cfg)
+        if cfg.split_score == "refit" and cfg.refit != "ls":
+            raise ComeError("--split-score refit scores each candidate after its refit; drop --refit none, or use "
+                            "--split-score nll / error")
+        if cfg.split == "refit" and cfg.refit != "ls":
+            raise ComeError("--split refit keeps the FFN channels the refit needs most; drop --refit none, or use "
+                            "--split joint")
+        if cfg.split == "refit" and cfg.merge_item > 2:
+            raise ComeError(f"--split refit chooses the channels of a pair; drop --merge-item {cfg.merge_item}, "
+                            "or use --split joint")
 
     def needs_dense(self, cfg):
         """Also for `--split search --split-score error`: it scores each candidate against the dense group."""

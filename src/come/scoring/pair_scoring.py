@@ -104,7 +104,7 @@ def choose_units(a: LayerWeights, b: LayerWeights, stats_a: LayerStats, stats_b:
     kv_sa, ffn_sa = unit_scores(stats_a, a, shape, cfg.head_score, cfg.sensitivity)
     kv_sb, ffn_sb = unit_scores(stats_b, b, shape, cfg.head_score, cfg.sensitivity)
     d_ff = a.ffn_units
-    if r_a is None and cfg.split in ("joint", "search"):
+    if r_a is None and cfg.split in ("joint", "search", "refit"):  # refit: joint's KV groups (channel_selection.py)
         n_kv, n_ffn = joint_split(kv_sa, kv_sb, shape.n_kv_heads), joint_split(ffn_sa, ffn_sb, d_ff)
         r_a = n_ffn[0] / d_ff
     else:

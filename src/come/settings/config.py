@@ -20,8 +20,8 @@ from .registry import REGISTRY, get_method, method_names, method_options
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
 
 PairScore = Literal["angular", "bi-all-tokens", "angular-all-tokens", "error", "merge-error", "nll"]
-Split = Literal["bi", "joint", "search"]
-SplitScore = Literal["nll", "error"]
+Split = Literal["bi", "joint", "search", "refit"]
+SplitScore = Literal["nll", "error", "refit"]
 Refit = Literal["ls", "none"]
 RefitInput = Literal["dense", "compressed"]
 Select = Literal["angle", "bi"]
@@ -108,13 +108,17 @@ class CompressConfig(Options):
     split: Split = option("joint", "joint (DECISION, BENCHMARKS.md): top-N of both layers' units ranked together by "
                                    "sensitivity; bi (OFFICIAL): side A's share r = normalize(normalize(BI)^p); search "
                                    "(CoMe-P, the paper's Alg. 2): try r in {0, 1/g, ..., 1} and keep the merge that "
-                                   "scores best (--granularity, --split-score).", choices=Split.__args__)
+                                   "scores best (--granularity, --split-score); refit: joint's KV groups, and the d_ff "
+                                   "channels of both layers that the refit's least squares needs most (backward "
+                                   "elimination on their Gram; needs --refit ls).", choices=Split.__args__)
     granularity: int = option(20, "Grid steps g of --split search: r_A in {0, 1/g, ..., 1} (the authors' 20).",
                               bounds=">= 1")
     split_score: SplitScore = option("nll", "What --split search minimizes. nll (the authors'): next-token NLL of "
                                             "the whole merged model on the calibration windows; error: held-out "
                                             "output error of the merged layer against the dense group (one layer "
-                                            "per candidate).", choices=SplitScore.__args__)
+                                            "per candidate); refit: the same error AFTER the candidate's refit "
+                                            "(needs --refit ls), the joint split's merge a candidate too, so a drop "
+                                            "+ refit and each merge + refit compete.", choices=SplitScore.__args__)
     skew: float = option(1.0, "Exponent p of the bi split rule (needs --split bi); 0: equal shares, large: the "
                               "side of higher BI keeps all.", bounds=">= 0")
     min_max: float = option(0.0, "bi split: raise the larger share to at least m^(1/(k-1)), k = original layers in "
@@ -236,6 +240,8 @@ class CompressConfig(Options):
         if outside:
             raise ComeError(f"--protect {','.join(map(str, outside))}: the model has layers 0..{n - 1}")
         check_context(config, self.seqlen)
+        if self.split == "refit" and (getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0)):
+            raise ComeError("--split refit picks FFN channels; an MoE model's units are experts: use --split joint")
         method = get_method(self.method)
         if method.loop == "progressive" and method.removable(n, self) == 0:
             raise ComeError("every adjacent pair of layers touches a --protect layer, so nothing can merge; "

@@ -48,7 +48,8 @@ class MergeRecord:
     params_before: int
     params_after: int
     refit: dict | None = None
-    # --split search: {"score": "nll" | "error", "candidates": [[r_a, score], ...]}; left out of
+    # --split search: {"score": "nll" | "error" | "refit", "candidates": [[r_a, score], ...]} (refit: also
+    # "joint": [r_a, score] and "took": "drop A" | "drop B" | "merge" | "joint"); left out of
     # the JSON when None, so Plans without a search read as they always did
     split_search: dict | None = None
     # --merge-item > 2: every merged layer (class docstring); left out of the JSON when None
