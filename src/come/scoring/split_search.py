@@ -79,18 +79,22 @@ def search_split(cache: ActivationCache, k: int, group: list[int], choose: Calla
         return refit_layer(cache, k, group, "dense", layer=scratch, solve=False).err_before
 
     candidates, best = [], None
+
+    def consider(value: float, choice: Choice, took: str) -> None:
+        nonlocal best
+        if math.isfinite(value) and (best is None or value < best[0]):
+            best = (value, choice, took)
+
     # with the nll score each candidate runs the rest of the model: minutes a merge on a CPU
     for r in tqdm(split_grid(cfg.granularity), desc=f"split search ({cfg.split_score})", leave=False, unit="split"):
         choice = choose(r)
         candidates.append([r, score(choice)])
-        if math.isfinite(candidates[-1][1]) and (best is None or candidates[-1][1] < best[0]):
-            best = (candidates[-1][1], choice, _took(r))
+        consider(candidates[-1][1], choice, _took(r))
     record = {"score": cfg.split_score, "candidates": candidates}
     if cfg.split_score == "refit":
         joint = choose(None)
         record["joint"] = [joint.r_a, score(joint)]
-        if math.isfinite(record["joint"][1]) and (best is None or record["joint"][1] < best[0]):
-            best = (record["joint"][1], joint, "joint")
+        consider(record["joint"][1], joint, "joint")
     if best is None:
         raise ComeError(f"--split search: every candidate merge of current layers {k}, {k + 1} scored non-finite; "
                         "try --dtype fp32")
