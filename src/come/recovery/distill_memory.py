@@ -63,8 +63,8 @@ def check_memory(plan: dict[str, int], max_memory_gb: float | None, processes: i
     """Log the plan (where `say`); refuse it in one line when it does not fit `max_memory_gb` per process."""
     parts = ", ".join(f"{k} {v / _GB:.3g} GB" for k, v in plan.items())
     if say:
-            _log.info("memory plan per process (%d process%s%s; activations not counted): %s", processes,
-                  "" if processes == 1 else "es", ", sharded" if shard else "", parts)
+        _log.info("memory plan per process (%d process%s%s; activations not counted): %s", processes,
+              "" if processes == 1 else "es", ", sharded" if shard else "", parts)
     if max_memory_gb is not None and plan["total"] > max_memory_gb * _GB:
         hint = "add processes with --shard" if shard else "run on several processes with --shard"
         raise ComeError(f"the run needs {plan['total'] / _GB:.3g} GB per process for weights and training state "
