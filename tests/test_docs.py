@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from come import CompressConfig, DistillConfig, EvalConfig
+from come.settings.options import all_fields
 
 ROOT = Path(__file__).parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "BENCHMARKS.md",
@@ -22,8 +23,8 @@ COMMANDS = {"compress": CompressConfig, "eval": EvalConfig, "distill": DistillCo
 
 
 def _field(cls: type, flag: str) -> dataclasses.Field:
-    """The options field behind `flag` (its own `flag` metadata, else --field-name)."""
-    for f in dataclasses.fields(cls):
+    """The options field behind `flag` (its own `flag` metadata, else --field-name), a method's own included."""
+    for f in all_fields(cls):
         if (f.metadata.get("flag") or "--" + f.name.replace("_", "-")) == flag:
             return f
     raise AssertionError(f"{cls.__name__} has no option {flag}")
@@ -68,7 +69,9 @@ def test_every_default_in_decisions_is_the_codes():
 def test_a_changed_default_is_caught(monkeypatch):
     """The check reads the code, so a default that moves makes a row stale."""
     assert code_default("compress --method laco --pair-score") == "angular"
-    monkeypatch.setattr(CompressConfig.__dataclass_fields__["split"], "default", "bi")
+    from come.methods.come import ComeOptions
+
+    monkeypatch.setattr(ComeOptions.__dataclass_fields__["split"], "default", "bi")
     assert not _same("joint", code_default("compress --split"))
     with pytest.raises(AssertionError, match="no option --nope"):
         code_default("compress --nope")

@@ -145,23 +145,44 @@ def test_reverse_order_drops_the_layers_before_the_final_one():
 
 
 NEW_METHOD = '''
-"""A method added by a test: drop the first layers (to prove one file is enough)."""
+"""A method added by a test: drop the layers after the first --skip-first (one file is enough,
+its own option included)."""
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import ComeError
+from ..settings.options import option
 from .base import DropMethod, register
+
+
+@dataclass
+class FirstLayersOptions:
+    cli_panel: ClassVar[str] = "First layers"
+
+    skip_first: int = option(0, "Layers kept at the start before the dropped ones.", bounds=">= 0")
 
 
 @register
 class FirstLayers(DropMethod):
     name = "first-layers"
     summary = "drop the first layers (a test's method)"
+    own_options = FirstLayersOptions
+
+    def check(self, cfg):
+        if cfg.skip_first > 3:
+            raise ComeError(f"--skip-first {cfg.skip_first}: at most 3")
 
     def select(self, cache, n, cfg):
-        return list(range(n))
+        return list(range(cfg.skip_first, cfg.skip_first + n))
 '''
 
 
 def test_a_new_method_is_one_new_file(tmp_path, tokenizer, text_file):
     """Copy the package, add ONE file under methods/, and the new method is in the registry,
-    in `come compress --method`'s choices and help, and compresses a model end to end."""
+    in `come compress --method`'s choices and help, and compresses a model end to end; its own
+    option (--skip-first) is in the help as its own panel, in `come compare` specs, in the
+    generated reference (docs/cli.md, README's methods table), checked by the method, refused
+    for the other methods, and read by the run."""
     import shutil
     import subprocess
     import sys
@@ -175,17 +196,34 @@ def test_a_new_method_is_one_new_file(tmp_path, tokenizer, text_file):
     model = tmp_path / "dense"
     tiny_model("llama").save_pretrained(model)
     tokenizer.save_pretrained(model)
+    common = (f"'--calib', {str(text_file)!r}, '--nsamples', '8', '--seqlen', '32', '--device', 'cpu', "
+              "'--sparsity', '0.3'")
     script = (
         "import sys; from typer.testing import CliRunner; from come.cli.app import app; from come.settings.plan import load_plan\n"
         "from come.methods import method_names; assert 'first-layers' in method_names(), method_names()\n"
         "import typer; ps = typer.main.get_command(app).commands['compress'].params\n"
         "assert any('first-layers' in (p.help or '') for p in ps)\n"
-        f"r = CliRunner().invoke(app, ['compress', {str(model)!r}, '--out', {str(tmp_path / 'out')!r}, '--method',\n"
-        f"    'first-layers', '--calib', {str(text_file)!r}, '--nsamples', '8', '--seqlen', '32', '--device', 'cpu',\n"
-        "    '--sparsity', '0.3']); assert r.exit_code == 0, r.output\n"
-        f"print(load_plan({str(tmp_path / 'out')!r}).groups)\n"
+        "skip = next(p for p in ps if '--skip-first' in p.opts)\n"
+        "assert skip.rich_help_panel == 'First layers (--method first-layers)', skip.rich_help_panel\n"
+        "from come.cli.reference import markdown; from come.cli.docs_tables import methods_table\n"
+        "assert '#### First layers (--method first-layers)' in markdown() and '| `--skip-first` | `0` | Layers kept' in markdown()\n"
+        "assert '| `first-layers` | drop | none | `--skip-first` |' in methods_table(), methods_table()\n"
+        "from come.settings.specs import method_list; from come.errors import ComeError\n"
+        "spec = method_list('first-layers:skip-first=2,shortgpt')[0]; assert spec.overrides == (('skip_first', 2),)\n"
+        "for bad, why in (('shortgpt:skip-first=1', 'read by --method first-layers only'), \n"
+        "                 ('first-layers:skip-first=5', 'at most 3'), ('first-layers:skip-first=-1', 'must be >= 0')):\n"
+        "    try: method_list(bad); raise SystemExit('accepted ' + bad)\n"
+        "    except ComeError as e: assert why in str(e), e\n"
+        f"r = CliRunner().invoke(app, ['compress', {str(model)!r}, '--out', {str(tmp_path / 'no')!r}, '--method', 'shortgpt',\n"
+        f"    '--skip-first', '1', {common}]); assert r.exit_code == 2 and 'Traceback' not in r.output, r.output\n"
+        f"for skip, out in (('0', 'a'), ('2', 'b')):\n"
+        f"    r = CliRunner().invoke(app, ['compress', {str(model)!r}, '--out', {str(tmp_path)!r} + '/' + out, '--method',\n"
+        f"        'first-layers', '--skip-first', skip, {common}]); assert r.exit_code == 0, r.output\n"
+        f"    plan = load_plan({str(tmp_path)!r} + '/' + out); print(plan.groups, plan.settings['skip_first'])\n"
     )
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "src")}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1].startswith("[[0, 1")  # the first layers were absorbed
+    first, second = done.stdout.strip().splitlines()[-2:]
+    assert first.startswith("[[0, 1") and first.endswith(" 0")  # the first layers were absorbed
+    assert second == "[[0], [1, 2, 3, 4], [5]] 2"  # layers 2-4 dropped: 0 and 1 kept, 1 stands for them

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from ..settings.options import base_type, bounds_of, choices_of, cli_fields, convert, flag_of
+from ..settings.options import base_type, bounds_of, choices_of, convert, flag_of, hints_of, panel_fields
+from ..settings.registry import readers
 
 GroupSpec = typing.Union[type, tuple[type, str, tuple[str, ...]]]
 
@@ -65,6 +66,13 @@ def _parameter(f: dataclasses.Field, tp: Any, pname: str, flag: str, panel: str)
     return inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation)
 
 
+def _panel(group: type) -> str:
+    """A group's help panel: its name, and the methods that read it when it is a method's own."""
+    methods = readers(group)
+    name = getattr(group, "cli_panel", "") or group.__name__
+    return f"{name} (--method {' / '.join(methods)})" if methods else name
+
+
 class _WithOptions:
     """A command function plus the options of its groups' fields: the signature typer reads
     is the function's own parameters followed by one option per field."""
@@ -83,9 +91,11 @@ class _WithOptions:
         specs = []  # (argument, class, [(param name, field, type, flag)])
         for arg, (_, prefix, exclude) in groups.items():
             cls = classes[arg]
-            hints = typing.get_type_hints(cls)
+            hints = hints_of(cls)
             entries = []
-            for f in cli_fields(cls, exclude):
+            for group, f in panel_fields(cls):
+                if not f.metadata.get("cli", True) or f.name in exclude:
+                    continue
                 clash = f.name in taken
                 pname = prefix.replace("-", "_") + f.name if clash else f.name
                 if pname in taken:
@@ -93,7 +103,7 @@ class _WithOptions:
                 taken.add(pname)
                 flag = flag_of(f, prefix if clash else "")
                 entries.append((pname, f, hints[f.name], flag))
-                params.append(_parameter(f, hints[f.name], pname, flag, getattr(cls, "cli_panel", cls.__name__)))
+                params.append(_parameter(f, hints[f.name], pname, flag, _panel(group)))
             specs.append((arg, cls, entries))
         return inspect.Signature(params), specs
 

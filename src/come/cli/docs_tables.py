@@ -7,6 +7,10 @@ What is exact and what is approximate per family is prose, not data: docs/famili
 
 from __future__ import annotations
 
+import dataclasses
+
+from ..settings.options import flag_of
+
 # the checkpoints a model_type stands for (the adapter knows only the model_type)
 KNOWN_AS = {"llama": "LLaMA-2/3, Vicuna", "mistral": "Mistral", "qwen2": "Qwen2 / Qwen2.5", "qwen3": "Qwen3",
             "gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)", "phi3": "Phi-3 / Phi-4", "olmo2": "OLMo-2",
@@ -39,14 +43,27 @@ def families_table() -> str:
     return "\n".join(rows)
 
 
+def _own_flags(method) -> str:
+    """The options only this method (or its loop) reads: its own group's flags (docs/cli.md: each
+    group's help panel)."""
+    from ..methods import MergeOptions
+
+    group = method.own_options
+    if group is None:
+        return "none"
+    loop = {f.name for f in dataclasses.fields(MergeOptions)} if issubclass(group, MergeOptions) else set()
+    own = [f"`{flag_of(f)}`" for f in dataclasses.fields(group) if f.name not in loop]
+    return ", ".join(own + (["the merge loop's"] if loop else []))
+
+
 def methods_table() -> str:
     """One row per registered method, in listing order: its kind, default refit and summary."""
     from ..methods import REGISTRY, DropMethod, MergeMethod, method_names
 
-    rows = ["| `--method` | kind | default `--refit` | what it does |", "|---|---|---|---|"]
+    rows = ["| `--method` | kind | default `--refit` | own options | what it does |", "|---|---|---|---|---|"]
     for name in method_names():
         m = REGISTRY[name]
         kind = "merge" if isinstance(m, MergeMethod) else "drop" if isinstance(m, DropMethod) else "chooser"
         refit = m.default_refit or "the chosen recipe's"
-        rows.append(f"| `{name}` | {kind} | {refit} | {m.summary.replace('|', chr(92) + '|')} |")
+        rows.append(f"| `{name}` | {kind} | {refit} | {_own_flags(m)} | {m.summary.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)

@@ -37,11 +37,21 @@ def _default(p: TyperArgument | TyperOption) -> str:
     return f"`{p.default}`"
 
 
-def command_table(cmd: typer.core.TyperCommand) -> str:
-    rows = ["| option | default | meaning |", "|---|---|---|"]
+def command_tables(cmd: typer.core.TyperCommand) -> str:
+    """The command's options as its help shows them: a table per help panel (the command's own,
+    the shared settings, each method's own options), under the panel's name."""
+    panels: dict[str, list] = {}
     for p in cmd.params:
-        if p.name == "help":
-            continue
+        if p.name != "help":
+            panels.setdefault(getattr(p, "rich_help_panel", None) or "Options", []).append(p)
+    if len(panels) == 1:
+        return command_table(next(iter(panels.values())))
+    return "\n\n".join(f"#### {panel}\n\n{command_table(params)}" for panel, params in panels.items())
+
+
+def command_table(params: list) -> str:
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for p in params:
         if isinstance(p, TyperArgument):
             name = f"`{p.metavar or p.name.upper()}`"
         else:
@@ -61,7 +71,7 @@ def markdown() -> str:
     group = typer.main.get_command(app)
     parts = []
     for name, cmd in group.commands.items():
-        parts += [f"### `come {name}`", "", _cell(cmd.help or ""), "", command_table(cmd), ""]
+        parts += [f"### `come {name}`", "", _cell(cmd.help or ""), "", command_tables(cmd), ""]
     return "\n".join(parts).rstrip("\n")
 
 

@@ -8,11 +8,11 @@ import importlib
 import pkgutil
 
 from ..settings.registry import REGISTRY, default_methods, get_method, method_names, method_options, register
-from .base import DropMethod, MergeMethod, Method
+from .base import DropMethod, MergeMethod, MergeOptions, Method
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base" and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["REGISTRY", "DropMethod", "MergeMethod", "Method", "default_methods", "get_method", "method_names",
-           "method_options", "register"]
+__all__ = ["REGISTRY", "DropMethod", "MergeMethod", "MergeOptions", "Method", "default_methods", "get_method",
+           "method_names", "method_options", "register"]

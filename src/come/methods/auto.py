@@ -22,14 +22,28 @@ import copy
 import logging
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from ..errors import ComeError
+from ..settings.options import default_of, field_of, option
 from .base import REGISTRY, Method, register
 
 log = logging.getLogger("come")
 
 HOLDOUT = 1 / 8  # share of the calibration windows that scores the candidates
+
+
+@dataclass
+class AutoOptions:
+    """The recipes `--method auto` tries."""
+
+    cli_panel: ClassVar[str] = "auto"
+
+    candidates: str = option(
+        "come,shortgpt:refit=ls,magnitude:refit=ls",
+        "--method auto: the recipes tried (`come compare --methods` specs); the one with the lowest KL to the dense "
+        "model on held-out calibration windows is kept.")
 
 
 @register
@@ -42,7 +56,8 @@ class Auto(Method):
     default_pair_score = None
     default_reprofile = None
     compared_by_default = False
-    options = frozenset({"candidates"})  # every other method-specific option belongs in a candidate's spec
+    own_options = AutoOptions
+    shared_options = frozenset()  # every other method-specific option belongs in a candidate's spec
     ignored_hint = " (each candidate has its own: give it in the candidate's spec, e.g. --candidates come,shortgpt:refit=ls)"
 
     def check(self, cfg) -> None:
@@ -103,7 +118,7 @@ class Auto(Method):
 
 def _shared(cfg):
     """`cfg` without auto's own option: what every candidate starts from."""
-    return replace(cfg, method="auto", candidates=type(cfg).__dataclass_fields__["candidates"].default)
+    return replace(cfg, method="auto", candidates=default_of(field_of(AutoOptions, "candidates")))
 
 
 def _candidates(cfg) -> list:

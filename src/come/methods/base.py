@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..errors import ComeError
 from ..settings.config import BUILT_SCORES, ERROR_SCORES, CompressConfig
-from ..settings.options import flag_of
+from ..settings.options import all_fields, default_of, field_of, flag_of, option
 from ..settings.registry import REGISTRY, method_options, register
 
 if TYPE_CHECKING:
@@ -41,18 +41,57 @@ if TYPE_CHECKING:
     from ..scoring.pair_scoring import Choice, PairToMerge, WindowChoice, WindowToMerge
     from ..settings.plan import Plan
 
-__all__ = ["REGISTRY", "DropMethod", "MergeMethod", "MergeSteps", "Method", "method_options", "register",
-           "unprotected_runs"]
+__all__ = ["REGISTRY", "DropMethod", "MergeMethod", "MergeOptions", "MergeSteps", "Method", "method_options",
+           "register", "unprotected_runs"]
+
+PairScore = Literal["angular", "bi-all-tokens", "angular-all-tokens", "error", "merge-error", "nll"]
+Reprofile = Literal["full", "window"]
+
+
+@dataclasses.dataclass
+class MergeOptions:
+    """The progressive loop's options, read by every `MergeMethod` (engine/pipeline.py,
+    scoring/pair_scoring.py, engine/cache.py): a method that merges extends this group."""
+
+    cli_panel: ClassVar[str] = "Progressive merging"
+
+    pair_score: PairScore | None = option(
+        None, "Which adjacent pair merges next. bi-all-tokens (DECISION, come's default, BENCHMARKS.md): block "
+              "influence 1 - cos between the state entering layer l and the one leaving l+1, over ALL calibration tokens; "
+              "angular (OFFICIAL; laco's and average's default): arccos(cos)/pi of those states on the last token of each sample; "
+              "angular-all-tokens (OFFICIAL with --split search, the authors' CoMe-P): arccos(cos)/pi over ALL tokens; error: "
+              "held-out error of the actual merged + refit layer against the dense group; merge-error: the same "
+              "before the refit; nll: calibration next-token NLL of the whole model with the pair's merge in place "
+              "(the posterior; about L^2/2 layer passes per merge). Default: the method's own.", choices=PairScore.__args__)
+    no_repeat: bool = option(False, "Never merge an already merged layer again.")
+    merge_item: int = option(
+        2, "Adjacent layers merged into one per step (the authors' merge_item): each merge removes m - 1 layers, the "
+           "last only as many as the target still needs, so the layer count is the same for every m. m > 2: the "
+           "window is scored like a pair (the state entering its first layer against the one leaving its last); "
+           "come keeps the top units of all m layers ranked together (--split joint) or side i's share "
+           "normalize(normalize(BI)^p)_i (--split bi); laco combines the window's original layers, average takes "
+           "their mean. Not with --split search, --pair-score error/merge-error, --reprofile window or a --sparsity "
+           "list.", bounds=">= 2")
+    reprofile: Reprofile | None = option(
+        None, "What re-runs after a merge at layer l. full: layers l..end (fresh statistics and pair scores "
+                "everywhere); window: layers l..l+W (--reprofile-window) only, the later layers keep the statistics "
+                "and pair scores they had (stale) unless the hidden state leaving the window moved, relative to the "
+                "one they were computed from, by --reprofile-drift or more: then they re-run too. The refit always "
+                "reads the current model's true states. Default: window for come (DECISION: within 2% of full's "
+                "perplexity on three splits and within noise on the tasks, 1.5-2x less re-profiling; BENCHMARKS.md: "
+                "Windowed re-profiling), full for the other methods, --split search, --merge-item > 2, the pair scores "
+                "that build merges, and --official (the authors re-run the whole model).",
+        choices=Reprofile.__args__)
+    reprofile_window: int = option(4, "--reprofile window: layers after the merged one that re-run.", bounds=">= 1")
+    reprofile_drift: float = option(0.2, "--reprofile window: relative change of the state leaving the window "
+                                         "(Frobenius norm, all calibration tokens) that re-runs every later layer; "
+                                         "0 re-runs them always (= full).", bounds=">= 0")
 
 
 def unprotected_runs(n_layers: int, protect) -> list[int]:
     """The lengths of the maximal runs of adjacent layers outside `protect`."""
     protect = set(protect)
     return [len(list(g)) for free, g in itertools.groupby(range(n_layers), lambda i: i not in protect) if free]
-
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 class Method:
@@ -68,24 +107,41 @@ class Method:
     # which loop runs it (come.compression.run_method): "progressive", merging adjacent layers
     # (MergeMethod); "one-shot", dropping layers (DropMethod); None: it runs itself (`compress`)
     loop: ClassVar[str | None] = None
-    # The method-specific options (CompressConfig fields) this method reads. An option that some
-    # method declares and this one does not is ignored by this one: a run refuses it when set
-    # (`ignored`), a preset or `come compare`'s shared option leaves it at its default here.
-    options: ClassVar[frozenset[str]] = frozenset({"refit"})
+    # Its own options: a dataclass of `option()` fields (MergeOptions, CoMe's ComeOptions), which
+    # `come compress` shows as a help panel, `come compare` specs and the README reference take,
+    # and CompressConfig carries (`cfg.split`); this method's `check` validates their combinations.
+    own_options: ClassVar[type | None] = None
+    # The shared options some methods ignore that this one reads (ReplaceMe fits its own map: no --refit)
+    shared_options: ClassVar[frozenset[str]] = frozenset({"refit"})
     ignored_hint: ClassVar[str] = ""  # appended to the refusal of an option this method ignores
+
+    @property
+    def options(self) -> frozenset[str]:
+        """The method-specific options this method reads. One that another method reads and this one
+        does not is ignored by this one: a run refuses it when set (`ignored`), a preset or `come
+        compare`'s shared option leaves it at its default here."""
+        own = self.own_options
+        return self.shared_options | {f.name for f in dataclasses.fields(own)} if own else self.shared_options
+
+    def defaults(self, cfg: CompressConfig) -> dict[str, Any]:
+        """The options this method fills in when not given (`CompressConfig.resolved`)."""
+        return {}
 
     def check(self, cfg: CompressConfig) -> None:
         """Refuse settings this method cannot honour (one line, before any work)."""
 
+    def check_model(self, config, cfg: CompressConfig) -> None:
+        """Refuse settings this method cannot honour on this model (its HF config, before weights load)."""
+
     def ignored(self, cfg: CompressConfig) -> list[str]:
         """The method-specific options `cfg` sets (away from their defaults) that this method never reads."""
-        return [f.name for f in dataclasses.fields(cfg) if f.name in method_options() and f.name not in self.options
-                and getattr(cfg, f.name) != _default(f)]
+        return [f.name for f in all_fields(cfg) if f.name in method_options() and f.name not in self.options
+                and cfg.is_set(f.name)]
 
     def refuse_ignored(self, cfg: CompressConfig) -> None:
         """One line naming the first option `cfg` sets that this method would silently ignore."""
         for name in self.ignored(cfg):
-            flag = flag_of(cfg.__dataclass_fields__[name])
+            flag = flag_of(field_of(type(cfg), name))
             readers = sorted(n for n, m in REGISTRY.items() if name in m.options)
             if len(readers) <= 4:  # else the list is longer than the point
                 raise ComeError(f"{flag} is read by --method {' / '.join(readers)} only; --method {self.name} "
@@ -95,8 +151,7 @@ class Method:
     def own(self, cfg: CompressConfig) -> CompressConfig:
         """`cfg` with the options this method ignores put back at their defaults (a preset's or a
         shared setting that concerns other methods)."""
-        defaults = {f.name: _default(f) for f in dataclasses.fields(cfg)}
-        return dataclasses.replace(cfg, **{name: defaults[name] for name in self.ignored(cfg)})
+        return dataclasses.replace(cfg, **{name: default_of(field_of(type(cfg), name)) for name in self.ignored(cfg)})
 
     def needs_dense(self, cfg: CompressConfig) -> bool:
         """Whether the run caches the DENSE model's states at every boundary (refit targets)."""
@@ -152,18 +207,42 @@ class MergeMethod(Method):
     keeps_units: ClassVar[bool] = False
     needs_originals: ClassVar[bool] = False  # True: merge() reads the original layers
     merges_windows: ClassVar[bool] = False  # True: merge_window() builds one layer from m > 2 (--merge-item)
-    # what the progressive pipeline reads (engine/pipeline.py, scoring/pair_scoring.py, engine/cache.py)
-    options = Method.options | {"pair_score", "no_repeat", "merge_item", "reprofile", "reprofile_window",
-                                "reprofile_drift"}
+    own_options = MergeOptions
+
+    def defaults(self, cfg: CompressConfig) -> dict[str, Any]:
+        """The method's pair score; the windowed re-profiling where it was measured against full
+        (BENCHMARKS.md: pair merges scored without building them), full elsewhere."""
+        pair_score = cfg.pair_score or self.default_pair_score
+        window_fits = cfg.merge_item == 2 and pair_score not in BUILT_SCORES
+        return {"pair_score": pair_score,
+                "reprofile": cfg.reprofile or (self.default_reprofile if window_fits else "full")}
 
     def check(self, cfg: CompressConfig) -> None:
         if cfg.pair_score in BUILT_SCORES and not self.keeps_units:
             raise ComeError(f"--pair-score {cfg.pair_score} scores concatenation merges; use angular, "
                             f"bi-all-tokens or angular-all-tokens with --method {self.name}")
-        if cfg.merge_item > 2 and not self.merges_windows:
-            others = sorted(n for n, m in REGISTRY.items() if getattr(m, "merges_windows", False))
-            raise ComeError(f"--method {self.name} merges two layers at a time; drop --merge-item "
-                            f"{cfg.merge_item}, or use --method {' / '.join(others)}")
+        if cfg.merge_item > 2:
+            self._check_merge_item(cfg)
+        if cfg.reprofile != "window" and (cfg.is_set("reprofile_window") or cfg.is_set("reprofile_drift")):
+            raise ComeError("--reprofile-window and --reprofile-drift shape the windowed re-profiling; add "
+                            "--reprofile window")
+
+    def _check_merge_item(self, cfg: CompressConfig) -> None:
+        """What `--merge-item` above 2 cannot be combined with (one line naming it)."""
+        m = cfg.merge_item
+        if not self.merges_windows:
+            others = sorted(n for n, meth in REGISTRY.items() if getattr(meth, "merges_windows", False))
+            raise ComeError(f"--method {self.name} merges two layers at a time; drop --merge-item {m}, or use "
+                            f"--method {' / '.join(others)}")
+        if cfg.pair_score in BUILT_SCORES:
+            raise ComeError(f"--merge-item {m} with --pair-score {cfg.pair_score}: that score builds pair merges; "
+                            "use bi-all-tokens, angular or angular-all-tokens")
+        if cfg.reprofile == "window":
+            raise ComeError(f"--merge-item {m} with --reprofile window: the window re-profiling keeps pair scores; "
+                            "use --reprofile full")
+        if len(cfg.levels()) > 1:
+            raise ComeError(f"--merge-item {m} takes one --sparsity: each level's merges would differ from a run at "
+                            "that level alone; run the levels one by one")
 
     def needs_dense(self, cfg: CompressConfig) -> bool:
         return cfg.refit == "ls" or cfg.pair_score in ERROR_SCORES

@@ -10,10 +10,56 @@ the error pair score's pick, or the paper's posterior search (`--split search`, 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import ClassVar, Literal
 
 from ..errors import ComeError
-from .base import MergeMethod, MergeSteps, register
+from ..settings.options import option
+from .base import MergeMethod, MergeOptions, MergeSteps, register
+
+Split = Literal["bi", "joint", "search", "refit"]
+SplitScore = Literal["nll", "error", "refit"]
+Norm = Literal["fold", "average"]
+HeadScore = Literal["channel", "exact"]
+Sensitivity = Literal["l1", "taylor", "magnitude"]
+
+
+@dataclass
+class ComeOptions(MergeOptions):
+    """How CoMe chooses and shares the units a merge keeps (pair_scoring.py, split_search.py)
+    and folds the norms (merge.py)."""
+
+    cli_panel: ClassVar[str] = "CoMe"
+
+    split: Split = option("joint", "joint (DECISION, BENCHMARKS.md): top-N of both layers' units ranked together by "
+                                   "sensitivity; bi (OFFICIAL): side A's share r = normalize(normalize(BI)^p); search "
+                                   "(CoMe-P, the paper's Alg. 2): try r in {0, 1/g, ..., 1} and keep the merge that "
+                                   "scores best (--granularity, --split-score); refit: joint's KV groups, and the d_ff "
+                                   "channels of both layers that the refit's least squares needs most (backward "
+                                   "elimination on their Gram; needs --refit ls).", choices=Split.__args__)
+    granularity: int = option(20, "Grid steps g of --split search: r_A in {0, 1/g, ..., 1} (the authors' 20).",
+                              bounds=">= 1")
+    split_score: SplitScore = option("nll", "What --split search minimizes. nll (the authors'): next-token NLL of "
+                                            "the whole merged model on the calibration windows; error: held-out "
+                                            "output error of the merged layer against the dense group (one layer "
+                                            "per candidate); refit: the same error AFTER the candidate's refit "
+                                            "(needs --refit ls), the joint split's merge a candidate too, so a drop "
+                                            "+ refit and each merge + refit compete.", choices=SplitScore.__args__)
+    skew: float = option(1.0, "Exponent p of the bi split rule (needs --split bi); 0: equal shares, large: the "
+                              "side of higher BI keeps all.", bounds=">= 0")
+    min_max: float = option(0.0, "bi split: raise the larger share to at least m^(1/(k-1)), k = original layers in "
+                                 "the pair (needs --split bi).", bounds="[0, 1)")
+    norm: Norm = option("fold", "fold: norm weights folded into q/k/v and gate/up (exact, DECISION); average: "
+                                   "the mean of the two norms (OFFICIAL).", choices=Norm.__args__)
+    head_score: HeadScore = option("channel", "channel: a head's score is the sum of its channels' scores; exact: "
+                                                      "E_t of the head's own output L1 norm.", choices=HeadScore.__args__)
+    sensitivity: Sensitivity = option(
+        "l1", "Unit score that picks the units a merge keeps (KV groups, FFN channels, MoE experts). l1 (OFFICIAL, the "
+              "paper's): E_t|a_j| * ||W_out[:, j]||_1; magnitude: weight-only L1 path norm of the unit (no "
+              "activations); taylor: |first-order Taylor estimate of the calibration loss change| when the unit "
+              "goes, from one extra backward pass over the whole model per merge (about 3 forward passes). "
+              "magnitude and taylor: not with --head-score exact.",
+        choices=Sensitivity.__args__)
 
 
 class ComeSteps(MergeSteps):
@@ -80,13 +126,32 @@ class Come(MergeMethod):
     operator = "concat"
     keeps_units = True
     merges_windows = True
-    # how the units are chosen and shared (pair_scoring.py, split_search.py) and the norms folded
-    options = MergeMethod.options | {"split", "granularity", "split_score", "skew", "min_max", "norm", "head_score",
-                                     "sensitivity"}
+    own_options = ComeOptions
+
+    def defaults(self, cfg):
+        """`--split search` re-profiles the whole model (the window was not measured with it)."""
+        found = super().defaults(cfg)
+        if cfg.split == "search" and cfg.reprofile is None:
+            found["reprofile"] = "full"
+        return found
 
     def check(self, cfg):
-        """--split-score refit scores each candidate after its refit: there must be one."""
+        """The split rule's own options with their rule only; --split-score refit and --split refit
+        read the refit: there must be one."""
+        if cfg.split == "search" and cfg.merge_item > 2:
+            raise ComeError(f"--merge-item {cfg.merge_item} with --split search: the search tries shares of two "
+                            "layers; use --split joint or bi")
         super().check(cfg)
+        if cfg.sensitivity != "l1" and cfg.head_score == "exact":
+            raise ComeError(f"--head-score exact measures the l1 head score; drop it with --sensitivity "
+                            f"{cfg.sensitivity} (heads are scored as units by that metric)")
+        if cfg.split == "joint" and (cfg.is_set("skew") or cfg.is_set("min_max")):
+            raise ComeError("--skew and --min-max shape the bi split rule; add --split bi (the default, joint, "
+                            "ranks both layers' units together)")
+        if cfg.split != "search" and (cfg.is_set("granularity") or cfg.is_set("split_score")):
+            raise ComeError("--granularity and --split-score shape the split search; add --split search")
+        if cfg.split == "search" and (cfg.is_set("skew") or cfg.is_set("min_max")):
+            raise ComeError("--skew and --min-max shape the bi split rule; --split search tries every r on its grid")
         if cfg.split_score == "refit" and cfg.refit != "ls":
             raise ComeError("--split-score refit scores each candidate after its refit; drop --refit none, or use "
                             "--split-score nll / error")
@@ -96,6 +161,10 @@ class Come(MergeMethod):
         if cfg.split == "refit" and cfg.merge_item > 2:
             raise ComeError(f"--split refit chooses the channels of a pair; drop --merge-item {cfg.merge_item}, "
                             "or use --split joint")
+
+    def check_model(self, config, cfg):
+        if cfg.split == "refit" and (getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0)):
+            raise ComeError("--split refit picks FFN channels; an MoE model's units are experts: use --split joint")
 
     def needs_dense(self, cfg):
         """Also for `--split search --split-score error`: it scores each candidate against the dense group."""

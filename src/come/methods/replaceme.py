@@ -7,14 +7,26 @@ layers whose input and output last-token states are closest in angle (Gromov et 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ..errors import ComeError
+from ..settings.options import option
 from .base import DropMethod, register, unprotected_runs
 from .shortgpt import lowest_bi_layers
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+
+@dataclass
+class ReplaceMeOptions:
+    """Which block ReplaceMe drops."""
+
+    cli_panel: ClassVar[str] = "ReplaceMe"
+
+    select: Literal["angle", "bi"] = option("angle", "replaceme: angle (published block) | bi (ShortGPT's layers).",
+                                            choices=("angle", "bi"))
 
 
 def angle_block(last_tok: list[Tensor], n: int, protect: list[int]) -> list[int]:
@@ -42,7 +54,8 @@ class ReplaceMe(DropMethod):
     compared_by_default = False
     refit_features = "mlp_out"
     always_refits = True
-    options = frozenset({"select"})  # not --refit: its own map is its refit, always
+    own_options = ReplaceMeOptions
+    shared_options = frozenset()  # not --refit: its own map is its refit, always
     ignored_hint = " (replaceme always fits its own map)"
 
     def removable(self, n_layers, cfg):

@@ -10,26 +10,22 @@ device.py)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import ClassVar, Literal
+import copy
+import dataclasses
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal
 
 from ..errors import ComeError
 from .eval_inputs import check_inputs
-from .options import SEEDS, Options, check_choices, check_context, check_device_name, check_ranges, int_list, option
-from .registry import REGISTRY, get_method, method_names, method_options
+from .options import (SEEDS, Options, all_fields, check_choices, check_context, check_device_name, check_ranges,
+                      default_of, int_list, option)
+from .registry import REGISTRY, get_method, method_names, method_options, option_groups
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
 
-PairScore = Literal["angular", "bi-all-tokens", "angular-all-tokens", "error", "merge-error", "nll"]
-Split = Literal["bi", "joint", "search", "refit"]
-SplitScore = Literal["nll", "error", "refit"]
 Refit = Literal["ls", "none"]
 RefitInput = Literal["dense", "compressed"]
-Select = Literal["angle", "bi"]
-Reprofile = Literal["full", "window"]
-Norm = Literal["fold", "average"]
-HeadScore = Literal["channel", "exact"]
-Sensitivity = Literal["l1", "taylor", "magnitude"]
 
+# --pair-score values (declared with the progressive methods' options, methods/base.py) the engine branches on
 ERROR_SCORES = ("error", "merge-error")  # pair scores measured against the dense group (need its states)
 BUILT_SCORES = (*ERROR_SCORES, "nll")  # pair scores that build each candidate (concatenation) merge
 
@@ -59,25 +55,13 @@ def _method_help() -> str:
     return "; ".join(f"{n}: {REGISTRY[n].summary}" for n in method_names())
 
 
-def _check_merge_item(cfg: "CompressConfig", levels: list[float]) -> None:
-    """What `--merge-item` above 2 cannot be combined with (one line naming it)."""
-    if cfg.split == "search":
-        raise ComeError(f"--merge-item {cfg.merge_item} with --split search: the search tries shares of two layers; "
-                        "use --split joint or bi")
-    if cfg.pair_score in BUILT_SCORES:
-        raise ComeError(f"--merge-item {cfg.merge_item} with --pair-score {cfg.pair_score}: that score builds "
-                        "pair merges; use bi-all-tokens, angular or angular-all-tokens")
-    if getattr(cfg, "reprofile", "full") == "window":
-        raise ComeError(f"--merge-item {cfg.merge_item} with --reprofile window: the window re-profiling keeps pair "
-                        "scores; use --reprofile full")
-    if len(levels) > 1:
-        raise ComeError(f"--merge-item {cfg.merge_item} takes one --sparsity: each level's merges would differ from "
-                        "a run at that level alone; run the levels one by one")
-
-
-@dataclass
+@dataclass(init=False)
 class CompressConfig(Options):
-    """Settings of `come compress` (method.md: OFFICIAL defaults unless marked DECISION)."""
+    """Settings of `come compress` (method.md: OFFICIAL defaults unless marked DECISION): the
+    options every method shares, declared here, and each method's own (its `own_options`
+    group, declared in its module: CoMe's split, ReplaceMe's select, ...), which the object
+    takes as keywords and attributes like its own fields (`CompressConfig(split="bi").split`)
+    and keeps in `method_settings`, only those set away from their defaults."""
 
     cli_panel: ClassVar[str] = "Compression"
 
@@ -97,52 +81,6 @@ class CompressConfig(Options):
     seed: int = option(0, "Seed of the calibration windows.", bounds=SEEDS)
     batch_size: int = option(4, "Calibration windows per forward.", bounds=">= 1")
     device: str = option("auto", "cuda | cpu | auto (layers visit it one at a time).")
-    pair_score: PairScore | None = option(
-        None, "Which adjacent pair merges next. bi-all-tokens (DECISION, come's default, BENCHMARKS.md): block "
-              "influence 1 - cos between the state entering layer l and the one leaving l+1, over ALL calibration tokens; "
-              "angular (OFFICIAL; laco's and average's default): arccos(cos)/pi of those states on the last token of each sample; "
-              "angular-all-tokens (OFFICIAL with --split search, the authors' CoMe-P): arccos(cos)/pi over ALL tokens; error: "
-              "held-out error of the actual merged + refit layer against the dense group; merge-error: the same "
-              "before the refit; nll: calibration next-token NLL of the whole model with the pair's merge in place "
-              "(the posterior; about L^2/2 layer passes per merge). Default: the method's own.", choices=PairScore.__args__)
-    split: Split = option("joint", "joint (DECISION, BENCHMARKS.md): top-N of both layers' units ranked together by "
-                                   "sensitivity; bi (OFFICIAL): side A's share r = normalize(normalize(BI)^p); search "
-                                   "(CoMe-P, the paper's Alg. 2): try r in {0, 1/g, ..., 1} and keep the merge that "
-                                   "scores best (--granularity, --split-score); refit: joint's KV groups, and the d_ff "
-                                   "channels of both layers that the refit's least squares needs most (backward "
-                                   "elimination on their Gram; needs --refit ls).", choices=Split.__args__)
-    granularity: int = option(20, "Grid steps g of --split search: r_A in {0, 1/g, ..., 1} (the authors' 20).",
-                              bounds=">= 1")
-    split_score: SplitScore = option("nll", "What --split search minimizes. nll (the authors'): next-token NLL of "
-                                            "the whole merged model on the calibration windows; error: held-out "
-                                            "output error of the merged layer against the dense group (one layer "
-                                            "per candidate); refit: the same error AFTER the candidate's refit "
-                                            "(needs --refit ls), the joint split's merge a candidate too, so a drop "
-                                            "+ refit and each merge + refit compete.", choices=SplitScore.__args__)
-    skew: float = option(1.0, "Exponent p of the bi split rule (needs --split bi); 0: equal shares, large: the "
-                              "side of higher BI keeps all.", bounds=">= 0")
-    min_max: float = option(0.0, "bi split: raise the larger share to at least m^(1/(k-1)), k = original layers in "
-                                 "the pair (needs --split bi).", bounds="[0, 1)")
-    norm: Norm = option("fold", "fold: norm weights folded into q/k/v and gate/up (exact, DECISION); average: "
-                                   "the mean of the two norms (OFFICIAL).", choices=Norm.__args__)
-    head_score: HeadScore = option("channel", "channel: a head's score is the sum of its channels' scores; exact: "
-                                                      "E_t of the head's own output L1 norm.", choices=HeadScore.__args__)
-    sensitivity: Sensitivity = option(
-        "l1", "Unit score that picks the units a merge keeps (KV groups, FFN channels, MoE experts). l1 (OFFICIAL, the "
-              "paper's): E_t|a_j| * ||W_out[:, j]||_1; magnitude: weight-only L1 path norm of the unit (no "
-              "activations); taylor: |first-order Taylor estimate of the calibration loss change| when the unit "
-              "goes, from one extra backward pass over the whole model per merge (about 3 forward passes). "
-              "magnitude and taylor: not with --head-score exact.",
-        choices=Sensitivity.__args__)
-    no_repeat: bool = option(False, "Never merge an already merged layer again.")
-    merge_item: int = option(
-        2, "Adjacent layers merged into one per step (the authors' merge_item): each merge removes m - 1 layers, the "
-           "last only as many as the target still needs, so the layer count is the same for every m. m > 2: the "
-           "window is scored like a pair (the state entering its first layer against the one leaving its last); "
-           "come keeps the top units of all m layers ranked together (--split joint) or side i's share "
-           "normalize(normalize(BI)^p)_i (--split bi); laco combines the window's original layers, average takes "
-           "their mean. Not with --split search, --pair-score error/merge-error, --reprofile window or a --sparsity "
-           "list.", bounds=">= 2")
     protect: list[int] = option(help="Comma-separated original layers never merged.", parse=int_list,
                                 show=lambda v: ",".join(map(str, v)), default_factory=list)
     max_cache_gb: float = option(32.0, "Host memory for cached calibration activations (docs/memory.md).",
@@ -154,26 +92,49 @@ class CompressConfig(Options):
     refit_input: RefitInput = option("compressed", "The refit's inputs: the compressed model's states (corrects upstream "
                                                   "error) or the dense model's.",
                                      choices=RefitInput.__args__)
-    candidates: str = option(
-        "come,shortgpt:refit=ls,magnitude:refit=ls",
-        "--method auto: the recipes tried (`come compare --methods` specs); the one with the lowest KL to the dense "
-        "model on held-out calibration windows is kept.")
-    select: Select = option("angle", "replaceme: angle (published block) | bi (ShortGPT's layers).",
-                            choices=Select.__args__)
-    reprofile: Reprofile | None = option(
-        None, "What re-runs after a merge at layer l. full: layers l..end (fresh statistics and pair scores "
-                "everywhere); window: layers l..l+W (--reprofile-window) only, the later layers keep the statistics "
-                "and pair scores they had (stale) unless the hidden state leaving the window moved, relative to the "
-                "one they were computed from, by --reprofile-drift or more: then they re-run too. The refit always "
-                "reads the current model's true states. Default: window for come (DECISION: within 2% of full's "
-                "perplexity on three splits and within noise on the tasks, 1.5-2x less re-profiling; BENCHMARKS.md: "
-                "Windowed re-profiling), full for the other methods, --split search, --merge-item > 2, the pair scores "
-                "that build merges, and --official (the authors re-run the whole model).",
-        choices=Reprofile.__args__)
-    reprofile_window: int = option(4, "--reprofile window: layers after the merged one that re-run.", bounds=">= 1")
-    reprofile_drift: float = option(0.2, "--reprofile window: relative change of the state leaving the window "
-                                         "(Frobenius norm, all calibration tokens) that re-runs every later layer; "
-                                         "0 re-runs them always (= full).", bounds=">= 0")
+    method_settings: dict = option(help="The methods' own options set away from their defaults.", cli=False,
+                                   default_factory=dict)
+
+    def __init__(self, **values: Any) -> None:
+        own = dict(values.pop("method_settings", None) or {})
+        methods = {f.name for f in all_fields(type(self))} - {f.name for f in dataclasses.fields(self)}
+        unknown = set(values) - methods - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"CompressConfig got an unexpected keyword argument {sorted(unknown)[0]!r}")
+        self.method_settings = {**own, **{k: v for k, v in values.items() if k in methods}}
+        for f in dataclasses.fields(self):
+            if f.name != "method_settings":
+                setattr(self, f.name, values[f.name] if f.name in values else default_of(f))
+        self.__post_init__()
+
+    @classmethod
+    def groups(cls) -> list[type]:
+        """Its own fields, then the registered methods' option groups (registry.option_groups)."""
+        return [cls, *option_groups()]
+
+    def __getattr__(self, name: str) -> Any:
+        """A method's option: its value if set, else its default (only called for names that
+        are not the object's own attributes)."""
+        if name.startswith("__") or name == "method_settings":
+            raise AttributeError(name)
+        for f in all_fields(type(self)):
+            if f.name == name:
+                return self.__dict__.get("method_settings", {}).get(name, default_of(f))
+        raise AttributeError(f"CompressConfig has no option {name!r}")
+
+    def _set(self, f: dataclasses.Field, value: Any) -> None:
+        """A method's option is kept only when it differs from its default: equal settings compare equal."""
+        if f.name in {g.name for g in dataclasses.fields(self)}:
+            setattr(self, f.name, value)
+        elif value == default_of(f):
+            self.method_settings.pop(f.name, None)
+        else:
+            self.method_settings[f.name] = value
+
+    def is_set(self, name: str) -> bool:
+        """Whether the option `name` is away from its default."""
+        return name in self.method_settings or (name in self.__dataclass_fields__ and
+                                                getattr(self, name) != default_of(self.__dataclass_fields__[name]))
 
     def resolved(self) -> "CompressConfig":
         """A checked copy with the method's defaults filled in (refit, pair score); `self`
@@ -183,43 +144,17 @@ class CompressConfig(Options):
         method = get_method(self.method)
         method.refuse_ignored(self)
         levels = self.levels()
-        reads = method.options  # a pair score or re-profiling the method never reads is not recorded
-        pair_score = (self.pair_score or method.default_pair_score) if "pair_score" in reads else None
-        # the window is the default only where it was measured against full (BENCHMARKS.md)
-        window_fits = self.merge_item == 2 and self.split != "search" and pair_score not in BUILT_SCORES
-        reprofile = self.reprofile or (method.default_reprofile if window_fits else "full")
-        cfg = replace(self, refit=self.refit or method.default_refit, pair_score=pair_score,
-                      reprofile=reprofile if "reprofile" in reads else None,
-                      sparsity=levels[0] if len(levels) == 1 else levels)
+        cfg = replace(self, refit=self.refit or method.default_refit, sparsity=levels[0] if len(levels) == 1 else levels,
+                      **method.defaults(self))
         check_ranges(cfg)
         if levels != sorted(set(levels)):
             raise ComeError(f"--sparsity {','.join(map(str, levels))}: list the levels ascending, each once "
                             "(e.g. 0.1,0.2,0.3)")
         check_choices(cfg)
         check_device_name(cfg.device)
-        if cfg.merge_item > 2:
-            _check_merge_item(cfg, levels)
         method.check(cfg)
-        if cfg.sensitivity != "l1" and cfg.head_score == "exact":
-            raise ComeError(f"--head-score exact measures the l1 head score; drop it with --sensitivity "
-                            f"{cfg.sensitivity} (heads are scored as units by that metric)")
-        if cfg.split == "joint" and (cfg.skew != 1.0 or cfg.min_max != 0.0):
-            raise ComeError("--skew and --min-max shape the bi split rule; add --split bi (the default, joint, "
-                            "ranks both layers' units together)")
-        search_only = ("granularity", "split_score")
-        if cfg.split != "search" and any(getattr(cfg, f) != self.__dataclass_fields__[f].default for f in search_only):
-            raise ComeError("--granularity and --split-score shape the split search; add --split search")
-        if cfg.split == "search" and (cfg.skew != 1.0 or cfg.min_max != 0.0):
-            raise ComeError("--skew and --min-max shape the bi split rule; --split search tries every r on its grid")
-        refit_only = ("refit_input", "refit_holdout")
-        if not method.needs_dense(cfg) and any(getattr(cfg, f) != self.__dataclass_fields__[f].default
-                                               for f in refit_only):
+        if not method.needs_dense(cfg) and (cfg.is_set("refit_input") or cfg.is_set("refit_holdout")):
             raise ComeError("--refit-input and --refit-holdout shape the refit; add --refit ls, or drop them")
-        window_only = ("reprofile_window", "reprofile_drift")
-        if cfg.reprofile != "window" and any(getattr(cfg, f) != self.__dataclass_fields__[f].default
-                                             for f in window_only):
-            raise ComeError("--reprofile-window and --reprofile-drift shape the windowed re-profiling; add "
-                            "--reprofile window")
         return cfg
 
     def levels(self) -> list[float]:
@@ -240,9 +175,8 @@ class CompressConfig(Options):
         if outside:
             raise ComeError(f"--protect {','.join(map(str, outside))}: the model has layers 0..{n - 1}")
         check_context(config, self.seqlen)
-        if self.split == "refit" and (getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0)):
-            raise ComeError("--split refit picks FFN channels; an MoE model's units are experts: use --split joint")
         method = get_method(self.method)
+        method.check_model(config, self)
         if method.loop == "progressive" and method.removable(n, self) == 0:
             raise ComeError("every adjacent pair of layers touches a --protect layer, so nothing can merge; "
                             "protect fewer layers")
@@ -265,7 +199,8 @@ class CompressConfig(Options):
                             f"most {can}; {' or '.join(eases)}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every option by name, the methods' own at their values or defaults (the Plan's settings)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in all_fields(self) if f.name != "method_settings"}
 
 
 @dataclass

@@ -85,9 +85,51 @@ def flag_of(f: dataclasses.Field, prefix: str = "") -> str:
     return f.metadata.get("flag") or "--" + prefix + f.name.replace("_", "-")
 
 
+def default_of(f: dataclasses.Field) -> Any:
+    """The field's default value (a fresh one where it has a factory)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def option_groups(cls: type) -> list[type]:
+    """The classes whose fields an options class takes: itself, then (CompressConfig) the option
+    groups the registered methods declare (`Options.groups`)."""
+    return cls.groups() if isinstance(cls, type) and issubclass(cls, Options) else [cls]
+
+
+def panel_fields(cls: type) -> list[tuple[type, dataclasses.Field]]:
+    """(declaring class, field) of every option `cls` takes, each once, in order: a field goes
+    with the first group that has it (groups list a base before the classes extending it)."""
+    seen: set[str] = set()
+    out = []
+    for group in option_groups(cls):
+        for f in dataclasses.fields(group):
+            if f.name not in seen:
+                seen.add(f.name)
+                out.append((group, f))
+    return out
+
+
+def all_fields(obj_or_cls: Any) -> list[dataclasses.Field]:
+    """Every option field of an options object or class, its method groups' included."""
+    return [f for _, f in panel_fields(obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls))]
+
+
+def field_of(cls: type, name: str) -> dataclasses.Field:
+    """The option field `name` of `cls` (its method groups' included)."""
+    return next(f for f in all_fields(cls) if f.name == name)
+
+
+def hints_of(cls: type) -> dict[str, Any]:
+    """The declared types of every option of `cls`, its method groups' included."""
+    hints: dict[str, Any] = {}
+    for group in reversed(option_groups(cls)):
+        hints.update(_hints(group))
+    return hints
+
+
 def check_choices(obj: Any) -> None:
     """Every field with choices holds one of them (None allowed where the default is None)."""
-    for f in dataclasses.fields(obj):
+    for f in all_fields(obj):
         allowed = choices_of(f)
         value = getattr(obj, f.name)
         if allowed is None or (value is None and f.default is None):
@@ -115,7 +157,7 @@ def check_bounds(f: dataclasses.Field, value: Any, flag: str) -> None:
 def check_ranges(obj: Any) -> None:
     """Every field of an options object within its bounds (the API's check; the command line's
     text is checked as it is read, by `convert`, naming the flag as typed: --eval-seqlen)."""
-    for f in dataclasses.fields(obj):
+    for f in all_fields(obj):
         check_bounds(f, getattr(obj, f.name), flag_of(f))
 
 
@@ -195,7 +237,7 @@ def check_device_name(name: str, flag: str = "--device") -> None:
 
 def cli_fields(cls: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
     """The fields of `cls` a command line sets (cli=False ones are set by the command)."""
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in exclude]
+    return [f for f in all_fields(cls) if f.metadata.get("cli", True) and f.name not in exclude]
 
 
 def override(cls: type, key: str, text: str, where: str, fixed: tuple[str, ...] = ()) -> tuple[str, Any]:
@@ -205,7 +247,7 @@ def override(cls: type, key: str, text: str, where: str, fixed: tuple[str, ...] 
     if name not in fields:
         raise ComeError(f"{where}: bad override {key!r}; write method:option=value with a `come compress` option "
                         "such as refit=none or pair-score=error")
-    tp = typing.get_type_hints(cls)[name]
+    tp = hints_of(cls)[name]
     return name, convert(fields[name], tp, text, f"{where}: {key}")
 
 
@@ -265,11 +307,21 @@ class Options:
     "20M") and then must hold its declared type, so a wrong value is one line naming the option
     at construction, never a TypeError deep inside a run."""
 
+    cli_panel: typing.ClassVar[str] = ""  # the help panel of its options
+
+    @classmethod
+    def groups(cls) -> list[type]:
+        """The classes whose fields this object takes: its own (CompressConfig adds the methods')."""
+        return [cls]
+
     def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
+        hints = hints_of(type(self))
+        for f in all_fields(self):
             flag, value = flag_of(f), getattr(self, f.name)
             if isinstance(value, str):
                 value = convert(f, hints[f.name], value, flag)
-            setattr(self, f.name, _typed(value, hints[f.name], flag))
+            self._set(f, _typed(value, hints[f.name], flag))
+
+    def _set(self, f: dataclasses.Field, value: Any) -> None:
+        setattr(self, f.name, value)
 

@@ -9,6 +9,7 @@ a DAG: settings <- methods <- engine calls)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from ..errors import ComeError
@@ -20,11 +21,41 @@ REGISTRY: dict[str, "Method"] = {}
 
 
 def register(cls: type["Method"]) -> type["Method"]:
-    """Class decorator: make the method available by its name."""
+    """Class decorator: make the method available by its name. Its own options (`own_options`,
+    a dataclass of `option()` fields) join `come compress`'s: a name another method's group
+    already declares is refused, so each option has one meaning."""
     if cls.name in REGISTRY:
         raise ValueError(f"method {cls.name!r} registered twice")
+    if cls.own_options is not None:
+        declared = {name: g for g in option_groups() for name in _own(g)}
+        for f in dataclasses.fields(cls.own_options):
+            owner = declared.get(f.name)
+            if owner is not None and not issubclass(cls.own_options, owner):
+                raise ValueError(f"method {cls.name!r}: option {f.name!r} is already {owner.__name__}'s")
     REGISTRY[cls.name] = cls()
     return cls
+
+
+def _own(group: type) -> set[str]:
+    """The fields `group` declares itself (not those of the classes it extends)."""
+    return set(vars(group).get("__annotations__", {}))
+
+
+def readers(group: type) -> list[str]:
+    """The registered methods that read option group `group` (theirs, or one extending it)."""
+    return [n for n in method_names() if REGISTRY[n].own_options and issubclass(REGISTRY[n].own_options, group)]
+
+
+def option_groups() -> list[type]:
+    """The option groups of the registered methods, each once, a group after the ones it extends
+    (MergeOptions before CoMe's): the help panels of `come compress` after its shared options."""
+    found: list[type] = []
+    for name in method_names():
+        group = REGISTRY[name].own_options
+        for cls in reversed(group.__mro__ if group is not None else ()):
+            if dataclasses.is_dataclass(cls) and _own(cls) and cls not in found:
+                found.append(cls)
+    return found
 
 
 def method_names() -> tuple[str, ...]:

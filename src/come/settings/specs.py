@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from ..errors import ComeError
 from .config import CompressConfig
 from .device import resolve_device
-from .options import flag_of, override
+from .options import field_of, flag_of, override
 from .registry import REGISTRY, default_methods, get_method, method_names
 
 SHARED = ("method", "sparsity", "calib", "nsamples", "seqlen", "seed", "protect")  # the same in every row
@@ -82,6 +82,6 @@ def _applies_somewhere(base: CompressConfig, specs: list[MethodSpec]) -> None:
     """A method-specific option given for every row is read by at least one row's method."""
     ignored = [set(get_method(s.method).ignored(replace(base, method=s.method))) for s in specs]
     for name in sorted(set.intersection(*ignored)):
-        flag = flag_of(base.__dataclass_fields__[name])
+        flag = flag_of(field_of(type(base), name))
         raise ComeError(f"{flag} is read by none of the methods compared ({', '.join(s.method for s in specs)}): "
                         f"drop {flag}, or add a method that reads it")
