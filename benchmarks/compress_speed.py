@@ -56,9 +56,9 @@ def main() -> int:
     ap.add_argument("--refit", type=_comma_list("none", "ls"), default=["none", "ls"],
                     help="comma list of the refits each mode is timed with (ls: today's default; "
                          "only ls skips the slow no-refit rows)")
-    ap.add_argument("--window", type=int, default=CompressConfig.reprofile_window,
+    ap.add_argument("--window", type=int, default=CompressConfig().reprofile_window,
                     help="--reprofile-window of the window rows")
-    ap.add_argument("--drift", type=float, default=CompressConfig.reprofile_drift,
+    ap.add_argument("--drift", type=float, default=CompressConfig().reprofile_drift,
                     help="--reprofile-drift of the window rows")
     ap.add_argument("--repeats", type=int, default=1, help="run every row N times, interleaved; report the fastest")
     a = ap.parse_args()
