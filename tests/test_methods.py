@@ -172,7 +172,7 @@ class FirstLayers(DropMethod):
         if cfg.skip_first > 3:
             raise ComeError(f"--skip-first {cfg.skip_first}: at most 3")
 
-    def select(self, cache, n, cfg):
+    def select(self, profile, n, cfg):
         return list(range(cfg.skip_first, cfg.skip_first + n))
 '''
 

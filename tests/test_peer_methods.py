@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import transformers
 
 from come import CompressConfig, compress
+from come.engine.dense_profile import DenseProfile
 from come.engine.preparation import prepare
 from come.errors import ComeError
 from come.methods.magnitude import least_important_plus, magnitude_importance, spared_blocks
@@ -34,12 +35,12 @@ def calib(tokenizer):
     return token_windows(corpus(), tokenizer, 16, 32, seed=0)
 
 
-def dense_cache(model, tokenizer, calib, **cfg):
-    """The activation cache `select` gets: the dense model profiled once (dropping.py)."""
+def dense_profile(model, tokenizer, calib, **cfg):
+    """The profile `select` gets: the dense model profiled once (dropping.py)."""
     run = prepare(model, tokenizer, CompressConfig(method="sleb", device="cpu", batch_size=BATCH, **cfg).resolved(),
                   calib, "", keep_dense=False)
     run.cache.refresh()
-    return run.cache
+    return DenseProfile(run.cache)
 
 
 def sum_nll(model, ids):
@@ -89,11 +90,10 @@ def idle_layer_model(one_thread, calib):
 def test_sleb_removes_a_layer_that_writes_nothing_first_and_the_logits_do_not_move(tokenizer, calib,
                                                                                    idle_layer_model):
     dense = idle_layer_model
-    cache = dense_cache(dense, tokenizer, calib)
-    before = cache.forwards
-    losses = candidate_losses(cache, list(range(6)))
+    profile = dense_profile(dense, tokenizer, calib)
+    losses = candidate_losses(profile, list(range(6)))
     # one phase: 5 prefix passes + 5 + 4 + 3 + 2 + 1 suffix passes (the prefix is shared)
-    assert cache.forwards - before == 20
+    assert profile.forwards == 20
     assert min(losses, key=losses.get) == 3
     assert losses[3] == pytest.approx(mean_nll(dense, calib), rel=1e-6)  # skipping it changes nothing
     assert len(dense.model.layers) == 6  # scoring never edits the model
@@ -110,27 +110,30 @@ def test_sleb_scores_and_greedy_order_match_brute_force(tokenizer, calib):
     second removal is re-scored with the first one gone (here it differs from the second
     best of the first round, so a one-shot ranking would fail)."""
     dense = tiny_model("qwen3", seed=0)
-    cache = dense_cache(dense, tokenizer, calib)
+    profile = dense_profile(dense, tokenizer, calib)
     kept, order = list(range(6)), []
     for _ in range(2):
-        got = candidate_losses(cache, kept)
+        got = candidate_losses(profile, kept)
         want = {c: mean_nll(without(dense, order + [c]), calib) for c in kept}
         assert got.keys() == want.keys()
         for c in kept:
             assert got[c] == pytest.approx(want[c], rel=1e-5, abs=1e-5)
         order.append(min(want, key=want.get))
         kept.remove(order[-1])
-    first_round = candidate_losses(cache, list(range(6)))
+    first_round = candidate_losses(profile, list(range(6)))
     assert sorted(first_round, key=first_round.get)[:2] != order  # the re-scoring matters here
-    assert sleb_order(cache, 2) == order
+    assert sleb_order(profile, 2) == order
 
 
 def test_sleb_honours_protect_and_refuses_an_unreachable_target(tokenizer, calib, idle_layer_model):
-    cache = dense_cache(copy.deepcopy(idle_layer_model), tokenizer, calib)
-    assert 3 not in sleb_order(cache, 1, protect=[3])
-    assert 3 not in candidate_losses(cache, list(range(6)), protect=[3])
-    with pytest.raises(ComeError, match="target not reachable"):
-        sleb_order(cache, 2, protect=[0, 1, 2, 3, 4])
+    """--protect keeps a layer out of the candidates; a target the unprotected layers cannot
+    reach is refused before any layer runs (the one reachability check, CompressConfig's)."""
+    profile = dense_profile(copy.deepcopy(idle_layer_model), tokenizer, calib)
+    assert 3 not in sleb_order(profile, 1, protect=[3])
+    assert 3 not in candidate_losses(profile, list(range(6)), protect=[3])
+    cfg = CompressConfig(method="sleb", sparsity=0.2, device="cpu", protect=[0, 1, 2, 3, 4])
+    with pytest.raises(ComeError, match="can remove at most 1"):
+        compress(copy.deepcopy(idle_layer_model), tokenizer, cfg, calib=calib)
 
 
 # ---- Taylor+ ----------------------------------------------------------------------------
@@ -151,10 +154,10 @@ def brute_force_taylor(model, calib) -> list[float]:
 @pytest.mark.parametrize("max_cache_gb", [32.0, 3e-4])  # every layer input cached; every third one
 def test_taylor_importance_is_the_whole_model_gradient_and_leaves_the_weights(tokenizer, calib, max_cache_gb):
     dense = tiny_model("qwen2")  # biases: not part of the score
-    cache = dense_cache(dense, tokenizer, calib, max_cache_gb=max_cache_gb)
-    assert sorted(cache.states) == ([0, 1, 2, 3, 4, 5, 6] if max_cache_gb > 1 else [0, 3, 6])
+    profile = dense_profile(dense, tokenizer, calib, max_cache_gb=max_cache_gb)
+    assert sorted(profile.states) == ([0, 1, 2, 3, 4, 5, 6] if max_cache_gb > 1 else [0, 3, 6])
     weights = {n: p.detach().clone() for n, p in dense.named_parameters()}
-    got = taylor_importance(cache)
+    got = taylor_importance(profile)
     for n, p in dense.named_parameters():
         assert torch.equal(p, weights[n]), n
         assert p.grad is None and p.requires_grad, n
@@ -189,8 +192,7 @@ def test_the_plus_rule_spares_the_first_four_and_last_two_blocks():
     assert least_important_plus(falling, 2) == [8, 9]  # not 10, 11: spared
     # too shallow for the rule: spared blocks last, least important first
     assert least_important_plus([5.0, 1.0, 2.0, 3.0, 9.0, 8.0, 0.5, 7.0], 3) == [4, 5, 6]
-    with pytest.raises(ComeError, match="target not reachable"):
-        least_important_plus(rising, 3, protect=list(range(10)))
+    assert least_important_plus(rising, 3, protect=list(range(10))) == [10, 11]  # short: the loop's check names it
 
 
 # ---- end to end -------------------------------------------------------------------------
@@ -214,3 +216,15 @@ def test_peer_methods_compress_end_to_end_with_protect_and_refit(tokenizer, cali
     ids = calib[:2]
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_a_selection_outside_the_promise_is_the_methods_bug():
+    """The one-shot loop takes only what `select` promises (n distinct unprotected layers): the
+    user's target was checked before any work, so anything else is a bug, named as one."""
+    from come.methods import get_method
+
+    method, cfg = get_method("shortgpt"), CompressConfig(method="shortgpt", protect=[2])
+    assert method.checked([4, 1], 2, 6, cfg) == [1, 4]
+    for bad in ([1], [1, 1], [1, 2], [1, 6]):
+        with pytest.raises(RuntimeError, match="a bug in the method"):
+            method.checked(bad, 2, 6, cfg)

@@ -16,11 +16,11 @@ from ..merging.layer_refit import refit_layer, write_down_proj
 from ..models.budget import count_params, merge_budget
 from ..settings.config import CompressConfig
 from ..settings.plan import MergeRecord, Plan
+from .dense_profile import DenseProfile
 from .preparation import Levels, finish, prepare
 
 if TYPE_CHECKING:
     from ..methods.base import DropMethod
-    from .cache import ActivationCache
 
 log = logging.getLogger("come")
 
@@ -51,9 +51,9 @@ def compress_by_dropping(method: DropMethod, model: nn.Module, tokenizer, cfg: C
     if levels is not None and method.greedy:
         n_largest, order = merge_budget(model, cfg.sparsity)[2], []
 
-        def select(cache: ActivationCache, n: int, level_cfg: CompressConfig) -> list[int]:
+        def select(profile: DenseProfile, n: int, level_cfg: CompressConfig) -> list[int]:
             if not order:  # every level profiles the same dense model: one order serves all
-                order.extend(method.removal_order(cache, n_largest, cfg))
+                order.extend(method.removal_order(profile, n_largest, cfg))
             return sorted(order[:n])
 
     for sparsity in levels.sparsities if levels is not None else ():
@@ -63,16 +63,18 @@ def compress_by_dropping(method: DropMethod, model: nn.Module, tokenizer, cfg: C
 
 
 def _drop(method: DropMethod, model: nn.Module, tokenizer, cfg: CompressConfig, calib: Tensor | None, model_name: str,
-          select: Callable[[ActivationCache, int, CompressConfig], list[int]]) -> tuple[nn.Module, Plan]:
-    """Remove the layers `select(cache, n, cfg)` chooses (`method.select`, or a greedy order
-    shared by several levels); refit where `method` asks."""
+          select: Callable[[DenseProfile, int, CompressConfig], list[int]]) -> tuple[nn.Module, Plan]:
+    """Remove the layers `select(profile, n, cfg)` chooses (`method.select`, or a greedy order
+    shared by several levels) from the dense model's profile; refit where `method` asks."""
     features = method.refit_features
     refit = method.needs_dense(cfg)
     run = prepare(model, tokenizer, cfg, calib, model_name, keep_dense=refit)
     adapter, cache, plan = run.adapter, run.cache, run.plan
     cache.refresh()
-    bi = [s.bi for s in cache.stats]
-    removed = select(cache, run.n_remove, cfg)
+    profile = DenseProfile(cache)
+    bi = list(profile.bi)
+    removed = method.checked(select(profile, run.n_remove, cfg), run.n_remove, profile.n_layers, cfg)
+    cache.forwards += profile.forwards
     groups = absorb(removed, plan.num_layers_before)
     log.info("%s drops original layers %s", cfg.method, removed)
     kept = [next(i for i in g if i not in removed) for g in groups]

@@ -35,7 +35,7 @@ from ..settings.registry import REGISTRY, method_options, register
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from ..engine.cache import ActivationCache
+    from ..engine.dense_profile import DenseProfile
     from ..engine.preparation import Levels, Run
     from ..models.adapters import LayerWeights
     from ..scoring.pair_scoring import Choice, PairToMerge, WindowChoice, WindowToMerge
@@ -283,12 +283,21 @@ class DropMethod(Method):
     def needs_dense(self, cfg: CompressConfig) -> bool:
         return self.always_refits or cfg.refit == "ls"
 
-    def select(self, cache: "ActivationCache", n: int, cfg: CompressConfig) -> list[int]:
-        """The `n` original layers to remove (the cache has profiled the dense model)."""
+    def select(self, profile: "DenseProfile", n: int, cfg: CompressConfig) -> list[int]:
+        """The `n` original layers to remove, from the dense model's profile (read-only)."""
         if self.greedy:
-            return sorted(self.removal_order(cache, n, cfg))
+            return sorted(self.removal_order(profile, n, cfg))
         raise NotImplementedError
 
-    def removal_order(self, cache: "ActivationCache", n: int, cfg: CompressConfig) -> list[int]:
+    def removal_order(self, profile: "DenseProfile", n: int, cfg: CompressConfig) -> list[int]:
         """A greedy method's `n` layers in the order it removes them."""
         raise NotImplementedError
+
+    def checked(self, removed: list[int], n: int, n_layers: int, cfg: CompressConfig) -> list[int]:
+        """`removed`, if it is what `select` promises: `n` distinct layers of the model, none
+        protected. The target itself was checked against `removable` before any work
+        (CompressConfig.check_reachable), so a miss here is the method's bug, not the user's."""
+        if len(set(removed)) != n or not set(removed) <= set(range(n_layers)) - set(cfg.protect):
+            raise RuntimeError(f"--method {self.name} chose layers {removed} for {n} removals of {n_layers} "
+                               f"(protected: {cfg.protect}): a bug in the method")
+        return sorted(removed)

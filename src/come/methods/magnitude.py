@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import ComeError
 from .base import DropMethod, register
 
 log = logging.getLogger("come")
@@ -34,8 +33,6 @@ def least_important_plus(importance: list[float], n: int, protect=()) -> list[in
     spared blocks only when the others run out (least important first)."""
     spared, protect = spared_blocks(len(importance)), set(protect)
     free = [i for i in range(len(importance)) if i not in protect]
-    if len(free) < n:
-        raise ComeError(f"target not reachable: {n} layers to drop, {len(free)} unprotected; lower --sparsity")
     ranked = sorted(free, key=lambda i: (i in spared, importance[i], i))
     chosen = ranked[:n]
     if any(i in spared for i in chosen):
@@ -66,8 +63,8 @@ class Magnitude(DropMethod):
     order = 80
     compared_by_default = False
 
-    def select(self, cache, n, cfg):
-        importance = magnitude_importance(cache.adapter.decoder_layers(cache.model))
+    def select(self, profile, n, cfg):
+        importance = magnitude_importance(profile.adapter.decoder_layers(profile.model))
         log.info("magnitude+ block importance: %s", ", ".join(f"{v:.4g}" for v in importance))
         return least_important_plus(importance, n, cfg.protect)
 

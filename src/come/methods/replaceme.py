@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from ..errors import ComeError
 from ..settings.options import option
 from .base import DropMethod, register, unprotected_runs
 from .shortgpt import lowest_bi_layers
@@ -31,7 +30,8 @@ class ReplaceMeOptions:
 
 def angle_block(last_tok: list[Tensor], n: int, protect: list[int]) -> list[int]:
     """The block i..i+n-1 minimizing the mean angular distance between the last-token
-    states entering i and leaving i+n-1."""
+    states entering i and leaving i+n-1 (none when no block of n is unprotected: the target
+    was checked against `ReplaceMe.removable` before any work)."""
     from ..scoring.selection import angular_distance
 
     best = None
@@ -41,9 +41,7 @@ def angle_block(last_tok: list[Tensor], n: int, protect: list[int]) -> list[int]
         d = float(angular_distance(last_tok[i], last_tok[i + n]).mean())
         if best is None or d < best[0]:
             best = (d, i)
-    if best is None:
-        raise ComeError(f"target not reachable: no block of {n} unprotected layers; lower --sparsity")
-    return list(range(best[1], best[1] + n))
+    return list(range(best[1], best[1] + n)) if best is not None else []
 
 
 @register
@@ -64,7 +62,7 @@ class ReplaceMe(DropMethod):
             return super().removable(n_layers, cfg)
         return max(unprotected_runs(n_layers, cfg.protect), default=0)
 
-    def select(self, cache, n, cfg):
+    def select(self, profile, n, cfg):
         if cfg.select == "angle":
-            return angle_block(cache.last_tok, n, cfg.protect)
-        return lowest_bi_layers([s.bi for s in cache.stats], n, cfg.protect)
+            return angle_block(profile.last_tok, n, cfg.protect)
+        return lowest_bi_layers(profile.bi, n, cfg.protect)

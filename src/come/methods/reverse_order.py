@@ -6,7 +6,6 @@ the layer kept before the removed run."""
 
 from __future__ import annotations
 
-from ..errors import ComeError
 from .base import DropMethod, register
 
 
@@ -17,11 +16,7 @@ def candidates(n_layers: int, protect: list[int]) -> list[int]:
 
 def last_layers_before_final(n_layers: int, n: int, protect: list[int]) -> list[int]:
     """The n highest unprotected layers, the final layer excluded."""
-    candidates_ = candidates(n_layers, protect)
-    if len(candidates_) < n:
-        raise ComeError(f"target not reachable: {n} layers to drop, {len(candidates_)} unprotected before the final "
-                        "layer; lower --sparsity")
-    return sorted(candidates_[:n])
+    return sorted(candidates(n_layers, protect)[:n])
 
 
 @register
@@ -34,5 +29,5 @@ class ReverseOrder(DropMethod):
     def removable(self, n_layers, cfg):
         return len(candidates(n_layers, cfg.protect))
 
-    def select(self, cache, n, cfg):
-        return last_layers_before_final(len(cache.stats), n, cfg.protect)
+    def select(self, profile, n, cfg):
+        return last_layers_before_final(profile.n_layers, n, cfg.protect)

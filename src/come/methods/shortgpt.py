@@ -5,15 +5,12 @@ the layer kept before each removed run (drop + refit)."""
 
 from __future__ import annotations
 
-from ..errors import ComeError
 from .base import DropMethod, register
 
 
 def lowest_bi_layers(bi: list[float], n: int, protect: list[int]) -> list[int]:
     """The n layers whose output differs least from their input."""
     order = sorted((b, i) for i, b in enumerate(bi) if i not in set(protect))
-    if len(order) < n:
-        raise ComeError(f"target not reachable: {n} layers to drop, {len(order)} unprotected; lower --sparsity")
     return sorted(i for _, i in order[:n])
 
 
@@ -23,5 +20,5 @@ class ShortGPT(DropMethod):
     summary = "drop the layers of lowest Block Influence (one shot)"
     order = 10
 
-    def select(self, cache, n, cfg):
-        return lowest_bi_layers([s.bi for s in cache.stats], n, cfg.protect)
+    def select(self, profile, n, cfg):
+        return lowest_bi_layers(profile.bi, n, cfg.protect)

@@ -6,7 +6,7 @@ next-token loss goes. The scores are re-computed after every removal, so the cho
 blocks already removed (the paper's point against one-shot metrics).
 
 The loss is the mean next-token NLL over every predicted token of ALL calibration batches
-(the --nsamples windows of --seqlen tokens whose embeddings `cache.states[0]` holds; nothing
+(the --nsamples windows of --seqlen tokens whose embeddings `profile.states[0]` holds; nothing
 beyond what is cached). The official code sums the per-window NLL, which ranks identically
 since every window has the same length; its calibration text is 128 shuffled wikitext-2 train
 paragraphs cut into 2048-token windows, ours is --calib. Every block is a candidate, as in the
@@ -18,7 +18,7 @@ Cheap on come's plumbing: the model is never edited while scoring. The states en
 candidate at position j are the same for every later candidate, so one phase runs the kept
 layers once in order and, from the state entering each candidate, only the kept layers after
 it: about K^2/2 layer passes for K kept layers instead of the official K^2 (whole-model runs).
-Every layer pass over the calibration batches counts into `cache.forwards` (the Plan's
+Every layer pass over the calibration batches counts into `profile.forwards` (the Plan's
 `layer_forwards`). `--refit ls` refits the layer kept before each removed run as for every
 drop method."""
 
@@ -26,54 +26,38 @@ from __future__ import annotations
 
 import logging
 
-from typing import TYPE_CHECKING
-
-from ..errors import ComeError
 from .base import DropMethod, register
-
-if TYPE_CHECKING:
-    from torch import Tensor
 
 log = logging.getLogger("come")
 
-def candidate_losses(cache, kept: list[int], protect=()) -> dict[int, float]:
+
+def candidate_losses(profile, kept: list[int], protect=()) -> dict[int, float]:
     """{original layer c: calibration NLL of the model made of `kept` without c}, for every
     unprotected c in `kept`. The model itself is not touched: the kept layers run on the
     cached embeddings, each at its original position (its own attention type)."""
     from tqdm.auto import tqdm
 
-    from ..scoring.lm_loss import next_token_nll
-
-    layers = cache.adapter.decoder_layers(cache.model)
-    runner, protect = cache.runner, set(protect)
-
-    def run(i: int, h: list[Tensor]) -> list[Tensor]:
-        cache.forwards += 1
-        return runner.run(layers[i], h, False, position=i)[0]
-
-    losses, h = {}, cache.states[0]
+    protect = set(protect)
+    losses, h = {}, profile.states[0]
     # a step is K^2/2 layer passes: minutes on a CPU, so it shows its candidates go by
     for j, c in enumerate(tqdm(kept, desc="sleb: scoring removals", leave=False, unit="block")):
         if c not in protect:
             out = h
             for i in kept[j + 1:]:
-                out = run(i, out)
-            losses[c] = next_token_nll(cache, out)
+                out = profile.run_layer(i, out)
+            losses[c] = profile.nll(out)
         if j + 1 < len(kept):
-            h = run(c, h)
+            h = profile.run_layer(c, h)
     return losses
 
 
-def sleb_order(cache, n: int, protect=()) -> list[int]:
+def sleb_order(profile, n: int, protect=()) -> list[int]:
     """The n original layers SLEB removes, in the order it removes them: each step drops the
     candidate of lowest loss (the lower index on a tie), then re-scores the rest."""
-    kept = list(range(len(cache.adapter.decoder_layers(cache.model))))
-    free = [i for i in kept if i not in set(protect)]
-    if len(free) < n:
-        raise ComeError(f"target not reachable: {n} layers to drop, {len(free)} unprotected; lower --sparsity")
+    kept = list(range(profile.n_layers))
     removed = []
     for step in range(n):
-        losses = candidate_losses(cache, kept, protect)
+        losses = candidate_losses(profile, kept, protect)
         best = min(losses, key=lambda c: (losses[c], c))
         log.info("sleb step %d/%d: removing layer %d (calibration NLL %.4f)", step + 1, n, best, losses[best])
         removed.append(best)
@@ -90,5 +74,5 @@ class SLEB(DropMethod):
 
     greedy = True
 
-    def removal_order(self, cache, n, cfg):
-        return sleb_order(cache, n, cfg.protect)
+    def removal_order(self, profile, n, cfg):
+        return sleb_order(profile, n, cfg.protect)

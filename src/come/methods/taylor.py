@@ -29,22 +29,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("come")
 
 
-def taylor_importance(cache) -> list[float]:
+def taylor_importance(profile) -> list[float]:
     """Per original layer, sum over its weight tensors of sum |W * dL/dW| (L: mean next-token
     NLL of the calibration batches), by backpropagation one layer at a time."""
     import torch
 
     from ..scoring.backprop import backward_by_layer, weight_grads
 
-    importance = [0.0] * len(cache.adapter.decoder_layers(cache.model))
+    importance = [0.0] * profile.n_layers
 
     def on_layer(k: int, inputs: list[Tensor], grad_out: list[Tensor]) -> list[Tensor]:
-        weights = block_weights(cache.adapter.decoder_layers(cache.model)[k])
-        grads, grad_in = weight_grads(cache, k, inputs, grad_out, weights)
+        weights = block_weights(profile.adapter.decoder_layers(profile.model)[k])
+        grads, grad_in = weight_grads(profile, k, inputs, grad_out, weights)
         importance[k] = sum(float((p.detach() * g).abs().sum(dtype=torch.float64)) for p, g in zip(weights, grads))
         return grad_in
 
-    backward_by_layer(cache, on_layer)
+    backward_by_layer(profile, on_layer)
     return importance
 
 
@@ -55,7 +55,7 @@ class Taylor(DropMethod):
     order = 70
     compared_by_default = False
 
-    def select(self, cache, n, cfg):
-        importance = taylor_importance(cache)
+    def select(self, profile, n, cfg):
+        importance = taylor_importance(profile)
         log.info("taylor+ block importance: %s", ", ".join(f"{v:.4g}" for v in importance))
         return least_important_plus(importance, n, cfg.protect)
