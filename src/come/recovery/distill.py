@@ -11,10 +11,11 @@ the teacher's hidden state at the end of G_k is the target of the student's laye
   trainable layer alone maps the teacher's input of G_k to the teacher's output of G_k,
   with its own backward, so activation memory is one layer's.
 The layer loss is a KL through the final norm + LM head (frozen, but for the head under
---train last:K,head) or a normalized MSE on hidden states. KL is computed in fp32, chunk by chunk over tokens, each
-chunk differentiated as soon as it is computed (distill_losses.head_kl), so
-full-vocabulary logits never exist for more than one chunk and are never recomputed. To
-seed those gradients, each loss term is told the gradient its backward will give it.
+--train last:K,head) or a normalized MSE on hidden states. KL is computed in fp32, chunk
+by chunk over tokens, each chunk differentiated as soon as it is computed
+(distill_losses.head_kl), so full-vocabulary logits never exist for more than one chunk
+and are never recomputed. To seed those gradients, each loss term is told the gradient
+its backward will give it.
 
 This module is the loop; the settings live in distill_config, the losses in
 distill_losses, checkpoints and the written result in train_state, LoRA in trainable,
@@ -171,6 +172,10 @@ class _Distiller:
         self.trainable = trainable_layers(groups, cfg.train)
         if not self.trainable:
             raise ComeError("the Plan has no merged layer to train; use --train all")
+        alone = [k for k in self.trainable if len(groups[k]) == 1]
+        if cfg.mode == "mp" and cfg.train.startswith("last:") and alone:
+            _log.warning("mp: layers %s of --train %s stand for one original layer each, so they see the teacher's "
+                         "own input and target and do not change; use --mode sp to train them", alone, cfg.train)
         self.points = range(self.trainable[0], self.n_s - 1)  # layer-loss points upstream of the final logits
         self.head_t = nn.Sequential(adapter.final_norm(teacher), adapter.lm_head(teacher))
         self.head_s = nn.Sequential(adapter.final_norm(student), adapter.lm_head(student))
