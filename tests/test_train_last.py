@@ -19,6 +19,7 @@ from come import CompressConfig, ComeError, compress
 from come.cli.app import app
 from come.models.checkpoint import save_checkpoint
 from come.models.data import token_windows
+from come.models.model_card import model_card
 from come.recovery.distill import distill, trainable_layers
 from come.recovery.distill_losses import head_kl
 from come.recovery.distill_memory import memory_plan
@@ -79,6 +80,7 @@ def test_exactly_the_last_k_layers_and_the_head_change(pairs, tokenizer, caplog,
     want = _layer_names(student, changed) | ({"lm_head.weight"} if train.endswith(",head") else set())
     assert _changed(student, after) == want
     assert log["eval"][-1]["kl"] < log["eval"][0]["kl"]
+    assert ("and the LM head (in full) were trained" in model_card(plan, None, log)) == train.endswith(",head")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == (["mp: layers [2] of --train last:2 stand for one original layer each, so they see the "
                          "teacher's own input and target and do not change; use --mode sp to train them"]
@@ -127,30 +129,19 @@ def test_head_kl_gives_the_student_heads_weights_the_full_kls_gradient():
 
 # ---- resume ------------------------------------------------------------------------------------
 
-def test_resume_continues_the_head_and_refuses_another_train(pairs, tokenizer, tmp_path, monkeypatch):
-    """The checkpoint carries the head: an interrupted + resumed run ends as the whole one; a
-    resume with another --train is one line naming it, and changes nothing."""
-    import importlib
-
-    distill_mod = importlib.import_module("come.recovery.distill")
-    cfg = dict(train="last:2,head", steps=4, save_every=2)
-    whole, _ = _run(pairs, tokenizer, checkpoint_dir=str(tmp_path / "a"), **cfg)
-    real = distill_mod.write_checkpoint
-
-    def crash(*args):
-        real(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill_mod, "write_checkpoint", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _run(pairs, tokenizer, checkpoint_dir=str(tmp_path / "b"), **cfg)
-    monkeypatch.undo()
-    saved = {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("*")}
+def test_resume_continues_the_head_and_refuses_another_train(pairs, tokenizer, tmp_path):
+    """The checkpoint carries the head: resumed from the step-2 checkpoint a finished run kept,
+    the run ends as it did; a resume with another --train is one line naming it, and changes
+    nothing."""
+    cfg = dict(train="last:2,head", steps=4, save_every=2, checkpoint_dir=str(tmp_path))
+    whole, _ = _run(pairs, tokenizer, **cfg)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_2"]
+    saved = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     with pytest.raises(ComeError, match=r"--train last:2,head \(now last:2\)") as exc:
-        _run(pairs, tokenizer, checkpoint_dir=str(tmp_path / "b"), resume=True, **{**cfg, "train": "last:2"})
+        _run(pairs, tokenizer, resume=True, **{**cfg, "train": "last:2"})
     assert "\n" not in str(exc.value)
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("*")} == saved
-    resumed, log = _run(pairs, tokenizer, checkpoint_dir=str(tmp_path / "b"), resume=True, **cfg)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == saved
+    resumed, log = _run(pairs, tokenizer, resume=True, **cfg)
     assert log["resumed_from"] == 2
     assert all(torch.equal(t, resumed.state_dict()[n]) for n, t in whole.state_dict().items())
 
