@@ -67,7 +67,7 @@ def add_protocol_args(ap: argparse.ArgumentParser, results: Path, cache: str) ->
     ap.add_argument("--results", default=str(results))
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "come" / cache),
                     help="the dense model's reference distributions (about 1 GB a model and text)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda: compression, training and the scoring passes run there")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: compression, training and scoring run there")
     ap.add_argument("--dtype", default="fp32", help="weights dtype (fp32 on CPU: bf16 matmuls are slow there)")
     ap.add_argument("--quick", action="store_true", help="the protocol on --model with --text: seconds")
     ap.add_argument("--text", help="--quick's one text file (the calibration, training and scored text)")

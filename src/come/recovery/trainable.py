@@ -1,6 +1,6 @@
 """Which student weights train: the chosen layers in full, or LoRA adapters on their
-projections, and the LM head where asked; the seeded RNG their dropout draws from; and activation checkpointing across
-transformers versions."""
+projections, and the LM head where asked; the seeded RNG their dropout draws from; and
+activation checkpointing across transformers versions."""
 
 from __future__ import annotations
 
