@@ -173,7 +173,7 @@ class _Distiller:
         if not self.trainable:
             raise ComeError("the Plan has no merged layer to train; use --train all")
         alone = [k for k in self.trainable if len(groups[k]) == 1]
-        if cfg.mode == "mp" and cfg.train.startswith("last:") and alone:
+        if cfg.mode == "mp" and train_set(cfg.train).layers == "last" and alone:
             _log.warning("mp: layers %s of --train %s stand for one original layer each, so they see the teacher's "
                          "own input and target and do not change; use --mode sp to train them", alone, cfg.train)
         self.points = range(self.trainable[0], self.n_s - 1)  # layer-loss points upstream of the final logits
