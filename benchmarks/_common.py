@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: the models they load and the options naming them.
+"""Helpers shared by the benchmark scripts: the models they load, the options naming them and
+the protocol texts they read (read_source).
 
 Every script imports from here and from `come`, never from another script (the scripts
 run as `python benchmarks/NAME.py`, so this directory is on sys.path).
@@ -7,7 +8,10 @@ run as `python benchmarks/NAME.py`, so this directory is on sys.path).
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import statistics
+import sys
 import time
 from itertools import chain
 from pathlib import Path
@@ -15,6 +19,8 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
+
+LICENSES = Path("/usr/share/common-licenses")
 
 # Model shapes the scripts build with random weights (no download).
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -53,6 +59,18 @@ def add_model_args(ap: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny random LLaMA, seconds")
+
+
+def add_protocol_args(ap: argparse.ArgumentParser, results: Path, cache: str) -> None:
+    """The options of a run on a locked protocol (scoreboard.py, recovery_budget.py): where its
+    JSON and the dense model's references go, the device and dtype, and --quick's tiny run."""
+    ap.add_argument("--results", default=str(results))
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "come" / cache),
+                    help="the dense model's reference distributions (about 1 GB a model and text)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: compression, training and scoring run there")
+    ap.add_argument("--dtype", default="fp32", help="weights dtype (fp32 on CPU: bf16 matmuls are slow there)")
+    ap.add_argument("--quick", action="store_true", help="the protocol on --model with --text: seconds")
+    ap.add_argument("--text", help="--quick's one text file (the calibration, training and scored text)")
 
 
 def load(a: argparse.Namespace) -> tuple[nn.Module, str]:
@@ -145,3 +163,38 @@ def gpu_prediction(r: dict) -> dict[str, int]:
               "layer pass": 2 * r["layer_bytes"] + act + REFIT_COLLECT * f * f * dense,
               "refit solve": REFIT_SOLVE * f * f * dense}
     return {**phases, "total": max(phases.values()), "target": 2 * r["layer_bytes"] + act}
+
+
+def read_source(source: str, task_data: str | None) -> str:
+    """A protocol text: boolq[a:b] (unique BoolQ validation passages a..b, in order),
+    licenses[A,B] (files of /usr/share/common-licenses joined), or file[PATH] (a local file)."""
+    kind, arg = re.fullmatch(r"(\w+)\[(.*)\]", source).groups()
+    if kind == "boolq":
+        import datasets
+
+        a, b = (int(x) for x in arg.split(":"))
+        path = Path(task_data or "") / "boolq" / "none" / "validation"
+        return "\n\n".join(list(dict.fromkeys(datasets.load_from_disk(str(path))["passage"]))[a:b])
+    if kind == "licenses":
+        return "\n\n".join((LICENSES / name).read_text() for name in arg.split(","))
+    return Path(arg).read_text()
+
+
+def score_on(model: nn.Module, windows: torch.Tensor, reference=None, writer=None, *, device: str):
+    """fidelity.score_windows on `device`; the model goes back to the CPU, where compression expects it."""
+    from come.scoring.fidelity import score_windows
+
+    model.to(device)
+    try:
+        return score_windows(model, windows, reference, writer=writer)
+    finally:
+        model.to("cpu")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` to `path` atomically (a stopped run leaves the last whole file) and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ from ..errors import ComeError
 from ..service import EVAL_PREFIX, compare_to, compress_to
 from ..settings.config import OFFICIAL, CompressConfig, EvalConfig, LoadOptions, official_settings
 from ..settings.distill_config import OFFICIAL as DISTILL_OFFICIAL
-from ..settings.distill_config import DistillConfig
+from ..settings.distill_config import DistillConfig, train_set
 from ..settings.registry import default_methods
 from ..settings.threads import choose_wait_policy
 from .commands import Typer, with_options
@@ -381,13 +381,14 @@ def distill_(
     the_plan = load_plan(plan or student)
     configs = load_config(teacher), load_config(student)
     check_pair(*configs, the_plan)
+    cfg.check_student(configs[1])
     for config in configs:
         cfg.check_model(config)
     tokenizer = load_tokenizer(student)
     check_tokenizers(load_tokenizer(teacher), tokenizer)
     windows = training_windows(cfg, tokenizer)
     needs = memory_plan(*configs, trainable_layers(the_plan.groups, cfg.train), processes, cfg.shard,
-                        cfg.bf16(resolve_device(cfg.device).type))
+                        cfg.bf16(resolve_device(cfg.device).type), train_set(cfg.train).head)
     check_memory(needs, cfg.max_memory_gb, processes, cfg.shard, PartialState().is_main_process)
     if not resume:
         shutil.rmtree(ckpt, ignore_errors=True)

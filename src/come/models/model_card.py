@@ -127,9 +127,10 @@ def _method(plan: Plan) -> str:
 def _distillation(log: dict) -> str:
     s = log.get("settings", {})
     how = f"LoRA adapters of rank {s['lora_r']}, merged into the weights" if s.get("lora_r") else "full weights"
+    head = " and the LM head (in full)" if str(s.get("train", "")).endswith(",head") else ""  # --train last:K,head
     rows = ["## Distillation", "",
-            f"After compression, layers {_cell(log.get('trainable_layers'))} were trained to imitate the original "
-            f"model (`come distill --mode {_cell(s.get('mode'))}`, {how}, layer loss {_cell(s.get('layer_loss'))}, "
+            f"After compression, layers {_cell(log.get('trainable_layers'))}{head} were trained to imitate the "
+            f"original model (`come distill --mode {_cell(s.get('mode'))}`, {how}, layer loss {_cell(s.get('layer_loss'))}, "
             f"learning rate {_cell(s.get('lr'))}): {_cell(log.get('steps'))} optimizer steps on "
             f"{log.get('tokens_seen', 0):,} tokens of {_cell(s.get('data'))}."]
     evals = log.get("eval") or []

@@ -10,11 +10,12 @@ the teacher's hidden state at the end of G_k is the target of the student's laye
 - mp (CoMe-mp): per batch the teacher runs once and its activations are streamed: each
   trainable layer alone maps the teacher's input of G_k to the teacher's output of G_k,
   with its own backward, so activation memory is one layer's.
-The layer loss is a KL through the (frozen) final norm + LM head (default) or a
-normalized MSE on hidden states. KL is computed in fp32, chunk by chunk over tokens, each
-chunk differentiated as soon as it is computed (distill_losses.head_kl), so
-full-vocabulary logits never exist for more than one chunk and are never recomputed. To
-seed those gradients, each loss term is told the gradient its backward will give it.
+The layer loss is a KL through the final norm + LM head (frozen, but for the head under
+--train last:K,head) or a normalized MSE on hidden states. KL is computed in fp32, chunk
+by chunk over tokens, each chunk differentiated as soon as it is computed
+(distill_losses.head_kl), so full-vocabulary logits never exist for more than one chunk
+and are never recomputed. To seed those gradients, each loss term is told the gradient
+its backward will give it.
 
 This module is the loop; the settings live in distill_config, the losses in
 distill_losses, checkpoints and the written result in train_state, LoRA in trainable,
@@ -40,13 +41,13 @@ from ..models.adapters import Adapter, get_adapter
 from ..models.api_inputs import expect, expect_model, expect_token_ids
 from ..models.data import shuffled_batch, training_windows
 from ..settings.device import resolve_device
-from ..settings.distill_config import DistillConfig
+from ..settings.distill_config import DistillConfig, train_set
 from ..settings.options import check_context
 from ..settings.plan import Plan
 from .distill_losses import head_kl, head_terms, normalized_mse
 from .sharding import ShardedCheckpoint, all_finite, check_processes, gathered, shard_models
 from .train_state import TrainState, last_complete, restore, write_checkpoint
-from .trainable import activation_checkpointing, make_trainable, seeded_rng
+from .trainable import activation_checkpointing, make_trainable, seeded_rng, train_head
 
 _log = logging.getLogger("come")
 
@@ -150,8 +151,13 @@ def _record(model: nn.Module, adapter: Adapter, ids: Tensor, bounds: set[int],
 
 
 def trainable_layers(groups: list[list[int]], train: str) -> list[int]:
-    """The student layers that train: every one (--train all), or those standing for more than one."""
-    return [k for k, g in enumerate(groups) if train == "all" or len(g) > 1]
+    """The student layers that train: every one (--train all), the last K (last:K), or those
+    standing for more than one (merged). last:K is checked below the layer count first
+    (DistillConfig.check_student)."""
+    spec = train_set(train)
+    if spec.layers == "last":
+        return list(range(len(groups) - spec.last, len(groups)))
+    return [k for k, g in enumerate(groups) if spec.layers == "all" or len(g) > 1]
 
 
 class _Distiller:
@@ -166,6 +172,10 @@ class _Distiller:
         self.trainable = trainable_layers(groups, cfg.train)
         if not self.trainable:
             raise ComeError("the Plan has no merged layer to train; use --train all")
+        alone = [k for k in self.trainable if len(groups[k]) == 1]
+        if cfg.mode == "mp" and train_set(cfg.train).layers == "last" and alone:
+            _log.warning("mp: layers %s of --train %s stand for one original layer each, so they see the teacher's "
+                         "own input and target and do not change; use --mode sp to train them", alone, cfg.train)
         self.points = range(self.trainable[0], self.n_s - 1)  # layer-loss points upstream of the final logits
         self.head_t = nn.Sequential(adapter.final_norm(teacher), adapter.lm_head(teacher))
         self.head_s = nn.Sequential(adapter.final_norm(student), adapter.lm_head(student))
@@ -253,7 +263,7 @@ def _finite(value: float, what: str, state: TrainState, cfg: DistillConfig) -> N
         raise _stopped(state, cfg, f"{what} is {value}, not a finite number")
 
 
-def _check_weights(layers: Mapping[int, nn.Module], state: TrainState, cfg: DistillConfig) -> None:
+def _check_weights(layers: Mapping[int | str, nn.Module], state: TrainState, cfg: DistillConfig) -> None:
     """Every trained weight finite (one device sync): checked before each checkpoint and the result."""
     if not all_finite(p for layer in layers.values() for p in layer.parameters()):
         raise _stopped(state, cfg, "a trained weight is NaN or infinite")
@@ -344,6 +354,7 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     expect(plan, Plan, "plan")
     cfg.validate()
     check_pair(expect_model(teacher, "teacher").config, expect_model(student, "student").config, plan)
+    cfg.check_student(student.config)
     device = resolve_device(cfg.device)
     bf16 = cfg.bf16(device.type)
     accelerator = Accelerator(cpu=device.type == "cpu")  # its mixed_precision is process-wide: autocast is ours
@@ -361,8 +372,10 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, plan: Plan, cfg: 
     teacher.eval()
     student.train()
     job = _Distiller(teacher, student, adapter, plan.groups, cfg, autocast)
-    layers = {k: adapter.decoder_layers(student)[k].float() for k in job.trainable}
+    layers: dict[int | str, nn.Module] = {k: adapter.decoder_layers(student)[k].float() for k in job.trainable}
     lora = make_trainable(student, list(layers.values()), cfg)
+    if train_set(cfg.train).head:
+        layers["head"] = train_head(student)
     if cfg.gradient_checkpointing:
         activation_checkpointing(student, True)
     if cfg.shard:

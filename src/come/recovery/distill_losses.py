@@ -52,36 +52,43 @@ def head_terms(head_t: nn.Module, head_s: nn.Module, h_t: Tensor, h_s: Tensor, t
 
 def head_kl(head_t: nn.Module, head_s: nn.Module, h_t: Tensor, h_s: Tensor, temperature: float, chunk: int,
             upstream: Tensor) -> Tensor:
-    """The KL sum of `head_terms`, differentiable in `h_s` (which must require grad).
+    """The KL sum of `head_terms`, differentiable in `h_s` (which must require grad) and in
+    the student head's weights that require grad (--train last:K,head).
 
     Each chunk's gradient is computed in this forward, seeded with `upstream`, the gradient
-    the caller's backward will give this KL; the backward hands it out rescaled by the
-    gradient it does receive over `upstream` (1.0, exactly, when the caller said true)."""
+    the caller's backward will give this KL (the head weights' gradients summed over the
+    chunks); the backward hands them out rescaled by the gradient it does receive over
+    `upstream` (1.0, exactly, when the caller said true)."""
     flat_t, flat_s = h_t.flatten(0, -2), h_s.flatten(0, -2)
+    weights = [p for p in head_s.parameters() if p.requires_grad]
     total, grad = flat_s.new_zeros((), dtype=torch.float32), torch.empty_like(flat_s)
+    weight_grads = [torch.zeros_like(p) for p in weights]
     for part in _parts(flat_s.shape[0], chunk):
         x = flat_s[part].detach().requires_grad_()
         with torch.enable_grad():
             kl = _chunk_terms(head_t, head_s, temperature, flat_t[part], x, None)[0]
         with torch.autocast(x.device.type, enabled=False):  # a backward runs outside autocast
-            grad[part] = torch.autograd.grad(kl, x, upstream)[0]
+            grad[part], *chunk_grads = torch.autograd.grad(kl, (x, *weights), upstream)
+        for total_grad, g in zip(weight_grads, chunk_grads):
+            total_grad += g
         total = total + kl.detach()
-    return _Seeded.apply(flat_s, total, grad, upstream)
+    return _Seeded.apply(total, upstream, flat_s, *weights, grad, *weight_grads)
 
 
 class _Seeded(torch.autograd.Function):
-    """`value`, a function of `x` whose gradient `grad` was computed for the upstream gradient
-    `upstream`: backward returns grad * (received / upstream)."""
+    """`value`, a function of its inputs whose gradients `grads` (listed after them, in their
+    order) were computed for the upstream gradient `upstream`: backward returns each
+    grad * (received / upstream)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, value: Tensor, grad: Tensor, upstream: Tensor) -> Tensor:
-        ctx.save_for_backward(grad, upstream)
+    def forward(ctx, value: Tensor, upstream: Tensor, *inputs_then_grads: Tensor) -> Tensor:
+        ctx.save_for_backward(upstream, *inputs_then_grads[len(inputs_then_grads) // 2:])
         return value.clone()
 
     @staticmethod
     def backward(ctx, received: Tensor):
-        grad, upstream = ctx.saved_tensors
-        return grad * (received / upstream), None, None, None
+        upstream, *grads = ctx.saved_tensors
+        return None, None, *(grad * (received / upstream) for grad in grads), *(None for _ in grads)
 
 
 def normalized_mse(h_t: Tensor, h_s: Tensor) -> Tensor:

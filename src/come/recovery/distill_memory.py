@@ -22,15 +22,17 @@ _log = logging.getLogger("come")
 _GB = 1e9
 
 
-def _layer_counts(config) -> tuple[list[int], int]:
-    """(parameters of each decoder layer, parameters of the rest), from a model built on the
-    meta device (no memory, no weights read); tied tensors counted once."""
+def _layer_counts(config) -> tuple[list[int], int, int]:
+    """(parameters of each decoder layer, of the LM head, of the rest), from a model built on
+    the meta device (no memory, no weights read); tied tensors counted once, a tied head's
+    matrix as the head's."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = [count_params(layer) for layer in get_adapter(config).decoder_layers(model)]
-    return layers, count_params(model) - sum(layers)
+    head = count_params(model.get_output_embeddings())
+    return layers, head, count_params(model) - sum(layers) - head
 
 
 def _stored_bytes(config) -> int:
@@ -40,20 +42,24 @@ def _stored_bytes(config) -> int:
 
 
 def memory_plan(teacher_config, student_config, trainable: list[int], processes: int, shard: bool,
-                bf16: bool) -> dict[str, int]:
-    """Bytes per process: the teacher; the student (its trainable layers in fp32, as distill
-    trains them); gradients and AdamW's two moments (fp32) of the trainable layers. Without
-    bf16 both models compute in fp32. With `shard` each decoder layer counts 1/processes
-    (FSDP pads a tensor's first dimension to a multiple of it: at most a row more)."""
+                bf16: bool, head: bool = False) -> dict[str, int]:
+    """Bytes per process: the teacher; the student (its trainable layers, and with `head` its
+    LM head, in fp32, as distill trains them); gradients and AdamW's two moments (fp32) of
+    what trains. Without bf16 both models compute in fp32. With `shard` each decoder layer
+    counts 1/processes (FSDP pads a tensor's first dimension to a multiple of it: at most a
+    row more); the head is never sharded (--shard refuses to train it)."""
     split = processes if shard else 1
     plan = {}
     for name, config in (("teacher", teacher_config), ("student", student_config)):
-        layers, rest = _layer_counts(config)
+        layers, head_n, rest = _layer_counts(config)
         size = _stored_bytes(config) if bf16 else 4
         trained = trainable if name == "student" else []
-        plan[name] = rest * size + sum(n * (4 if k in trained else size) for k, n in enumerate(layers)) // split
+        head_trains = head and name == "student"
+        plan[name] = (rest * size + head_n * (4 if head_trains else size)
+                      + sum(n * (4 if k in trained else size) for k, n in enumerate(layers)) // split)
         if name == "student":
-            plan["gradients + AdamW"] = sum(layers[k] for k in trainable) * 4 * 3 // split
+            plan["gradients + AdamW"] = (sum(layers[k] for k in trainable) * 4 * 3 // split
+                                         + head_n * head_trains * 4 * 3)
     plan["total"] = sum(plan.values())
     return plan
 

@@ -13,8 +13,9 @@ models and calls their parts on their own: mp runs a single decoder layer on the
 activations, and both modes apply the final norm and the LM head to one chunk of tokens at
 a time, outside the model's forward. So every decoder layer is its own FSDP unit (its own
 root): it gathers its weights whenever it runs, whoever calls it. The embeddings, final norm
-and LM head stay whole in every process: they are frozen under every --train, and the heads
-run chunk by chunk outside any unit (documented in docs/recovery.md with the measured cost).
+and LM head stay whole in every process: they are frozen (--shard refuses --train
+last:K,head), and the heads run chunk by chunk outside any unit (documented in
+docs/recovery.md with the measured cost).
 
 Precision: fp32 on CPU; with bf16 (CUDA's default) MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32): the weights are gathered in bf16, gradients reduced in fp32 into the

@@ -1,9 +1,10 @@
 """Which student weights train: the chosen layers in full, or LoRA adapters on their
-projections; the seeded RNG their dropout draws from; and activation checkpointing across
-transformers versions."""
+projections, and the LM head where asked; the seeded RNG their dropout draws from; and
+activation checkpointing across transformers versions."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from peft import LoraModel
 
     from ..settings.distill_config import DistillConfig
+
+_log = logging.getLogger("come")
 
 
 def make_trainable(student: nn.Module, layers: list[nn.Module], cfg: DistillConfig) -> LoraModel | None:
@@ -36,6 +39,18 @@ def make_trainable(student: nn.Module, layers: list[nn.Module], cfg: DistillConf
         torch.manual_seed(cfg.seed)
         return LoraModel(student, LoraConfig(r=cfg.lora_r, lora_alpha=alpha, lora_dropout=cfg.lora_dropout,
                                              target_modules=targets), "default")
+
+
+def train_head(student: nn.Module) -> nn.Module:
+    """Make the student's LM head train in full, in fp32 (--train last:K,head), also beside
+    LoRA adapters on the layers: peft's merge would put a tied head's update into the input
+    embedding it never saw in training. A tied head is the input embedding's matrix, so that
+    one matrix trains (through both of its uses) and the embedding moves with it; said once."""
+    head = student.get_output_embeddings()
+    if head.weight is student.get_input_embeddings().weight:
+        _log.info("--train ...,head: the LM head is tied to the input embedding; the shared matrix trains, "
+                  "so the embedding moves too")
+    return head.float().requires_grad_(True)
 
 
 @contextmanager

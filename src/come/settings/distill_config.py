@@ -13,7 +13,6 @@ from .options import SEEDS, Options, check_choices, check_context, check_ranges,
 
 Mode = Literal["sp", "mp"]
 LayerLoss = Literal["kl", "mse"]
-Train = Literal["merged", "all"]
 Precision = Literal["auto", "bf16", "fp32"]
 
 
@@ -23,6 +22,35 @@ def _short_count(n: int) -> str:
         if n and n % scale == 0:
             return f"{n // scale}{suffix}"
     return str(n)
+
+
+@dataclass(frozen=True)
+class TrainSet:
+    """What --train names: the decoder layers that train ("merged", "all", or the `last` K at
+    the end of the student) and whether the LM head trains with them."""
+
+    layers: Literal["merged", "all", "last"]
+    last: int = 0
+    head: bool = False
+
+
+_TRAIN_FORMS = "merged, all, last:K or last:K,head (K >= 1)"
+
+
+def train_set(text: str) -> TrainSet:
+    """Parse --train ('merged', 'all', 'last:3', 'last:3,head'); a bad value is one line naming the fix."""
+    if text in ("merged", "all"):
+        return TrainSet(text)
+    kind, colon, rest = text.partition(":")
+    if kind != "last" or not colon:
+        raise ComeError(f"--train must be {_TRAIN_FORMS}, got {text!r}")
+    count_, *extra = rest.split(",")
+    if extra not in ([], ["head"]):
+        raise ComeError(f"--train {text}: only ',head' may follow last:K; write last:{count_} or last:{count_},head")
+    if not count_.isdigit() or int(count_) < 1:
+        raise ComeError(f"--train {text}: K must be a whole number >= 1 (the last K decoder layers train), "
+                        "e.g. last:3")
+    return TrainSet("last", int(count_), bool(extra))
 
 
 OFFICIAL = {"layer_loss": "kl"}  # the paper's recovery loss (`come distill --official`)
@@ -61,7 +89,10 @@ class DistillConfig(Options):
                                           "hierarchical KL): through final norm + LM head at every point.",
                                    choices=get_args(LayerLoss))
     layer_weight: float = option(1.0, "lambda: weight of the summed layer losses (sp).", bounds=">= 0")
-    train: Train = option("merged", "merged (layers standing for > 1 original layer) | all.", choices=get_args(Train))
+    train: str = option("merged", "merged (layers standing for > 1 original layer) | all | last:K (the last K "
+                        "decoder layers, K >= 1; reverse-order pruning's recovery) | last:K,head (and the LM head; "
+                        "sp only, no --shard; a head tied to the input embedding trains as that one matrix, so the "
+                        "embedding moves too; with --lora-r the head trains in full, the adapters go on the layers).")
     lora_r: int = option(0, "LoRA rank: train only rank-r adapters on the trainable layers' projections, "
                          "merged into the weights on save (0: full fine-tuning).", bounds=">= 0")
     lora_alpha: float | None = option(None, "LoRA scale: update = alpha / r * B A (default 2r).", bounds="> 0")
@@ -93,6 +124,13 @@ class DistillConfig(Options):
             raise ComeError("--lora-alpha and --lora-dropout need --lora-r > 0")
         if self.shard and self.lora_r:
             raise ComeError("--shard does not train LoRA adapters: drop --lora-r (or --shard)")
+        head = train_set(self.train).head
+        if head and self.mode == "mp":
+            raise ComeError(f"--train {self.train} needs --mode sp: in mp each layer trains alone on its teacher "
+                            "layer's output, which gives the LM head no target; use --mode sp, or drop ',head'")
+        if head and self.shard:
+            raise ComeError(f"--train {self.train} with --shard: sharded runs train decoder layers only (the LM "
+                            "head stays whole in every process); drop ',head', or --shard")
 
     def bf16(self, device_type: str) -> bool:
         """Whether the run computes under bf16 autocast on a device of this type."""
@@ -101,6 +139,13 @@ class DistillConfig(Options):
     def check_model(self, config) -> None:
         """The training windows fit the models' context (on a config, before weights load)."""
         check_context(config, self.seqlen)
+
+    def check_student(self, config) -> None:
+        """--train last:K leaves at least one of the student's layers frozen (on its config, before weights load)."""
+        spec, n = train_set(self.train), config.num_hidden_layers
+        if spec.last >= n:
+            raise ComeError(f"--train {self.train} asks for the last {spec.last} of the student's {n} decoder layers: "
+                            f"K must be below {n} (use --train all to train every layer)")
 
     def total_steps(self, processes: int) -> int:
         """Optimizer steps: `steps`, or enough to see `tokens` across `processes` data-parallel workers."""

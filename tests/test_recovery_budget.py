@@ -1,0 +1,65 @@
+"""benchmarks/recovery_budget.py --quick: the equal-budget recovery table's code path on a tiny
+model: every row compressed, distilled per budget and scored against the dense model, each
+point written as it is scored, a rerun keeping what was written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import recovery_budget  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _points(results: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (results / "quick" / "0.3").glob("*.json")}
+
+
+def test_quick_writes_each_point_as_scored_and_a_rerun_keeps_them(tmp_path, model_dir, text_file, monkeypatch):
+    args = ["--quick", "--model", str(model_dir), "--text", str(text_file), "--results", str(tmp_path / "results"),
+            "--cache", str(tmp_path / "cache")]
+    scored, real = [], recovery_budget.score_on
+
+    def stop_at_the_third_point(*a, **kw):  # the dense reference's pass, then 2 points of the first row
+        if len(scored) == 3:
+            raise KeyboardInterrupt
+        scored.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(recovery_budget, "score_on", stop_at_the_third_point)
+    with pytest.raises(KeyboardInterrupt):
+        recovery_budget.main(args)
+    monkeypatch.undo()
+    first = _points(tmp_path / "results")
+    assert [p["budget"] for p in first["come-sp"]["points"]] == [0, 1024]  # each point on disk once scored
+
+    recovery_budget.main(args)
+    rows = _points(tmp_path / "results")
+    protocol = recovery_budget.quick_protocol(str(text_file))
+    assert set(rows) == {r["file"] for r in recovery_budget.rows(protocol, protocol["peer"])}
+    assert rows["come-sp"]["points"][:2] == first["come-sp"]["points"]  # kept, not run again (its seconds too)
+    for name, row in rows.items():
+        points = row["points"]
+        assert [p["budget"] for p in points] == [0, 1024, 2048], name
+        assert all(p["tokens"] >= p["budget"] and p["kl"] > 0 for p in points), name
+        assert len(points[-1]["fidelity"]["per_window"]["kl"]) == protocol["kl"]["windows"]
+    assert rows["reverse-order-last"]["distill"]["train"] == "last:2,head"
+    assert rows["reverse-order-last"]["groups"][-1] == [5]  # reverse order keeps the final layer
+    assert rows["come-mp"]["distill"]["mode"] == "mp" and rows["peer-sp"]["spec"] == "sleb:refit=ls"
+    for name in ("come-sp", "reverse-order-last"):
+        assert rows[name]["points"][-1]["kl"] < rows[name]["points"][0]["kl"], name  # the budget bought something
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.json")}
+    recovery_budget.main(args)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.json")} == stamps
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text())
+    with pytest.raises(SystemExit, match="was made with other protocol, distill: remove it or pass another --results"):
+        recovery_budget.main([*args[:3], "--text", str(other), *args[5:]])
