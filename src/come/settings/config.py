@@ -174,6 +174,8 @@ class CompressConfig(Options):
     reprofile_drift: float = option(0.2, "--reprofile window: relative change of the state leaving the window "
                                          "(Frobenius norm, all calibration tokens) that re-runs every later layer; "
                                          "0 re-runs them always (= full).", bounds=">= 0")
+    max_memory_gb: float | None = option(None, "Refuse, before loading, a run whose predicted peak host memory "
+                                               "(logged at start, docs/memory.md) exceeds this.", bounds="> 0")
 
     def resolved(self) -> "CompressConfig":
         """A checked copy with the method's defaults filled in (refit, pair score); `self`

@@ -13,7 +13,8 @@ from .device import resolve_device
 from .options import flag_of, override
 from .registry import REGISTRY, default_methods, get_method, method_names
 
-SHARED = ("method", "sparsity", "calib", "nsamples", "seqlen", "seed", "protect")  # the same in every row
+SHARED = ("method", "sparsity", "calib", "nsamples", "seqlen", "seed", "protect",
+          "max_memory_gb")  # the same in every row
 
 
 def resolve(cfg: CompressConfig) -> CompressConfig:
