@@ -48,6 +48,8 @@ def test_the_cache_scales_with_the_calibration_tokens_and_the_dtype():
     # without the refit: no dense states and no kept pass, the layer inputs alone (one per boundary)
     boundary = 16 * 64 * shape.hidden * 4
     assert _plan(shape, refit="none").host[CACHE] == (shape.n_layers + 1) * boundary
+    # a drop method profiles once, so its layer inputs are its dense states; two more for a refit's re-run
+    assert _plan(shape, method="shortgpt", refit="ls").host[CACHE] == (shape.n_layers + 3) * boundary
 
 
 def test_the_cache_stays_within_max_cache_gb():
@@ -120,10 +122,12 @@ def test_compare_has_no_memory_cap(model_dir, tmp_path):
 
 
 # The measured check: a fresh process compresses a random model whose weights and calibration
-# states (about 0.2 GB) dwarf the noise of the interpreter's own memory; its peak RSS minus what
+# states (about 0.3 GB) dwarf the noise of the interpreter's own memory; its peak RSS minus what
 # it held when the plan was made (the plan's "this process now": interpreter, torch,
-# transformers, tokenizer) is compared with the plan's parts. The allocator keeps some freed
-# per-batch memory (docs/memory.md: measured), so the bar is the issue's 25%.
+# transformers, tokenizer, calibration) is compared with the plan's parts, within the issue's 25%.
+# The plan counts live bytes: glibc's heap keeps some freed per-batch blocks, more or less by the
+# order of the frees (docs/memory.md: once 1.48x), so the child returns large blocks to the system
+# when freed (MALLOC_MMAP_THRESHOLD_), and the check is of the plan, not of the allocator.
 _CHILD = """
 import resource, sys
 from come.cli.app import app
@@ -143,7 +147,7 @@ def test_measured_peak_is_the_plan(tmp_path, tokenizer, text_file):
                          num_key_value_heads=4, head_dim=64)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    env = {**os.environ, "COLUMNS": "1000", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "COLUMNS": "1000", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     done = subprocess.run([sys.executable, "-c", _CHILD, "compress", str(tmp_path / "model"), "--out",
                            str(tmp_path / "out"), "--calib", str(text_file), "--nsamples", "32", "--seqlen", "128",
                            "--device", "cpu", "--sparsity", "0.15"], env=env, capture_output=True, text=True,

@@ -8,9 +8,9 @@ file; its pages become resident when the run's first check reads every weight); 
 where a method compresses copies (auto's candidates, a drop method's smaller levels) or keeps the
 original layers (laco); the calibration cache as `cache.cache_layout` sizes it (the dense
 states the refit reads, the current model's layer inputs every `stride` layers with the states a
-pass has in flight beside them, and the refit's kept layer pass where it fits), counted as if the
-re-profiled states never share a tensor with the dense ones (the worst step of a run;
-BENCHMARKS.md "Peak memory of compression"); and the largest of the working sets beside it: a
+pass has in flight beside them, and the refit's kept layer pass where it fits), counted for a merge method as if the
+re-profiled states never shared a tensor with the dense ones (the worst step of a run;
+BENCHMARKS.md "Peak memory of compression"; a drop method profiles once, so they are shared); and the largest of the working sets beside it: a
 layer pass (one batch's activations, and on a CPU the refit's float64 normal equations,
 runner.collect_refit), a merge (the float64 layers it reads, folds and builds), and on a CPU the
 refit's solve (refit.ridge_solve). On CUDA the device holds one layer, one batch's activations
@@ -136,10 +136,16 @@ def plan_memory(shape: ModelShape, cfg: CompressConfig, device: str) -> MemoryPl
     dense_batches, stride = cache_layout(n, n_batches, batch_tokens * h * e, cfg.max_cache_gb, dense)
     all_tokens = cfg.nsamples * cfg.seqlen
     boundary = all_tokens * h * e  # one layer boundary's states, every calibration window
-    # the strided inputs, and beside them the states a pass has in flight (entering and leaving
-    # a layer; the merged layer's input, cache.inputs_at): with stride 1 they are cached ones
-    cache = (min(dense_batches * batch_tokens, all_tokens) * h * e * (n + 1) + (n // stride + 1) * boundary
-             + 2 * boundary * (stride > 1))
+    dense_boundary = min(dense_batches * batch_tokens, all_tokens) * h * e  # the refit's targets at one boundary
+    strided = n // stride + 1  # boundaries whose layer inputs are cached
+    # beside the strided inputs, the states a pass has in flight (entering and leaving a layer; the
+    # merged layer's input, cache.inputs_at): with stride 1 they are cached ones
+    in_flight = 2 * boundary * (stride > 1)
+    if method.loop == "one-shot":  # one profiling pass (its states ARE the dense ones), then only the refits' re-runs
+        cache = max(strided * boundary + (n + 1 - strided) * dense_boundary + in_flight,
+                    (n + 1) * dense_boundary + 2 * boundary)
+    else:  # re-profiled after every merge: in the end none of the current states is a dense one
+        cache = (n + 1) * dense_boundary + strided * boundary + in_flight
     # whether layers are refit: --refit ls, a method's own refit (ReplaceMe), or maybe (auto's candidates)
     refit = cfg.refit == "ls" or getattr(method, "always_refits", False) or method.loop is None
     kept = all_tokens * (shape.d_ff + h) * e  # a merge's refit pass kept (layer_refit._room_to_keep)
