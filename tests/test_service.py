@@ -65,8 +65,9 @@ def _entries(model_dir: Path, text_file: Path, out: Path, **cfg) -> dict:
 def test_every_entry_goes_through_prepare(model_dir, text_file, tmp_path, monkeypatch):
     reached = []
 
-    def stand_in(name, cfgs, outs, overwrite, inputs, dtype="auto", evaluation=None):
-        reached.append((name, [str(o) for o in outs], sorted(inputs), len(cfgs), evaluation is not None))
+    def stand_in(name, cfgs, outs, overwrite, inputs, dtype="auto", evaluation=None, before_load=None):
+        reached.append((name, [str(o) for o in outs], sorted(inputs), len(cfgs), evaluation is not None,
+                        before_load is not None))
         raise ComeError("prepare reached")
 
     monkeypatch.setattr(come.service, "prepare", stand_in)
@@ -75,10 +76,11 @@ def test_every_entry_goes_through_prepare(model_dir, text_file, tmp_path, monkey
         assert call() == "prepare reached", entry
     compress_in = ["--calib", "MODEL"]
     compare_in = ["--calib", "--ppl-data", "--task-data", "MODEL"]
-    assert reached == [(str(model_dir), [str(out)] * 2, compress_in, 1, False),  # OUT, then the level's dir (OUT)
-                       (str(model_dir), [str(out)], compare_in, 2, True),  # one row per method
-                       (str(model_dir), [str(out)] * 2, compress_in, 1, False),
-                       (str(model_dir), [str(out)], compare_in, 2, True)]
+    # compress checks its memory plan last (before_load), compare has none
+    assert reached == [(str(model_dir), [str(out)] * 2, compress_in, 1, False, True),  # OUT, then the level's dir
+                       (str(model_dir), [str(out)], compare_in, 2, True, False),  # one row per method
+                       (str(model_dir), [str(out)] * 2, compress_in, 1, False, True),
+                       (str(model_dir), [str(out)], compare_in, 2, True, False)]
 
 
 @pytest.mark.parametrize("cfg, said", [

@@ -42,11 +42,14 @@ class Prepared:
 
 
 def prepare(name: str, cfgs: list[CompressConfig], outs: list[str | Path], overwrite: bool,
-            inputs: Mapping[str, str | None], dtype: str = "auto", evaluation: EvalConfig | None = None) -> Prepared:
+            inputs: Mapping[str, str | None], dtype: str = "auto", evaluation: EvalConfig | None = None,
+            before_load: Callable[[nn.Module], None] | None = None) -> Prepared:
     """Every check before the weights, then the tokenizer, the calibration and the weights.
     `cfgs`: the runs' settings (compare: one per row; they share the calibration and the target);
     `outs`: the directories to write, checked against `inputs` ({flag: path}, never overwritten);
-    `evaluation`: compare's, checked against the model too (its flags as compare spells them)."""
+    `evaluation`: compare's, checked against the model too (its flags as compare spells them);
+    `before_load(meta model)`: the last check, with the tokenizer and calibration in memory
+    (compress's memory plan counts what the process holds then)."""
     from .models.budget import merge_budget
     from .models.checkpoint import load_config, load_model, load_tokenizer, meta_model
     from .models.data import load_calibration
@@ -62,12 +65,14 @@ def prepare(name: str, cfgs: list[CompressConfig], outs: list[str | Path], overw
             evaluation.check_model(config)
     for cfg in cfgs:
         cfg.check_model(config)
-    first = cfgs[0]
-    n_remove = merge_budget(meta_model(config), first.levels()[-1])[2]
+    first, meta = cfgs[0], meta_model(config)
+    n_remove = merge_budget(meta, first.levels()[-1])[2]
     for cfg in cfgs:
         cfg.check_reachable(config.num_hidden_layers, n_remove)
     tokenizer = load_tokenizer(name)
     calib = load_calibration(first.calib, tokenizer, first.nsamples, first.seqlen, first.seed)
+    if before_load is not None:
+        before_load(meta)
     model, _ = load_model(name, dtype, tokenizer)
     return Prepared(tokenizer, calib, model)
 
@@ -86,13 +91,14 @@ def compress_to(model: str, out: str | Path, cfg: CompressConfig, overwrite: boo
     to `out` (several --sparsity levels: one per level, out/sparsity-0.10, ...); return the Plans,
     smallest level first. `written(plan, path)` is told of each checkpoint as it lands."""
     from .engine.compression import compress
+    from .engine.memory_plan import check_run
     from .models.api_inputs import expect
     from .models.checkpoint import save_checkpoint
 
     cfg = resolve(expect(cfg, CompressConfig, "cfg"))
     outs = level_dirs(out, cfg.levels())
     run = prepare(model, [cfg], [out, *outs.values()], overwrite,  # OUT as given: '' is refused, not '.'
-                  {"MODEL": model, "--calib": cfg.calib}, dtype)
+                  {"MODEL": model, "--calib": cfg.calib}, dtype, before_load=lambda meta: check_run(meta, cfg, dtype))
     plans: list[Plan] = []
 
     def write(compressed: nn.Module, plan: Plan) -> None:
@@ -164,6 +170,9 @@ def compare_to(model: str, out: str | Path, cfg: CompressConfig, methods: str | 
     from .models.api_inputs import expect
 
     expect(cfg, CompressConfig, "cfg")
+    if cfg.max_memory_gb is not None:
+        raise ComeError("max_memory_gb is come compress's (its memory plan); compare keeps a copy of the model per "
+                        "method and evaluates it, which that plan does not count: leave it None")
     evaluation = EvalConfig() if evaluation is None else expect(evaluation, EvalConfig, "evaluation")
     chosen = method_list(default_methods() if methods is None else methods, cfg)
     run = prepare(model, [spec.config(cfg) for spec in chosen], [out], overwrite,

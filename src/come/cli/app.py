@@ -313,7 +313,9 @@ def _methods_help() -> str:
 
 @app.command("compare")
 @one_line_errors
-@with_options(cfg=(CompressConfig, "", ("method",)), evaluation=(EvalConfig, EVAL_PREFIX, ()), load=LoadOptions)
+# compare has no memory cap: compress's plan does not count its copies and evaluations
+@with_options(cfg=(CompressConfig, "", ("method", "max_memory_gb")), evaluation=(EvalConfig, EVAL_PREFIX, ()),
+              load=LoadOptions)
 def compare_(
     model: str = MODEL_ARG,
     out: str = _out_dir("report.md, report.json, plots"),

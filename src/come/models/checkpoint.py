@@ -100,6 +100,16 @@ def load_tokenizer(name: str):
                         "tokenizer beside the model") from None
 
 
+def loaded_dtype(config, dtype: str = "auto") -> torch.dtype:
+    """The dtype `load_model` gives the weights for `dtype` (auto: the checkpoint's own, as its
+    config names it; fp32 when it names none): what the memory plans count."""
+    chosen = DTYPES.get(dtype, "auto")
+    if chosen != "auto":
+        return chosen
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, stored) if isinstance(stored, str) else stored
+
+
 def load_model(name: str, dtype: str = "auto", tokenizer=None):
     """(model on CPU, tokenizer). Layers later visit the compute device one at a time."""
     from transformers import AutoModelForCausalLM

@@ -16,6 +16,7 @@ import torch
 
 from ..models.adapters import get_adapter
 from ..models.budget import count_params
+from ..models.checkpoint import loaded_dtype
 from ..errors import ComeError
 
 _log = logging.getLogger("come")
@@ -35,12 +36,6 @@ def _layer_counts(config) -> tuple[list[int], int, int]:
     return layers, head, count_params(model) - sum(layers) - head
 
 
-def _stored_bytes(config) -> int:
-    """Bytes per weight as loaded (the checkpoint's own dtype, as `load_model` loads it)."""
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize
-
-
 def memory_plan(teacher_config, student_config, trainable: list[int], processes: int, shard: bool,
                 bf16: bool, head: bool = False) -> dict[str, int]:
     """Bytes per process: the teacher; the student (its trainable layers, and with `head` its
@@ -52,7 +47,7 @@ def memory_plan(teacher_config, student_config, trainable: list[int], processes:
     plan = {}
     for name, config in (("teacher", teacher_config), ("student", student_config)):
         layers, head_n, rest = _layer_counts(config)
-        size = _stored_bytes(config) if bf16 else 4
+        size = loaded_dtype(config).itemsize if bf16 else 4
         trained = trainable if name == "student" else []
         head_trains = head and name == "student"
         plan[name] = (rest * size + head_n * (4 if head_trains else size)

@@ -92,6 +92,8 @@ class CompressConfig(Options):
     refit_input: RefitInput = option("compressed", "The refit's inputs: the compressed model's states (corrects upstream "
                                                   "error) or the dense model's.",
                                      choices=RefitInput.__args__)
+    max_memory_gb: float | None = option(None, "Refuse, before loading, a run whose predicted peak host memory "
+                                               "(logged at start, docs/memory.md) exceeds this.", bounds="> 0")
     method_settings: dict = option(help="The methods' own options set away from their defaults.", cli=False,
                                    default_factory=dict)
 

@@ -13,7 +13,8 @@ from .device import resolve_device
 from .options import field_of, flag_of, override
 from .registry import REGISTRY, default_methods, get_method, method_names
 
-SHARED = ("method", "sparsity", "calib", "nsamples", "seqlen", "seed", "protect")  # the same in every row
+# the same in every row (and a candidate of auto); a memory cap is the run's, not a row's
+SHARED = ("method", "sparsity", "calib", "nsamples", "seqlen", "seed", "protect", "max_memory_gb")
 
 
 def resolve(cfg: CompressConfig) -> CompressConfig:
