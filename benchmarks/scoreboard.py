@@ -50,6 +50,8 @@ ROWS = {
     "come split by refit (g=4)": "come:split=search:split_score=refit:granularity=4:reprofile=window",
     "come split by refit (g=2)": "come:split=search:split_score=refit:granularity=2:reprofile=window",
     "come channels by refit": "come:split=refit",  # issue 41 item 1: the channels the refit needs most
+    "come + attention refit": "come:refit_attn=true",  # issue 41 item 2: o_proj re-solved too
+    "ShortGPT + refit + attention refit": "shortgpt:refit=ls:refit_attn=true",
     "ShortGPT": "shortgpt",
     "ShortGPT + refit": "shortgpt:refit=ls",
     "SLEB + refit": "sleb:refit=ls",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from torch import Tensor, nn
 
 from ..errors import ComeError
-from ..merging.layer_refit import refit_layer, write_down_proj
+from ..merging.layer_refit import refit_step
 from ..models.budget import count_params, merge_budget
 from ..settings.config import CompressConfig
 from ..settings.plan import MergeRecord, Plan
@@ -88,11 +88,9 @@ def _drop(method: DropMethod, model: nn.Module, tokenizer, cfg: CompressConfig, 
             continue
         record = None
         if refit:
-            res = refit_layer(cache, k, group, cfg.refit_input, features)
-            if res.kept:
-                write_down_proj(adapter, layers[k], res.weight)
+            record = refit_step(cache, k, group, cfg.refit_input, features, attention=cfg.refit_attn)
+            if record["kept"] or record.get("attn", {}).get("kept"):
                 cache.forget_after(k)
-            record = res.record()
         plan.merges.append(MergeRecord(
             step=len(plan.merges), position=k, group_a=[keep], group_b=[i for i in group if i != keep],
             operator=f"drop+{features}-refit" if refit else "drop", kv_a=list(range(shape.n_kv_heads)), kv_b=[],

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import ComeError
-from ..merging.layer_refit import refit_layer, write_down_proj
+from ..merging.layer_refit import refit_step
 from ..models.adapters import AttnShape, LayerWeights
 from ..models.budget import count_params, merge_windows
 from ..models.preflight import check_finite
@@ -76,10 +76,8 @@ def merge_progressively(method: MergeMethod, model: nn.Module, tokenizer, cfg: C
             cache.merged(k)
         refit = None
         if cfg.refit == "ls":
-            res = refit_layer(cache, k, groups[k], cfg.refit_input, keep=step + 1 < len(windows))
-            if res.kept:
-                write_down_proj(adapter, adapter.decoder_layers(model)[k], res.weight)
-            refit = res.record()
+            refit = refit_step(cache, k, groups[k], cfg.refit_input, attention=cfg.refit_attn,
+                               keep=step + 1 < len(windows))
         originals_note = " + ".join(_span(g) for g in window)
         check_finite(adapter.decoder_layers(model)[k], f"merge {step + 1} (original layers {originals_note})",
                      "try --dtype fp32, or --refit none if the refit produced it")

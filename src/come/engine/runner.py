@@ -281,6 +281,36 @@ class LayerRunner:
         return outputs, acc.stats() if want_stats else None
 
     @torch.no_grad()
+    def collect_attn_refit(self, layer: nn.Module, inputs: list[Tensor], targets: list[Tensor], held_out: list[bool],
+                           *, position: int | None = None) -> tuple[NormalEquations, NormalEquations]:
+        """Least-squares statistics for refitting `layer`'s attention output projection (o_proj)
+        so that its output on `inputs` matches `targets`, the FFN's output u held as it is:
+        features z (o_proj's input, the heads' outputs), target y - h - u (- o_proj's bias).
+        Only for a layer whose attention output adds as it is (adapter.attn_output is None)."""
+        o_proj = self.adapter.attn_output_proj(layer)
+        down = self.adapter.ffn_output_proj(layer)
+        out_of = self.adapter.mlp(layer) if isinstance(down, ExpertUnits) else down
+        seen: dict[str, Tensor] = {}
+        hooks = [o_proj.register_forward_pre_hook(lambda _m, a: seen.__setitem__("z", a[0])),
+                 out_of.register_forward_hook(lambda _m, a, out: seen.__setitem__("u", out))]
+        eqs = (NormalEquations.empty(o_proj.in_features, o_proj.out_features, self.device),
+               NormalEquations.empty(o_proj.in_features, o_proj.out_features, self.device))
+        try:
+            with on_device(layer, self.device):
+                for h, y, kw, hold in zip(inputs, targets, self.kwargs_at(position), held_out):
+                    h = h.to(self.device)
+                    layer(h, **kw)
+                    y = y.to(self.device)
+                    target = y - h - seen["u"].reshape(y.shape)
+                    if o_proj.bias is not None:
+                        target = target - o_proj.bias
+                    eqs[int(hold)].add(seen["z"], target, y)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        return eqs
+
+    @torch.no_grad()
     def collect_refit(self, layer: nn.Module, inputs: list[Tensor], targets: list[Tensor], held_out: list[bool],
                       features: str = "channels", *, position: int | None = None, keep: bool = False,
                       head_score: str = "channel") -> tuple[NormalEquations, NormalEquations, KeptPass | None]:

@@ -77,6 +77,58 @@ def refit_layer(cache: ActivationCache, k: int, group: list[int], inputs: str, f
     return res
 
 
+def refit_step(cache: ActivationCache, k: int, group: list[int], inputs: str, features: str = "channels",
+               attention: bool = False, keep: bool = False) -> dict:
+    """Both loops' refit of current layer k (a merged or a kept layer), written into the model:
+    its down projection re-solved (`refit_layer`); with `attention` (`--refit-attn`) also its
+    attention output projection first (`refit_attention`), kept only where the pair beats the
+    down projection alone on held-out error. Returns the Plan's refit record."""
+    layer = cache.adapter.decoder_layers(cache.model)[k]
+    res = refit_layer(cache, k, group, inputs, features, keep=keep and not attention)
+    record = None
+    if attention:
+        o_weight, res, record = refit_attention(cache, k, group, inputs, features, res)
+        if o_weight is not None:
+            with torch.no_grad():
+                cache.adapter.attn_output_proj(layer).weight.copy_(o_weight)
+    if res.kept:
+        write_down_proj(cache.adapter, layer, res.weight)
+    return res.record() if record is None else {**res.record(), "attn": record}
+
+
+def refit_attention(cache: ActivationCache, k: int, group: list[int], inputs: str, features: str,
+                    down_only: RefitResult) -> tuple[Tensor | None, RefitResult, dict]:
+    """Issue 41 item 2: re-solve current layer k's attention output projection W_o in closed form
+    too. With the FFN's output u held as it is, y = h + z W_o^T + u is linear in W_o (z: the
+    heads' outputs), so W_o is a ridge least squares toward the dense group's output; then the
+    down projection is re-solved on the layer with the new W_o (its FFN input x1 moved), exactly
+    as `refit_layer` does. Kept only when that pair's held-out error beats `down_only` (the down
+    projection refit alone); returns (W_o to write or None, the down refit to write, a record).
+    A post-norm family's attention output is normalized before it adds (not linear in W_o): not
+    refit there (a log line says so). Two more layer passes."""
+    layer = cache.adapter.decoder_layers(cache.model)[k]
+    if cache.adapter.attn_output(layer, cache.model.config) is not None:
+        log.info("layer %d: --refit-attn skipped (its attention output is normalized before it adds)", k)
+        return None, down_only, {"kept": False, "reason": "post-norm"}
+    o_proj = cache.adapter.attn_output_proj(layer)
+    x = cache.inputs_at(k) if inputs == "compressed" else cache.dense[group[0]]
+    train, hold = cache.runner.collect_attn_refit(layer, x, cache.dense[group[-1] + 1], cache.held_out, position=k)
+    cache.forwards += 1
+    res_o = fit(train, hold, o_proj.weight.detach())
+    record = {"kept": False, "lam": res_o.lam, "heldout_err_down_only": down_only.err_after}
+    if not res_o.kept:
+        return None, down_only, record
+    trial = copy.deepcopy(layer)
+    with torch.no_grad():
+        cache.adapter.attn_output_proj(trial).weight.copy_(res_o.weight.to(o_proj.weight.dtype))
+    res = refit_layer(cache, k, group, inputs, features, layer=trial)  # vetoed: err_after is W_o's alone
+    record["heldout_err_with_attn"] = res.err_after
+    if res.err_after >= down_only.err_after:
+        return None, down_only, record
+    record["kept"] = True
+    return res_o.weight.to(o_proj.weight.dtype), res, record
+
+
 def _room_to_keep(cache: ActivationCache, proj: nn.Linear, x: list[Tensor], targets: list[Tensor]) -> bool:
     """Whether a KeptPass of this refit covers every calibration batch (its targets may be
     fewer: the cache budget) and its x1 and FFN activations fit in the cache budget."""

@@ -92,6 +92,10 @@ class CompressConfig(Options):
     refit_input: RefitInput = option("compressed", "The refit's inputs: the compressed model's states (corrects upstream "
                                                   "error) or the dense model's.",
                                      choices=RefitInput.__args__)
+    refit_attn: bool = option(False, "With --refit ls: also re-solve each refit layer's attention output projection "
+                                     "in closed form (the FFN output held), then its down projection; kept where the "
+                                     "pair beats the down projection alone on held-out error (docs/methods.md). Not "
+                                     "for families whose attention output is normalized before it adds (a log line).")
     max_memory_gb: float | None = option(None, "Refuse, before loading, a run whose predicted peak host memory "
                                                "(logged at start, docs/memory.md) exceeds this.", bounds="> 0")
     method_settings: dict = option(help="The methods' own options set away from their defaults.", cli=False,
@@ -155,8 +159,9 @@ class CompressConfig(Options):
         check_choices(cfg)
         check_device_name(cfg.device)
         method.check(cfg)
-        if not method.needs_dense(cfg) and (cfg.is_set("refit_input") or cfg.is_set("refit_holdout")):
-            raise ComeError("--refit-input and --refit-holdout shape the refit; add --refit ls, or drop them")
+        if not method.needs_dense(cfg) and any(cfg.is_set(f) for f in ("refit_input", "refit_holdout", "refit_attn")):
+            raise ComeError("--refit-input, --refit-holdout and --refit-attn shape the refit; add --refit ls, or drop "
+                            "them")
         return cfg
 
     def levels(self) -> list[float]:
