@@ -51,8 +51,8 @@ def ridge(train, hold, w0):
 @pytest.mark.parametrize("method", ["come", "shortgpt"])
 def test_the_attention_refit_is_kept_only_where_it_beats_the_down_projection_alone(tokenizer, method):
     dense = tiny_model("llama")
-    calib = _calib(tokenizer)
-    kw = dict(method=method, sparsity=0.3, device="cpu", batch_size=4, refit="ls")
+    calib = token_windows(corpus(), tokenizer, 8, 32, seed=0)
+    kw = dict(method=method, sparsity=0.3, device="cpu", batch_size=2, refit="ls")
     _, plain = compress(copy.deepcopy(dense), tokenizer, CompressConfig(**kw), calib=calib)
     _, both = compress(copy.deepcopy(dense), tokenizer, CompressConfig(**kw, refit_attn=True), calib=calib)
     assert both.settings["refit_attn"] and not plain.settings["refit_attn"]
