@@ -227,3 +227,23 @@ def test_a_new_method_is_one_new_file(tmp_path, tokenizer, text_file):
     first, second = done.stdout.strip().splitlines()[-2:]
     assert first.startswith("[[0, 1") and first.endswith(" 0")  # the first layers were absorbed
     assert second == "[[0], [1, 2, 3, 4], [5]] 2"  # layers 2-4 dropped: 0 and 1 kept, 1 stands for them
+
+
+def test_an_option_has_one_meaning():
+    """A method's own option group may extend another's (CoMe's extends the merge loop's), but not
+    declare an option another group already declares: registering such a method is refused."""
+    from dataclasses import dataclass
+
+    from come.methods import DropMethod, register
+    from come.settings.options import option
+
+    @dataclass
+    class Clashing:
+        split: str = option("x", "Another meaning of --split.")
+
+    class Other(DropMethod):
+        name, summary, own_options = "clashing", "a test's method", Clashing
+
+    with pytest.raises(ValueError, match="option 'split' is already ComeOptions's"):
+        register(Other)
+    assert "clashing" not in REGISTRY
