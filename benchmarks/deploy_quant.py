@@ -53,6 +53,8 @@ KL_LINES = {"ppl": rf"Mean PPL\(Q\)\s*:\s*{NUM}\s*±\s*{NUM}",
             "kl_median": rf"Median\s+KLD:\s*{NUM}",
             "kl_p99": rf"99\.0%\s+KLD:\s*{NUM}",
             "same_top": rf"Same top p:\s*{NUM}\s*±\s*{NUM}\s*%"}
+QUANT_LINE = r"quant size\s*=\s*[\d.]+ MiB \(([\d.]+) BPW\)"
+FALLBACK_LINE = r"(\d+) of (\d+) tensor\(s\) required fallback"  # K-quant rows not a multiple of 256 wide
 BASE_LINE = rf"Final estimate: PPL = {NUM} \+/- {NUM}"
 CHUNKS_LINE = r"over (\d+) chunks, n_ctx=(\d+)"
 
@@ -118,6 +120,16 @@ def parse_base(output: str) -> dict:
         raise ValueError("llama-perplexity printed no 'Final estimate: PPL' line")
     return {"ppl": float(found[1]), "ppl_se": float(found[2]), "kl": 0.0, "kl_se": 0.0, "same_top": 100.0,
             "same_top_se": 0.0, **_chunks(output)}
+
+
+def parse_quantize(output: str) -> dict:
+    """llama-quantize's bits per weight, and how many tensors fell back to another type (a
+    K-quant needs rows a multiple of 256 wide: SmolLM2's 576 and Qwen2.5-0.5B's 896 are not)."""
+    found = re.search(QUANT_LINE, output)
+    if not found:
+        raise ValueError("llama-quantize printed no 'quant size = X MiB (B BPW)' line")
+    fallback = re.search(FALLBACK_LINE, output)
+    return {"bpw": float(found[1]), "fallback": [int(fallback[1]), int(fallback[2])] if fallback else None}
 
 
 def _chunks(output: str) -> dict:
@@ -215,17 +227,19 @@ def run(a: argparse.Namespace) -> None:
         if label in data["rows"]:
             continue
         t0 = time.perf_counter()
-        gguf = f16(family, sources[family])
+        gguf, made = f16(family, sources[family]), {"bpw": 16.0, "fallback": None}
         if quant != "f16":
+            log = work / "logs" / f"quantize-{label}.log"
             gguf = _once(work / f"{family}-{quant}.gguf", lambda tmp: _tool(
-                [tools["llama-quantize"], gguf, tmp, quant, a.threads], work / "logs" / f"quantize-{label}.log"))
+                [tools["llama-quantize"], gguf, tmp, quant, a.threads], log))
+            made = parse_quantize(log.read_text())
         if label == REFERENCE:
             row = parse_base(base_out.read_text())
         else:
             row = parse_kl(_tool([tools["llama-perplexity"], "-m", gguf, "--kl-divergence-base", base,
                                   "--kl-divergence", "-c", a.ctx, *threads], work / "logs" / f"kl-{label}.log"))
-        data["rows"][label] = {"family": FAMILIES[family], "quant": quant, "bytes": gguf.stat().st_size, **row,
-                               "seconds": round(time.perf_counter() - t0, 1)}
+        data["rows"][label] = {"family": FAMILIES[family], "quant": quant, "bytes": gguf.stat().st_size, **made,
+                               **row, "seconds": round(time.perf_counter() - t0, 1)}
         write_json(path, {**data, **meta, "rows": data["rows"]})
 
 
@@ -235,13 +249,14 @@ def _mib(row: dict) -> float:
 
 def markdown(data: dict) -> str:
     """One line per GGUF: its MiB, KL to the dense f16 model (± SE), top-token agreement, perplexity."""
-    lines = [f"| {data['model']} GGUF | MiB | KL to dense f16 (nats/token) ± SE | same top token % ± SE "
-             "| ppl ± SE |",
-             "|---|---|---|---|---|"]
+    lines = [f"| {data['model']} GGUF | MiB | bits/weight | KL to dense f16 (nats/token) ± SE "
+             "| same top token % ± SE | ppl ± SE |",
+             "|---|---|---|---|---|---|"]
     for label, r in data["rows"].items():
         kl = "0 (reference)" if label == REFERENCE else f"{r['kl']:.4f} ± {r['kl_se']:.4f}"
-        lines.append(f"| {label} | {_mib(r):.1f} | {kl} | {r['same_top']:.2f} ± {r['same_top_se']:.2f} | "
-                     f"{r['ppl']:.3f} ± {r['ppl_se']:.3f} |")
+        fell = f" ({r['fallback'][0]}/{r['fallback'][1]} fell back)" if r["fallback"] else ""
+        lines.append(f"| {label} | {_mib(r):.1f} | {r['bpw']:.2f}{fell} | {kl} | {r['same_top']:.2f} ± "
+                     f"{r['same_top_se']:.2f} | {r['ppl']:.3f} ± {r['ppl_se']:.3f} |")
     r = next(iter(data["rows"].values()))
     lines.append(f"\n{r['chunks']} chunks of {r['ctx']} tokens of {data['text']} (llama-perplexity scores the second "
                  f"half of each: {r['chunks'] * (r['ctx'] - 1 - r['ctx'] // 2):,} tokens); llama.cpp "
