@@ -182,8 +182,9 @@ def _ladder(a: argparse.Namespace, model_dir: Path, come_dirs: dict[float, Path]
                for q in ["f16", *a.come_quants.split(",")]])
 
 
-def run(a: argparse.Namespace) -> None:
-    """Every row of the ladder, each written to the model's JSON when measured."""
+def _inputs(a: argparse.Namespace) -> tuple[dict[str, Path], Path, dict[float, Path], list[float]]:
+    """(llama.cpp's tools, the dense dir, each level's come dir, the levels still to compress),
+    or refuse before anything loads."""
     tools = llama_tools(a.llama_cpp)
     model_dir, work = Path(a.model).expanduser(), Path(a.work).expanduser()
     if not (model_dir / "config.json").is_file():
@@ -198,7 +199,13 @@ def run(a: argparse.Namespace) -> None:
         refuse(f"--compressed {a.compressed} has no config.json: give the directory `come compress --out` wrote")
     if todo and not a.task_data:
         refuse("give --task-data (the BoolQ calibration text of the compression) or --compressed DIR")
-    path = Path(a.results) / f"{a.name}.json"
+    return tools, model_dir, come_dirs, todo
+
+
+def run(a: argparse.Namespace) -> None:
+    """Every row of the ladder, each written to the model's JSON when measured."""
+    tools, model_dir, come_dirs, todo = _inputs(a)
+    work, path = Path(a.work).expanduser(), Path(a.results) / f"{a.name}.json"
     meta = {"model": a.name, "source": str(model_dir), "text": a.text, "ctx": a.ctx, "max_chunks": a.chunks,
             "threads": a.threads, "llama_cpp": llama_cpp_version(tools["convert"].parent),
             "compression": {"method": "come", "calibration": CALIBRATION}}
