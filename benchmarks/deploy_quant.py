@@ -84,9 +84,10 @@ def llama_tools(tree: str | None) -> dict[str, Path]:
 def llama_cpp_version(tree: Path) -> str:
     """The llama.cpp commit: the tree's git HEAD, else the one the llama-cpp-python sdist that
     vendors it names in its CHANGELOG."""
-    git = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    if git.returncode == 0 and git.stdout.strip():
-        return git.stdout.strip()
+    if (tree / ".git").exists():  # its own checkout, not a repository around it
+        git = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if git.returncode == 0:
+            return git.stdout.strip()
     changelog = tree.parent.parent / "CHANGELOG.md"
     if changelog.is_file():
         found = re.search(r"^## \[([\d.]+)\]\s+- feat: update llama\.cpp to ggml-org/llama\.cpp@(\w+)",
@@ -265,7 +266,7 @@ def markdown(data: dict) -> str:
              "| same top token % ± SE | ppl ± SE |",
              "|---|---|---|---|---|---|"]
     for label, r in data["rows"].items():
-        kl = "0 (reference)" if label == REFERENCE else f"{r['kl']:.4f} ± {r['kl_se']:.4f}"
+        kl = "0 (reference)" if label == REFERENCE else f"{r['kl']:.5f} ± {r['kl_se']:.5f}"
         fell = f" ({r['fallback'][0]}/{r['fallback'][1]} fell back)" if r["fallback"] else ""
         lines.append(f"| {label} | {_mib(r):.1f} | {r['bpw']:.2f}{fell} | {kl} | {r['same_top']:.2f} ± "
                      f"{r['same_top_se']:.2f} | {r['ppl']:.3f} ± {r['ppl_se']:.3f} |")
