@@ -3,14 +3,16 @@ it into a GGUF, and llama.cpp runs it like transformers does (greedy text identi
 perplexity equal to 0.1%).
 
 Needs the real SmolLM2, llama.cpp's `convert_hf_to_gguf.py` (COME_LLAMA_CPP = a llama.cpp
-source tree, e.g. `vendor/llama.cpp` of the llama-cpp-python sdist) and, for the runtime
-half, `llama_cpp` (llama-cpp-python compiles llama.cpp: ~30 min on 2 cores, so CI skips
-it). README "Deploy" shows the commands.
+source tree, e.g. `vendor/llama.cpp` of the llama-cpp-python sdist; its LLaMA converter imports
+sentencepiece) and, for the runtime half, `llama_cpp` (llama-cpp-python compiles llama.cpp:
+~30 min on 2 cores, so CI skips it) or that tree's built llama-quantize and llama-perplexity
+(the 4-bit half). README "Deploy" shows the commands.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +22,9 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.real]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import deploy_quant  # noqa: E402
 
 PROMPT = "The capital of France is"
 TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -32,6 +37,14 @@ def _llama_cpp_tree() -> Path:
                     "(e.g. vendor/llama.cpp of the llama-cpp-python sdist: pip download --no-binary :all: "
                     "--no-deps llama-cpp-python)")
     return root
+
+
+def _built(tool: str) -> Path:
+    path = _llama_cpp_tree() / "build" / "bin" / tool
+    if not path.is_file():
+        pytest.skip(f"llama.cpp's {tool} is not built: in COME_LLAMA_CPP, cmake -B build -DLLAMA_CURL=OFF && "
+                    "cmake --build build --target llama-quantize llama-perplexity")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +124,24 @@ def test_llama_cpp_runs_it_like_transformers(compressed, gguf):
     with torch.no_grad():
         nll_hf = _nll(model(torch.tensor([ids])).logits[0], ids)
     assert abs(nll_cpp - nll_hf) / nll_hf < 1e-3, (nll_cpp, nll_hf)
+
+
+def test_llama_cpp_quantizes_it_to_4_bits_and_runs_it(gguf):
+    """llama-quantize takes the compressed model to Q4_K_M, and llama.cpp runs the 4-bit file:
+    close to the full-precision file it came from (KL, top token, perplexity on GPL-3)."""
+    quantize, perplexity = _built("llama-quantize"), _built("llama-perplexity")
+    q4 = gguf.with_name("smol-come.Q4_K_M.gguf")
+    subprocess.run([quantize, gguf, q4, "Q4_K_M", "1"], check=True, capture_output=True)
+    assert q4.stat().st_size < gguf.stat().st_size / 4
+    base, common = gguf.with_name("base.kld"), ["-c", "128", "-t", "1"]
+    run = subprocess.run([perplexity, "-m", gguf, "-f", TEXT, "--chunks", "8", "--kl-divergence-base", base, *common],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    full = deploy_quant.parse_base(run.stderr + run.stdout)
+    run = subprocess.run([perplexity, "-m", q4, "--kl-divergence-base", base, "--kl-divergence", *common],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    four = deploy_quant.parse_kl(run.stderr + run.stdout)
+    assert four["chunks"] == full["chunks"] == 8
+    assert 0 < four["kl"] < 0.2 and four["same_top"] > 80
+    assert abs(math.log(four["ppl"] / full["ppl"])) < 0.1, (four, full)
