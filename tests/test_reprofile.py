@@ -160,9 +160,9 @@ def test_refit_reads_true_inputs_in_window_mode(tokenizer, caches, monkeypatch, 
     """Past a window the later layers' statistics are stale, but the refit of a later merge
     reads the states entering its layer in the CURRENT model: checked at every refit against
     the stock model's own forward (output_hidden_states)."""
-    import come.engine.pipeline as pipeline
+    import come.merging.layer_refit as layer_refit
 
-    real = pipeline.refit_layer
+    real = layer_refit.refit_layer  # what the loop's refit step (layer_refit.refit_step) calls
     seen = []
 
     def checked(cache, k, group, inputs, *args, **kw):
@@ -175,7 +175,7 @@ def test_refit_reads_true_inputs_in_window_mode(tokenizer, caches, monkeypatch, 
         seen.append(k)
         return real(cache, k, group, inputs, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "refit_layer", checked)
+    monkeypatch.setattr(layer_refit, "refit_layer", checked)
     _, plan = _compress(tokenizer, **EARLY, reprofile="window", reprofile_window=1, reprofile_drift=10.0,
                         **budget)
     assert plan.merges and all(m.refit is not None for m in plan.merges)
