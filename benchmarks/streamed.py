@@ -194,20 +194,19 @@ def run(a: argparse.Namespace) -> None:
     work = Path(a.json).with_suffix("") if a.json else Path(f"{model}-streamed")
     work.parent.mkdir(parents=True, exist_ok=True)
     group = Capped(int(a.cap_gb * 1e9))
-    env_python = [sys.executable]
     try:
-        compress = group.run([*env_python, "-m", "come.cli.app", "compress", str(model), "--out", str(out),
+        compress = group.run([sys.executable, "-m", "come.cli.app", "compress", str(model), "--out", str(out),
                               "--sparsity", str(a.sparsity), "--calib", a.calib, "--nsamples", str(a.nsamples),
                               "--seqlen", str(a.seqlen), "--batch-size", str(a.batch_size), "--device", "cpu",
                               "--max-cache-gb", str(a.max_cache_gb), *a.extra], Path(f"{work}.compress.log"))
-        dense = group.run([*env_python, "-c", DENSE_PASS, str(model), a.calib, str(a.nsamples), str(a.seqlen),
+        dense = group.run([sys.executable, "-c", DENSE_PASS, str(model), a.calib, str(a.nsamples), str(a.seqlen),
                            str(a.batch_size)], Path(f"{work}.dense.log"))
-        reload = group.run([*env_python, "-c", RELOAD, str(out)], Path(f"{work}.reload.log")) if out.exists() else {}
+        reload = group.run([sys.executable, "-c", RELOAD, str(out)], Path(f"{work}.reload.log")) if out.exists() else {}
     finally:
         group.close()
     dense_s = _grep(Path(f"{work}.dense.log"), r"DENSE_PASS_S ([\d.]+)")
     layers = _grep(Path(f"{work}.reload.log"), r"RELOADED_LAYERS (\d+)") if reload else None
-    row = {"model": str(model), "weights_gb": size / 1e9, "cap_gb": a.cap_gb, "settings": vars(a) | {"extra": a.extra},
+    row = {"model": str(model), "weights_gb": size / 1e9, "cap_gb": a.cap_gb, "settings": vars(a),
            "compress": compress, "dense_pass": dense, "reload": reload, "dense_pass_s": dense_s,
            "wall_over_dense_pass": compress["wall_s"] / dense_s if dense_s else None,
            "layers_after": int(layers) if layers else None, "date": time.strftime("%Y-%m-%d")}

@@ -65,7 +65,8 @@ def test_weights_load_mapped_and_writes_never_reach_the_file(random_model):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.access("/sys/fs/cgroup/memory", os.W_OK), reason="needs a writable cgroup-v1 memory controller (root)")
+@pytest.mark.skipif(not os.access("/sys/fs/cgroup/memory", os.W_OK),
+                    reason="needs a writable cgroup-v1 memory controller (root)")
 def test_compress_runs_under_a_memory_cap(random_model, tmp_path):
     """`streamed.py run`: compress, one dense pass and the reload, each inside a 1.5 GB cgroup cap."""
     out = tmp_path / "come"

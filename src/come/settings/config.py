@@ -103,8 +103,9 @@ class CompressConfig(Options):
 
     def __init__(self, **values: Any) -> None:
         own = dict(values.pop("method_settings", None) or {})
-        methods = {f.name for f in all_fields(type(self))} - {f.name for f in dataclasses.fields(self)}
-        unknown = set(values) - methods - {f.name for f in dataclasses.fields(self)}
+        shared = {f.name for f in dataclasses.fields(self)}
+        methods = {f.name for f in all_fields(type(self))} - shared
+        unknown = set(values) - methods - shared
         if unknown:
             raise TypeError(f"CompressConfig got an unexpected keyword argument {sorted(unknown)[0]!r}")
         self.method_settings = {**own, **{k: v for k, v in values.items() if k in methods}}
@@ -150,8 +151,8 @@ class CompressConfig(Options):
         method = get_method(self.method)
         method.refuse_ignored(self)
         levels = self.levels()
-        cfg = replace(self, refit=self.refit or method.default_refit, sparsity=levels[0] if len(levels) == 1 else levels,
-                      **method.defaults(self))
+        cfg = replace(self, refit=self.refit or method.default_refit,
+                      sparsity=levels[0] if len(levels) == 1 else levels, **method.defaults(self))
         check_ranges(cfg)
         if levels != sorted(set(levels)):
             raise ComeError(f"--sparsity {','.join(map(str, levels))}: list the levels ascending, each once "

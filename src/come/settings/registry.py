@@ -37,8 +37,10 @@ def register(cls: type["Method"]) -> type["Method"]:
 
 
 def _own(group: type) -> set[str]:
-    """The fields `group` declares itself (not those of the classes it extends)."""
-    return set(vars(group).get("__annotations__", {}))
+    """The option fields `group` declares itself (not those of the classes it extends, nor its
+    ClassVars such as `cli_panel`)."""
+    declared = vars(group).get("__annotations__", {})
+    return {f.name for f in dataclasses.fields(group) if f.name in declared}
 
 
 def readers(group: type) -> list[str]:
