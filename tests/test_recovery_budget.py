@@ -61,5 +61,5 @@ def test_quick_writes_each_point_as_scored_and_a_rerun_keeps_them(tmp_path, mode
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.json")} == stamps
     other = tmp_path / "other.txt"
     other.write_text(text_file.read_text())
-    with pytest.raises(SystemExit, match="was made with other protocol, distill: remove it or pass another --results"):
+    with pytest.raises(SystemExit, match="was made with other protocol: remove it or pass another --results"):
         recovery_budget.main([*args[:3], "--text", str(other), *args[5:]])
