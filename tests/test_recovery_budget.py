@@ -22,7 +22,7 @@ def _points(results: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in (results / "quick" / "0.3").glob("*.json")}
 
 
-def test_quick_writes_each_point_as_scored_and_a_rerun_keeps_them(tmp_path, model_dir, text_file, monkeypatch):
+def test_quick_writes_each_point_as_scored_and_a_rerun_keeps_them(tmp_path, model_dir, text_file, monkeypatch, capsys):
     args = ["--quick", "--model", str(model_dir), "--text", str(text_file), "--results", str(tmp_path / "results"),
             "--cache", str(tmp_path / "cache")]
     scored, real = [], recovery_budget.score_on
@@ -63,3 +63,15 @@ def test_quick_writes_each_point_as_scored_and_a_rerun_keeps_them(tmp_path, mode
     other.write_text(text_file.read_text())
     with pytest.raises(SystemExit, match="was made with other protocol: remove it or pass another --results"):
         recovery_budget.main([*args[:3], "--text", str(other), *args[5:]])
+
+    png = tmp_path / "curves.png"
+    recovery_budget.main([*args, "--table", "--plot", str(png)])
+    out = capsys.readouterr().out
+    for name, row in rows.items():
+        line = next(x for x in out.splitlines() if x.startswith(f"| {row['row']} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1].strip("*").startswith(f"{row['points'][0]['kl']:.4f}"), name
+    for budget in (0, 1024, 2048):  # the lowest KL of each budget is the one in bold
+        best = min(rows.values(), key=lambda r: next(p["kl"] for p in r["points"] if p["budget"] == budget))
+        assert f"**{next(p['kl'] for p in best['points'] if p['budget'] == budget):.4f}**" in out
+    assert png.stat().st_size > 10_000
