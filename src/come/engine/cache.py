@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..errors import ComeError
 from ..scoring.backprop import unit_taylor
 from ..scoring.selection import ALL_TOKEN_SCORES, mean_token_distance, skip_scores
+from .disk_cache import DiskStates
 
 if TYPE_CHECKING:
     from ..models.adapters import Adapter
@@ -39,11 +40,15 @@ log = logging.getLogger("come")
 
 class ActivationCache:
     """Cached layer inputs + per-layer statistics of the current model, and (for the refit
-    and the error pair scores) the dense model's hidden state at every original boundary."""
+    and the error pair scores) the dense model's hidden state at every original boundary.
+    With `disk` (--cache-dir) every state it keeps lives in a memory-mapped file."""
 
     def __init__(self, model, adapter: Adapter, runner: LayerRunner, cfg: CompressConfig, first_inputs: list[Tensor],
-                 stride: int, dense_batches: int, token_batches: list[Tensor] | None = None):
+                 stride: int, dense_batches: int, token_batches: list[Tensor] | None = None,
+                 disk: DiskStates | None = None):
         self.model, self.adapter, self.runner, self.cfg = model, adapter, runner, cfg
+        self.disk = disk
+        first_inputs = self.keep_states(first_inputs)
         # the calibration token ids, batch by batch (what a method scoring by next-token loss reads)
         self.token_batches = token_batches or []
         n = len(adapter.decoder_layers(model))
@@ -106,9 +111,11 @@ class ActivationCache:
                 self.stats[k] = st
                 self.ref.pop(k, None)
                 if self.window and k % self.stride == 0:
-                    self.ref[k] = h
+                    self.ref[k] = self.keep_states(h)
             self.last_tok[k] = torch.cat([b[:, -1].float() for b in h])
             self.last_tok[k + 1] = torch.cat([b[:, -1].float() for b in out])
+            if (k + 1) % self.stride == 0 or (first_pass and self.dense is not None):
+                out = self.keep_states(out)
             if (k + 1) % self.stride == 0:
                 self.states[k + 1] = out
             if first_pass and self.dense is not None:
@@ -146,9 +153,13 @@ class ActivationCache:
             h, _ = self.runner.run(layers[j], h, False, position=j)
             self.forwards += 1
             if self.window and ((j + 1) % self.stride == 0 or j + 1 > k - self.span):
-                self.states[j + 1] = h
-        self.states[k] = h
+                self.states[j + 1] = h = self.keep_states(h)
+        self.states[k] = h = self.keep_states(h)
         return h
+
+    def keep_states(self, batches: list[Tensor]) -> list[Tensor]:
+        """`batches` as the cache keeps them: in memory, or in mapped files with --cache-dir."""
+        return self.disk.keep(batches) if self.disk else batches
 
     def unit_gradients(self) -> None:
         """`--sensitivity taylor`: every layer's `attn_taylor` / `ffn_taylor` from one backward
@@ -200,7 +211,10 @@ class ActivationCache:
         self.kept_pass = None
 
     def has_room(self, nbytes: int) -> bool:
-        """Whether `nbytes` more fit in --max-cache-gb beside the states cached now."""
+        """Whether `nbytes` more fit in --max-cache-gb beside the states cached now (with
+        --cache-dir they go to its files: always)."""
+        if self.disk:
+            return True
         held = {id(t): t.numel() * t.element_size()
                 for part in (self.states, self.dense or {}, self.ref) for batches in part.values() for t in batches}
         return sum(held.values()) + nbytes <= getattr(self.cfg, "max_cache_gb", 0.0) * 2**30
@@ -226,9 +240,12 @@ def refit_batches(n_batches: int, batch_bytes: int, n_layers: int, max_cache_gb:
 
 
 def cache_layout(n_layers: int, n_batches: int, batch_bytes: int, max_cache_gb: float,
-                 keep_dense: bool) -> tuple[int, int]:
+                 keep_dense: bool, disk: bool = False) -> tuple[int, int]:
     """(dense batches kept for the refit, stride of the cached layer inputs) within
-    --max-cache-gb: the dense states first (refit_batches), the layer inputs in the rest."""
+    --max-cache-gb: the dense states first (refit_batches), the layer inputs in the rest.
+    On disk (--cache-dir) everything: every batch, every layer input."""
+    if disk:
+        return (n_batches if keep_dense else 0), 1
     dense_batches = refit_batches(n_batches, batch_bytes, n_layers, max_cache_gb) if keep_dense else 0
     boundary = (n_layers + 1) * batch_bytes
     budget = max_cache_gb * 2**30 - boundary * dense_batches

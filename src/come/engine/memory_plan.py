@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass, replace
 
@@ -82,6 +83,7 @@ class MemoryPlan:
     host: dict[str, int]
     device: dict[str, int]
     layout: str
+    disk: int = 0  # --cache-dir: the most its files hold at once
 
     @property
     def host_peak(self) -> int:
@@ -133,7 +135,8 @@ def plan_memory(shape: ModelShape, cfg: CompressConfig, device: str) -> MemoryPl
     dense = method.needs_dense(cfg)
     n_batches = math.ceil(cfg.nsamples / cfg.batch_size)
     batch_tokens = cfg.batch_size * cfg.seqlen
-    dense_batches, stride = cache_layout(n, n_batches, batch_tokens * h * e, cfg.max_cache_gb, dense)
+    on_disk = cfg.cache_dir is not None
+    dense_batches, stride = cache_layout(n, n_batches, batch_tokens * h * e, cfg.max_cache_gb, dense, on_disk)
     all_tokens = cfg.nsamples * cfg.seqlen
     boundary = all_tokens * h * e  # one layer boundary's states, every calibration window
     dense_boundary = min(dense_batches * batch_tokens, all_tokens) * h * e  # the refit's targets at one boundary
@@ -146,6 +149,9 @@ def plan_memory(shape: ModelShape, cfg: CompressConfig, device: str) -> MemoryPl
                     (n + 1) * dense_boundary + 2 * boundary)
     else:  # re-profiled after every merge: in the end none of the current states is a dense one
         cache = (n + 1) * dense_boundary + strided * boundary + in_flight
+    disk = 0
+    if on_disk:  # the cached states live in mapped files; a pass's states are made in memory, then copied there
+        disk, cache = cache, 2 * boundary
     # whether layers are refit: --refit ls, a method's own refit (ReplaceMe), or maybe (auto's candidates)
     refit = cfg.refit == "ls" or getattr(method, "always_refits", False) or method.loop is None
     kept = all_tokens * (shape.d_ff + h) * e  # a merge's refit pass kept (layer_refit._room_to_keep)
@@ -168,9 +174,10 @@ def plan_memory(shape: ModelShape, cfg: CompressConfig, device: str) -> MemoryPl
             "original layers": n * shape.layer_params * e * getattr(method, "needs_originals", False),
             "calibration cache": cache, f"working set ({phase})": work[phase]}
     layout = (f"layer inputs every {stride} layer(s)" + (f", dense states of {dense_batches}/{n_batches} batches"
-                                                         if dense else "") + (", the refit's pass kept" if kept else ""))
+                                                         if dense else "") + (", the refit's pass kept" if kept else "")
+              + (f", {disk / GB:.3g} GB of them in files under {cfg.cache_dir}" if on_disk else ""))
     return MemoryPlan({k: v for k, v in host.items() if v}, _device_plan(shape, batch_tokens, f, refit)
-                      if device == "cuda" else {}, layout)
+                      if device == "cuda" else {}, layout, disk)
 
 
 def _device_plan(shape: ModelShape, batch_tokens: int, f: int, refit: bool) -> dict[str, int]:
@@ -210,6 +217,9 @@ def check_memory(shape: ModelShape, cfg: CompressConfig, device: str, held_now: 
     """Refuse the plan in one line when its host peak plus what the process holds now
     (`held_now`: the interpreter and libraries) exceeds --max-memory-gb; else log it as one block."""
     plan = plan_memory(shape, cfg, device)
+    if plan.disk and plan.disk > (free := shutil.disk_usage(cfg.cache_dir).free):
+        raise ComeError(f"--cache-dir {cfg.cache_dir} has {free / GB:.3g} GB free; the calibration states need about "
+                        f"{plan.disk / GB:.3g} GB there: free space, give another folder, or lower --nsamples / --seqlen")
     parts = ", ".join(f"{k} {v / GB:.3g} GB" for k, v in plan.host.items())
     total = plan.host_peak + held_now
     cap = cfg.max_memory_gb

@@ -20,6 +20,7 @@ from ..models.preflight import check_finite
 from ..settings.device import resolve_device
 from ..settings.plan import Plan, library_versions
 from .cache import ActivationCache, cache_layout
+from .disk_cache import DiskStates
 from .runner import LayerRunner
 
 log = logging.getLogger("come")
@@ -64,15 +65,17 @@ def prepare(model: nn.Module, tokenizer, cfg, calib: Tensor, model_name: str, ke
     device = resolve_device(cfg.device)
     n_batches = math.ceil(calib.shape[0] / cfg.batch_size)
     batch_bytes = cfg.batch_size * calib.shape[1] * model.config.hidden_size * model.dtype.itemsize
-    dense_batches, stride = cache_layout(n_layers, n_batches, batch_bytes, cfg.max_cache_gb, keep_dense)
+    disk = DiskStates(cfg.cache_dir) if cfg.cache_dir else None
+    dense_batches, stride = cache_layout(n_layers, n_batches, batch_bytes, cfg.max_cache_gb, keep_dense, bool(disk))
     model.eval()
     runner = LayerRunner(model, adapter, device, torch.device("cpu"))
     batches = list(calib.split(cfg.batch_size))
     first = runner.embed(batches)
-    log.info("cache: layer inputs every %d layer(s)%s", stride,
+    log.info("cache: layer inputs every %d layer(s)%s%s", stride,
              f"; dense states of {dense_batches}/{n_batches} calibration batches for the refit "
-             f"({(n_layers + 1) * batch_bytes * dense_batches / 2**30:.2f} GiB)" if keep_dense else "")
-    cache = ActivationCache(model, adapter, runner, cfg, first, stride, dense_batches, batches)
+             f"({(n_layers + 1) * batch_bytes * dense_batches / 2**30:.2f} GiB)" if keep_dense else "",
+             f"; in memory-mapped files under {cfg.cache_dir}" if disk else "")
+    cache = ActivationCache(model, adapter, runner, cfg, first, stride, dense_batches, batches, disk)
     plan = Plan(model=model_name, method=cfg.method, settings=cfg.to_dict(), num_layers_before=n_layers,
                 params_before=total, target_sparsity=cfg.sparsity, calibration_tokens=calib.numel(),
                 versions=library_versions())

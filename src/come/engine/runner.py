@@ -8,6 +8,7 @@ Statistics come from forward hooks on the stock modules (no forked modeling code
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -313,7 +314,8 @@ class LayerRunner:
     @torch.no_grad()
     def collect_refit(self, layer: nn.Module, inputs: list[Tensor], targets: list[Tensor], held_out: list[bool],
                       features: str = "channels", *, position: int | None = None, keep: bool = False,
-                      head_score: str = "channel") -> tuple[NormalEquations, NormalEquations, KeptPass | None]:
+                      head_score: str = "channel", store: Callable[[list[Tensor]], list[Tensor]] | None = None,
+                      ) -> tuple[NormalEquations, NormalEquations, KeptPass | None]:
         """Least-squares statistics for refitting `layer`'s down projection so that its output
         on `inputs` matches `targets` (the original group's output), split train / held-out.
         `layer` runs as the model runs current layer `position` (its attention type's mask).
@@ -324,7 +326,8 @@ class LayerRunner:
         Where the FFN output does not add as it is (adapter.ffn_output), the problem is posed
         for gain * W instead of W (`_linear_in_gain`; layer_refit.py converts back).
         keep=True (the caller checked KeptPass's conditions and its memory): the pass also
-        profiles the layer and keeps x1 and a of every batch, returned as a KeptPass.
+        profiles the layer and keeps x1 and a of every batch, returned as a KeptPass; `store`
+        says where they go (the cache's `keep_states`: memory, or --cache-dir's files).
         """
         down = self.adapter.ffn_output_proj(layer)
         moe = isinstance(down, ExpertUnits)
@@ -345,8 +348,10 @@ class LayerRunner:
                 for h, y, kw, hold in zip(inputs, targets, self.kwargs_at(position), held_out):
                     layer(h.to(self.device), **kw)
                     if keep:
-                        kept.x1.append(seen["x1"].to(self.cache_device))
-                        kept.a.append(seen["a"].to(self.cache_device))
+                        x1, a = seen["x1"].to(self.cache_device), seen["a"].to(self.cache_device)
+                        x1, a = store([x1, a]) if store else (x1, a)
+                        kept.x1.append(x1)
+                        kept.a.append(a)
                     y = y.to(self.device)
                     target = y - seen["x1"]
                     f = seen["a"] if features == "channels" else seen["u"]

@@ -52,7 +52,8 @@ def refit_layer(cache: ActivationCache, k: int, group: list[int], inputs: str, f
     block = cache.adapter.ffn_output(layer, cache.model.config)
     keep = keep and features == "channels" and block is None and _room_to_keep(cache, proj, x, targets)
     train, hold, kept = cache.runner.collect_refit(layer, x, targets, cache.held_out, features, position=k,
-                                                   keep=keep, head_score=cache.cfg.head_score)
+                                                   keep=keep, head_score=cache.cfg.head_score,
+                                                   store=cache.keep_states)
     cache.forwards += 1
     if kept is not None:
         cache.kept_pass = kept

@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Literal
 
 from ..errors import ComeError
 from .eval_inputs import check_inputs
-from .options import (SEEDS, Options, all_fields, check_choices, check_context, check_device_name, check_ranges,
-                      default_of, int_list, option)
+from .options import (SEEDS, Options, all_fields, check_cache_dir, check_choices, check_context, check_device_name,
+                      check_ranges, default_of, int_list, option)
 from .registry import REGISTRY, get_method, method_names, method_options, option_groups
 from .tasks import DEFAULT_TASKS, TASK_DATA_ENV, parse_tasks
 
@@ -85,6 +85,9 @@ class CompressConfig(Options):
                                 show=lambda v: ",".join(map(str, v)), default_factory=list)
     max_cache_gb: float = option(32.0, "Host memory for cached calibration activations (docs/memory.md).",
                                  bounds="> 0")
+    cache_dir: str | None = option(None, "Keep the cached calibration activations in memory-mapped files in this "
+                                         "folder instead of host memory: all of them, whatever --max-cache-gb says "
+                                         "(the same result as ample memory; files removed as they are mapped).")
     refit: Refit | None = option(None, "ls: closed-form refit of each merged / kept layer (DECISION); none: the paper. "
                                        "Default: the method's own (ls for come, none for the peers).", choices=Refit.__args__)
     refit_holdout: float = option(0.1, "Calibration share that picks the ridge and vetoes a refit.",
@@ -159,6 +162,8 @@ class CompressConfig(Options):
                             "(e.g. 0.1,0.2,0.3)")
         check_choices(cfg)
         check_device_name(cfg.device)
+        if cfg.cache_dir is not None:
+            check_cache_dir(cfg.cache_dir)
         method.check(cfg)
         if not method.needs_dense(cfg) and any(cfg.is_set(f) for f in ("refit_input", "refit_holdout", "refit_attn")):
             raise ComeError("--refit-input, --refit-holdout and --refit-attn shape the refit; add --refit ls, or drop "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import types
 import typing
@@ -233,6 +234,15 @@ def check_device_name(name: str, flag: str = "--device") -> None:
     device.resolve_device's question (it needs torch)."""
     if name != "auto" and name.split(":")[0] not in ("cpu", "cuda"):
         raise ComeError(f"{flag} must be cpu, cuda or auto, got {name!r}")
+
+
+def check_cache_dir(folder: str) -> None:
+    """--cache-dir is an existing folder this process can write: come makes its files in it, never the folder."""
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise ComeError(f"--cache-dir {folder} {what}: give an existing folder (mkdir -p it first)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ComeError(f"--cache-dir {folder} is not writable by this user: give a folder you can write")
 
 
 def cli_fields(cls: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
