@@ -81,8 +81,11 @@ class LayerWeights:
         return replace(self, **{f.name: fn(t) for f in fields(self) if (t := getattr(self, f.name)) is not None})
 
     def gain(self, norm: Tensor | None) -> Tensor | None:
-        """What a norm weight multiplies the normalized stream by (None: no such norm)."""
-        return norm + self.norm_offset if norm is not None and self.norm_offset else norm
+        """What a norm weight multiplies the normalized stream by, in float64 (None: no such
+        norm): Gemma's 1 + w added in bf16 would round."""
+        if norm is None:
+            return None
+        return norm.double() + self.norm_offset if self.norm_offset else norm.double()
 
 
 @dataclass
@@ -320,14 +323,17 @@ class Adapter:
         w = norm.weight.detach().double()
         return BlockOutput(gain * (w + self.weights.norm_offset), _eps(norm))
 
-    def read_layer(self, layer: nn.Module) -> LayerWeights:
-        """A copy of `layer`'s parameters (fused ones split into their fields)."""
+    def read_layer(self, layer: nn.Module, copy: bool = True) -> LayerWeights:
+        """`layer`'s parameters (fused ones split into their fields), in their own dtype: a copy,
+        or with `copy=False` views of them (nothing allocated: a mapped checkpoint's pages stay
+        the file's; they change when the layer is written)."""
         vals = {}
         for path, names in self.tensors.items():
             t = _get(layer, path)
             if t is not None:
                 rows = self._rows(layer, names, t.shape[_out_dim(t)])
-                vals.update(zip(names, t.detach().clone().split(rows, dim=_out_dim(t))))
+                t = t.detach().clone() if copy else t.detach()
+                vals.update(zip(names, t.split(rows, dim=_out_dim(t))))
         return self.weights(**vals)
 
     def write_layer(self, layer: nn.Module, w: LayerWeights) -> None:
