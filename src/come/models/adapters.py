@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ComeError
+from .mapped import file_mapped
 
 
 @dataclass
@@ -337,20 +338,24 @@ class Adapter:
         return self.weights(**vals)
 
     def write_layer(self, layer: nn.Module, w: LayerWeights) -> None:
-        """Copy `w` into `layer`'s existing parameters (shapes must match, dtype is cast)."""
+        """Copy `w` into `layer`'s existing parameters (shapes must match, dtype is cast); a
+        parameter mapped from a file gets new memory instead (models/mapped.py)."""
         params = {path: p for path in self.tensors if (p := _get(layer, path)) is not None}
         held = {n for path in params for n in self.tensors[path]}
         for f in fields(w):
             if (f.name in held) != (getattr(w, f.name) is not None):
                 raise ComeError(f"layer field {f.name!r} present on one side only; family {self.family} mismatch")
-        for path, param in params.items():
+        for (path, param), on_file in zip(params.items(), file_mapped(list(params.values()))):
             names = self.tensors[path]
             parts, name = [getattr(w, n) for n in names], "+".join(names)
             new = parts[0] if len(parts) == 1 else torch.cat(parts, dim=_out_dim(param))
             if param.shape != new.shape:
                 raise ComeError(f"{name}: merged shape {tuple(new.shape)} != layer shape {tuple(param.shape)}")
             with torch.no_grad():
-                param.copy_(new.to(param.dtype))
+                if on_file:  # fresh memory: written, a mapped checkpoint's pages would stay anonymous (mapped.py)
+                    param.data = new.to(param.dtype, copy=True, memory_format=torch.contiguous_format)
+                else:
+                    param.copy_(new.to(param.dtype))
 
     def _rows(self, layer: nn.Module, names: tuple[str, ...], rows: int) -> list[int]:
         """Row counts of the fields a (fused) parameter holds: q, k, v by their heads (the
