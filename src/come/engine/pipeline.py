@@ -32,7 +32,7 @@ from ..scoring.pair_scoring import (PairToMerge, WindowToMerge, eligible_pairs, 
 from ..scoring.selection import choose_pair
 from ..settings.config import CompressConfig
 from ..settings.plan import MergeRecord, Plan
-from .preparation import Levels, finish, prepare, reached
+from .preparation import Levels, Run, finish, prepare, reached
 
 if TYPE_CHECKING:
     from ..methods.base import MergeMethod, MergeSteps
@@ -59,7 +59,7 @@ def merge_progressively(method: MergeMethod, model: nn.Module, tokenizer, cfg: C
     return model, finish(run, groups)
 
 
-def _merge_steps(method: MergeMethod, steps: MergeSteps, run, cfg: CompressConfig, groups: list[list[int]],
+def _merge_steps(method: MergeMethod, steps: MergeSteps, run: Run, cfg: CompressConfig, groups: list[list[int]],
                  originals: list[LayerWeights] | None, spill: LayerSpill | None) -> None:
     """The merges, each written in place of its layers; with `spill` (a checkpoint mapped from
     its files) every merged layer is mapped from a file again once its step is done."""
