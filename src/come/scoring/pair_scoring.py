@@ -82,7 +82,8 @@ def no_units() -> Choice:
 @dataclass
 class PairToMerge:
     """What a merge operator may read: the two current layers (`read_pair`: in the model's
-    dtype, to convert per tensor), the original layers they stand for, the units chosen, the attention shape and the settings."""
+    dtype, to convert per tensor), the original layers they stand for, the units chosen, the
+    attention shape and the settings."""
 
     a: LayerWeights
     b: LayerWeights
