@@ -5,7 +5,7 @@
 the safetensors files instead of reading them (copy on write: the file is never written); a
 layer's pages come in when it runs and, being clean file pages, the kernel drops them again
 under pressure. What the run itself allocates (calibration caches within --max-cache-gb, one
-merge's float64 layers, the refit's statistics) is what must fit; the output is written
+merge's float64 merged layer, the refit's statistics) is what must fit; the output is written
 shard by shard from those mapped pages. This script measures that:
 
     make   a random-weight model of a given shape written to disk in bf16, layer by layer

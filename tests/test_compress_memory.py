@@ -169,3 +169,44 @@ def test_measured_peak_is_the_plan(tmp_path, tokenizer, text_file):
             return
         misses.append((measured / GB, parts))
     raise AssertionError(f"two runs' peaks off the plan by more than 50%: {misses}")
+
+
+
+# A merge's working set, measured: a fresh process reads two bf16 layers as the loop does (views,
+# nothing allocated), resets its peak RSS (/proc/self/clear_refs), merges them keeping half of each
+# side's units, and compares the growth of its peak RSS with the plan's merge term.
+_MERGE_CHILD = """
+import re
+from pathlib import Path
+import torch, transformers
+from come.engine.memory_plan import ModelShape, merge_bytes
+from come.merging.merge import concat_merge
+from come.models.adapters import get_adapter
+
+cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=8,
+                               num_key_value_heads=4, vocab_size=100)
+model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+with torch.device("meta"):
+    meta = transformers.AutoModelForCausalLM.from_config(cfg)
+adapter = get_adapter(cfg)
+a, b = (adapter.read_layer(layer, copy=False) for layer in adapter.decoder_layers(model))
+kv, ff = cfg.num_key_value_heads, cfg.intermediate_size
+
+def kb(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+Path("/proc/self/clear_refs").write_text("5")
+before = kb("VmRSS")
+merged = concat_merge(a, b, adapter.attn_shape(cfg), list(range(0, kv, 2)), list(range(1, kv, 2)),
+                      list(range(0, ff, 2)), list(range(1, ff, 2)), 0.5)
+print("measured", kb("VmHWM") - before, "planned", merge_bytes(ModelShape.of(meta, torch.bfloat16)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_a_merge_holds_what_the_plan_says():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run([sys.executable, "-c", _MERGE_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured, planned = (int(x) for x in re.search(r"measured (\d+) planned (\d+)", done.stdout).groups())
+    assert abs(measured - planned) <= 0.25 * planned, (measured / GB, planned / GB)

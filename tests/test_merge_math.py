@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import fields
 
 import pytest
 import torch
 import transformers
 
-from come.merging.merge import concat_merge, fold_norms, query_heads
+from come.merging.merge import concat_merge, concat_merge_many, fold_norms, linear_combination, query_heads
 from come.models.adapters import get_adapter
 
 from conftest import tiny_model
@@ -140,3 +141,28 @@ def test_unknown_architecture_is_one_line_error():
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2)
     with pytest.raises(ComeError, match="unsupported architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
         get_adapter(cfg)
+
+
+@pytest.mark.parametrize("norm", ["fold", "average"])
+def test_a_merge_of_bf16_layers_is_the_merge_of_their_float64_copies(family, norm):
+    """Merges read layers in the model's dtype (views) and convert a field, and of it the kept
+    rows, at a time: the bytes must be those of converting the whole layers first (bf16 ->
+    float64 is exact; the pre-norm gains, Gemma's 1 + w included, in float64)."""
+    model = tiny_model(family, dtype=torch.bfloat16)
+    adapter = get_adapter(model.config)
+    shape = adapter.attn_shape(model.config)
+    with torch.no_grad():  # norm weights off their init, so a gain computed in bf16 would round
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    layers = [adapter.read_layer(layer, copy=False) for layer in adapter.decoder_layers(model)[1:4]]
+    d_ff = layers[0].ffn_units
+    kv, ffn = [[1], [0], []], [list(range(0, d_ff, 3)), list(range(1, d_ff, 2)), [d_ff - 1]]
+    wide = [w.map(torch.Tensor.double) for w in layers]
+    for merged, reference in ((concat_merge_many(layers, shape, kv, ffn, [0.5, 0.3, 0.2], norm),
+                               concat_merge_many(wide, shape, kv, ffn, [0.5, 0.3, 0.2], norm)),
+                              (linear_combination(layers, [0.6, -0.2, 0.6]), linear_combination(wide, [0.6, -0.2, 0.6]))):
+        for f in fields(reference):
+            got, want = getattr(merged, f.name), getattr(reference, f.name)
+            assert (got is None) == (want is None), f.name
+            assert want is None or (got.dtype == torch.float64 and torch.equal(got, want)), f.name

@@ -64,6 +64,63 @@ def test_weights_load_mapped_and_writes_never_reach_the_file(random_model):
     assert hashlib.sha256(shard.read_bytes()).hexdigest() == digest
 
 
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_a_rewritten_layer_is_mapped_from_a_file_again(random_model):
+    """write_layer never writes into a mapped checkpoint's pages (they would stay anonymous
+    memory); LayerSpill.remap maps the new values from a file of its own, which it unlinks, and
+    close removes its directory."""
+    from come.models.adapters import get_adapter
+    from come.models.checkpoint import load_model, load_tokenizer
+    from come.models.mapped import LayerSpill, file_mapped
+
+    model, _ = load_model(str(random_model), tokenizer=load_tokenizer(str(random_model)))
+    adapter = get_adapter(model.config)
+    layer = adapter.decoder_layers(model)[3]
+    shard = random_model / "model-00005-of-00014.safetensors"  # layer 3's
+    digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert all(file_mapped(list(layer.parameters())))
+    new = adapter.read_layer(layer).map(lambda t: t.double() * 3 + 1)
+    adapter.write_layer(layer, new)
+    written = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    assert not any(file_mapped(list(layer.parameters())))  # fresh memory, the file's pages untouched
+    assert hashlib.sha256(shard.read_bytes()).hexdigest() == digest
+    spill = LayerSpill()
+    spill.remap(layer)
+    assert all(file_mapped(list(layer.parameters()))) and not list(spill.dir.iterdir())
+    assert all(torch.equal(p, written[n]) for n, p in layer.named_parameters())
+    assert torch.equal(adapter.read_layer(layer).down, new.down.to(torch.bfloat16))
+    spill.close()
+    assert not spill.dir.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_a_mapped_model_compresses_to_the_same_bytes_with_its_merged_layers_mapped(random_model, monkeypatch):
+    """The loop remaps every merged layer of a mapped checkpoint; the weights and the Plan are
+    those of the same run on the model read into memory."""
+    from come import CompressConfig, compress
+    from come.engine import pipeline
+    from come.models.checkpoint import load_model, load_tokenizer
+    from come.models.mapped import file_mapped
+
+    tok = load_tokenizer(str(random_model))
+    calib = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig(sparsity=0.25, device="cpu", batch_size=2, refit="none")
+    mapped, plan = compress(load_model(str(random_model), tokenizer=tok)[0], tok, cfg, calib=calib)
+    assert all(file_mapped(list(mapped.parameters())))
+    in_memory = load_model(str(random_model), tokenizer=tok)[0]
+    with torch.no_grad():
+        for p in in_memory.parameters():
+            p.data = p.detach().clone()
+    assert not any(file_mapped(list(in_memory.parameters())))
+    spills = []
+    monkeypatch.setattr(pipeline, "LayerSpill", lambda: spills.append(1))
+    read, plan_read = compress(in_memory, tok, cfg, calib=calib)
+    assert not spills and plan.merges and [m.position for m in plan.merges] == [m.position for m in plan_read.merges]
+    assert [(m.kv_a, m.ffn_b) for m in plan.merges] == [(m.kv_a, m.ffn_b) for m in plan_read.merges]
+    assert all(torch.equal(a, b) for a, b in zip(mapped.state_dict().values(), read.state_dict().values()))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.access("/sys/fs/cgroup/memory", os.W_OK),
                     reason="needs a writable cgroup-v1 memory controller (root)")

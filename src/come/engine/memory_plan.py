@@ -12,7 +12,8 @@ pass has in flight beside them, and the refit's kept layer pass where it fits), 
 re-profiled states never shared a tensor with the dense ones (the worst step of a run;
 BENCHMARKS.md "Peak memory of compression"; a drop method profiles once, so they are shared); and the largest of the working sets beside it: a
 layer pass (one batch's activations, and on a CPU the refit's float64 normal equations,
-runner.collect_refit), a merge (the float64 layers it reads, folds and builds), and on a CPU the
+runner.collect_refit), a merge (the merged layer it builds in float64, a field at a time from
+views of the layers it reads: concat_merge_many), and on a CPU the
 refit's solve (refit.ridge_solve). On CUDA the device holds one layer, one batch's activations
 and the refit's statistics and solve, never the model. Not in the plan: what the process holds
 before the weights load (the interpreter, the libraries, the tokenizer and the calibration:
@@ -51,6 +52,7 @@ class ModelShape:
 
     params: int  # every parameter, tied ones once
     layer_params: int  # the largest decoder layer's
+    largest_weight: int  # a decoder layer's largest parameter (a fused one whole: a merge's largest field or more)
     embed_params: int  # what the embedding pass puts on the device
     n_layers: int
     hidden: int
@@ -69,6 +71,7 @@ class ModelShape:
         down = adapter.ffn_output_proj(layers[0])
         shape = adapter.attn_shape(config)
         return cls(params=count_params(model), layer_params=max(count_params(layer) for layer in layers),
+                   largest_weight=max(p.numel() for layer in layers for p in layer.parameters()),
                    embed_params=sum(count_params(m) for m in adapter.input_modules(model)), n_layers=len(layers),
                    hidden=config.hidden_size, d_ff=down.in_features, moe=isinstance(down, ExpertUnits),
                    ffn_adds=adapter.ffn_output(layers[0], config) is None, q_dim=shape.n_heads * shape.head_dim, kv_dim=shape.n_kv_heads * shape.head_dim,
@@ -99,6 +102,13 @@ def _refit_width(cfg: CompressConfig, shape: ModelShape) -> int:
     output (ReplaceMe's; every MoE layer's)."""
     method = get_method(cfg.method)
     return shape.hidden if shape.moe or getattr(method, "refit_features", "channels") == "mlp_out" else shape.d_ff
+
+
+def merge_bytes(shape: ModelShape) -> int:
+    """A merge's working set: the merged layer in float64, and beside it, while its largest field
+    is built, that field's kept rows of every side in float64 and the last side's also in the
+    model's dtype, or their concatenation (merging/merge.py: the layers read are views)."""
+    return 8 * shape.layer_params + (8 + shape.itemsize) * shape.largest_weight
 
 
 def _layer_pass(shape: ModelShape, tokens: int) -> int:
@@ -165,7 +175,7 @@ def plan_memory(shape: ModelShape, cfg: CompressConfig, device: str) -> MemoryPl
     work = {"a layer pass": _layer_pass(shape, batch_tokens)
             + (_normal_equations(f, h) + _accumulate(f, h, batch_tokens) if refit and on_cpu else 0)}
     if method.loop == "progressive":
-        work["a merge"] = (2 * cfg.merge_item + 1) * shape.layer_params * 8
+        work["a merge"] = merge_bytes(shape)
     if refit and on_cpu:
         work["the refit's solve"] = _normal_equations(f, h) + _solve(f, h)
     phase = max(work, key=work.get)

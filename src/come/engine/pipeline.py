@@ -25,13 +25,14 @@ from ..errors import ComeError
 from ..merging.layer_refit import refit_step
 from ..models.adapters import AttnShape, LayerWeights
 from ..models.budget import count_params, merge_windows
+from ..models.mapped import LayerSpill, file_mapped
 from ..models.preflight import check_finite
 from ..scoring.pair_scoring import (PairToMerge, WindowToMerge, eligible_pairs, no_units, no_window_units, read_pair,
                                     read_window)
 from ..scoring.selection import choose_pair
 from ..settings.config import CompressConfig
 from ..settings.plan import MergeRecord, Plan
-from .preparation import Levels, finish, prepare, reached
+from .preparation import Levels, Run, finish, prepare, reached
 
 if TYPE_CHECKING:
     from ..methods.base import MergeMethod, MergeSteps
@@ -44,13 +45,26 @@ def merge_progressively(method: MergeMethod, model: nn.Module, tokenizer, cfg: C
     """Merge adjacent pairs with `method` until `cfg.sparsity` (cfg resolved), handing each
     of `levels` over as the loop reaches it."""
     run = prepare(model, tokenizer, cfg, calib, model_name, method.needs_dense(cfg), levels)
-    adapter, cache, plan = run.adapter, run.cache, run.plan
-    shape = adapter.attn_shape(model.config)
-    groups = [[i] for i in range(plan.num_layers_before)]
+    adapter = run.adapter
+    groups = [[i] for i in range(run.plan.num_layers_before)]
     originals = ([adapter.read_layer(layer) for layer in adapter.decoder_layers(model)]
                  if method.needs_originals else None)
     steps = method.steps(run, cfg)
+    spill = LayerSpill() if all(file_mapped(list(adapter.decoder_layers(model)[0].parameters()))) else None
+    try:
+        _merge_steps(method, steps, run, cfg, groups, originals, spill)
+    finally:
+        if spill is not None:
+            spill.close()
+    return model, finish(run, groups)
 
+
+def _merge_steps(method: MergeMethod, steps: MergeSteps, run: Run, cfg: CompressConfig, groups: list[list[int]],
+                 originals: list[LayerWeights] | None, spill: LayerSpill | None) -> None:
+    """The merges, each written in place of its layers; with `spill` (a checkpoint mapped from
+    its files) every merged layer is mapped from a file again once its step is done."""
+    adapter, cache, plan, model = run.adapter, run.cache, run.plan, run.model
+    shape = adapter.attn_shape(model.config)
     windows = merge_windows(run.n_remove, cfg.merge_item)  # layers merged at each step: [2] * n_remove for pairs
     for step, span in enumerate(tqdm(windows, desc="merging", unit="merge")):
         cache.set_span(span)
@@ -70,6 +84,7 @@ def merge_progressively(method: MergeMethod, model: nn.Module, tokenizer, cfg: C
             merged, record = _merge_window(steps, adapter, cache, model, k, shape, cfg, window, originals)
         layers = adapter.decoder_layers(model)
         adapter.write_layer(layers[k], merged)
+        del merged  # float64, 8 bytes a parameter: not held through the refit and the next step's scores
         adapter.keep_layers(model, [i for i in range(len(layers)) if not k < i < k + span])
         groups[k:k + span] = [[i for g in window for i in g]]
         for _ in range(span - 1):
@@ -81,6 +96,8 @@ def merge_progressively(method: MergeMethod, model: nn.Module, tokenizer, cfg: C
         originals_note = " + ".join(_span(g) for g in window)
         check_finite(adapter.decoder_layers(model)[k], f"merge {step + 1} (original layers {originals_note})",
                      "try --dtype fp32, or --refit none if the refit produced it")
+        if spill is not None:
+            spill.remap(adapter.decoder_layers(model)[k])
         record = MergeRecord(step=step, position=k, operator=method.operator, pair_score=scores[k], pair_scores=scores,
                              params_before=params_before, params_after=count_params(model), refit=refit, **record)
         plan.merges.append(record)
@@ -90,7 +107,6 @@ def merge_progressively(method: MergeMethod, model: nn.Module, tokenizer, cfg: C
                  "+".join(str(len(d["ffn"])) for d in sides), record.r_a, _refit_note(refit), params_before / 1e6,
                  record.params_after / 1e6)
         reached(run, groups)
-    return model, finish(run, groups)
 
 
 def _merge_pair(steps: MergeSteps, adapter, cache, model, k: int, shape: AttnShape, cfg: CompressConfig,

@@ -55,26 +55,35 @@ _SHARED = ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")  # Q
 
 
 def fold_norms(w: LayerWeights) -> LayerWeights:
-    """Fold each pre-norm's gain into the projections it feeds; the norms become identities.
+    """Fold each pre-norm's gain into the projections it feeds (float64); the norms become
+    identities.
 
     RMSNorm(x) = g * x / rms(x), so W @ (g * n) == (W diag(g)) @ n: exact, and it lets
     units from layers with different norm weights share one layer. Post-norms normalize
     a block's output and cannot fold.
     """
-    out = {}
-    if w.attn_norm is not None:
-        g = w.gain(w.attn_norm)
-        out.update(q=w.q * g, k=w.k * g, v=w.v * g, attn_norm=_identity_norm(w, w.attn_norm))
-    if w.ffn_norm is not None:
-        g = w.gain(w.ffn_norm)
-        out.update({n: t * g for n in _FFN_READERS if (t := getattr(w, n)) is not None},
-                   ffn_norm=_identity_norm(w, w.ffn_norm))
+    out = {n: _folded(w, n, t) for n in ("q", "k", "v", *_FFN_READERS)
+           if (t := getattr(w, n)) is not None and _gain_of(w, n) is not None}
+    out.update({n: _identity_norm(w, norm) for n in ("attn_norm", "ffn_norm") if (norm := getattr(w, n)) is not None})
     return replace(w, **out)
 
 
+def _gain_of(w: LayerWeights, name: str) -> Tensor | None:
+    """The pre-norm gain (float64) scaling the input of field `name` (None: no pre-norm does)."""
+    if name in ("q", "k", "v"):
+        return w.gain(w.attn_norm)
+    return w.gain(w.ffn_norm) if name in _FFN_READERS else None
+
+
+def _folded(w: LayerWeights, name: str, t: Tensor) -> Tensor:
+    """`t` (field `name` of `w`, or some of its rows) in float64 times its pre-norm gain."""
+    g = _gain_of(w, name)
+    return t.double() if g is None else t.double() * g
+
+
 def _identity_norm(w: LayerWeights, norm: Tensor) -> Tensor:
-    """The norm weight whose gain is one (ones; Gemma's zeros)."""
-    return torch.full_like(norm, 1.0 - w.norm_offset)
+    """The norm weight whose gain is one (float64 ones; Gemma's zeros)."""
+    return torch.full_like(norm, 1.0 - w.norm_offset, dtype=torch.float64)
 
 
 def _rows(t: Tensor | None, blocks: list[int], size: int) -> Tensor | None:
@@ -90,26 +99,29 @@ def query_heads(kv_groups: list[int], n_rep: int) -> list[int]:
     return [g * n_rep + r for g in kv_groups for r in range(n_rep)]
 
 
-def select_units(w: LayerWeights, shape: AttnShape, kv_groups: list[int], channels: list[int]) -> LayerWeights:
-    """The sub-layer holding only KV groups `kv_groups` (with their query heads) and FFN
-    channels `channels`. Biases and whole-projection q/k norm weights travel with their rows."""
-    heads = query_heads(kv_groups, shape.n_rep)
-    hd = shape.head_dim
-    ch = torch.tensor(channels, dtype=torch.long, device=w.down.device)
-    unit_dim = _down_unit_dim(w)
-    cols = _rows(w.o.T, heads, hd).T
-    rows = {}
-    if _whole_projection(w.q_norm, shape):
-        rows["q_norm"] = _rows(w.q_norm, heads, hd)
-    if _whole_projection(w.k_norm, shape):
-        rows["k_norm"] = _rows(w.k_norm, kv_groups, hd)
-    return replace(
-        w,
-        q=_rows(w.q, heads, hd), k=_rows(w.k, kv_groups, hd), v=_rows(w.v, kv_groups, hd), o=cols,
-        q_bias=_rows(w.q_bias, heads, hd), k_bias=_rows(w.k_bias, kv_groups, hd), v_bias=_rows(w.v_bias, kv_groups, hd),
-        gate=w.gate.index_select(0, ch), up=w.up.index_select(0, ch), down=w.down.index_select(unit_dim, ch),
-        router=None if w.router is None else w.router.index_select(0, ch), **rows,
-    )
+def _kept(w: LayerWeights, name: str, shape: AttnShape, kv_groups: list[int], channels: list[int],
+          fold: bool) -> Tensor | None:
+    """Field `name` of side `w` cut to KV groups `kv_groups` (with their query heads) and FFN
+    units `channels`, in float64, its pre-norm gain folded in when `fold`. Rows are cut before
+    the conversion and the fold (the gain scales columns, so the bytes are those of folding
+    first): only the kept rows of one tensor are ever held in float64. Biases and
+    whole-projection q/k norm weights travel with their rows; what no unit owns comes whole."""
+    t = getattr(w, name)
+    if t is None:
+        return None
+    heads, hd = query_heads(kv_groups, shape.n_rep), shape.head_dim
+    ch = torch.tensor(channels, dtype=torch.long, device=t.device)
+    if name in ("q", "q_bias") or (name == "q_norm" and _whole_projection(t, shape)):
+        t = _rows(t, heads, hd)
+    elif name in ("k", "v", "k_bias", "v_bias") or (name == "k_norm" and _whole_projection(t, shape)):
+        t = _rows(t, kv_groups, hd)
+    elif name == "o":
+        t = _rows(t.T, heads, hd).T
+    elif name in ("gate", "up", "router"):
+        t = t.index_select(0, ch)
+    elif name == "down":
+        t = t.index_select(_down_unit_dim(w), ch)
+    return _folded(w, name, t) if fold else t.double()
 
 
 def _down_unit_dim(w: LayerWeights) -> int:
@@ -198,24 +210,29 @@ def concat_merge_many(
     """
     for w in layers[1:]:
         _check_same_ffn(layers[0], w)
-    if norm == "fold":
-        layers = [fold_norms(w) for w in layers]
-    sel = [select_units(w, shape, k, f) for w, k, f in zip(layers, kv, ffn)]
-    first = layers[0]
+    first, fold = layers[0], norm == "fold"
     whole_q, whole_k = _whole_projection(first.q_norm, shape), _whole_projection(first.k_norm, shape)
     shared = layers[max(range(len(layers)), key=lambda i: len(ffn[i]))]
 
     def cat(name: str, dim: int = 0) -> Tensor | None:
-        return _cat([getattr(s, name) for s in sel], dim)
+        """One field of the merged layer, built alone from each side's kept part of it."""
+        return _cat([_kept(w, name, shape, k, f, fold) for w, k, f in zip(layers, kv, ffn)], dim)
 
     def mix(name: str, weights: list[float]) -> Tensor | None:
-        return _mix([getattr(w, name) for w in layers], weights)
+        return _mix([_double(getattr(w, name)) for w in layers], weights)
+
+    def pre_norm(name: str) -> Tensor | None:
+        """Folded: the identity; averaged: the sides' mean."""
+        norm = getattr(first, name)
+        if norm is None or not fold:
+            return _mean([_double(getattr(w, name)) for w in layers])
+        return _identity_norm(first, norm)
 
     return type(first)(
         q=cat("q"), k=cat("k"), v=cat("v"), o=cat("o", dim=1),
         gate=cat("gate"), up=cat("up"), down=cat("down", dim=_down_unit_dim(first)),
-        router=cat("router"), **{n: getattr(shared, n) for n in _SHARED},
-        attn_norm=_mean([w.attn_norm for w in layers]), ffn_norm=_mean([w.ffn_norm for w in layers]),
+        router=cat("router"), **{n: _kept(shared, n, shape, [], [], fold) for n in _SHARED},
+        attn_norm=pre_norm("attn_norm"), ffn_norm=pre_norm("ffn_norm"),
         q_bias=cat("q_bias"), k_bias=cat("k_bias"), v_bias=cat("v_bias"),
         o_bias=mix("o_bias", shares), down_bias=mix("down_bias", shares),
         q_norm=cat("q_norm") if whole_q else mix("q_norm", shares),
@@ -225,15 +242,20 @@ def concat_merge_many(
     )
 
 
+def _double(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.double()
+
+
 def linear_combination(layers: list[LayerWeights], coeffs: list[float]) -> LayerWeights:
     """sum_i c_i W_i over every tensor (norms and biases included): the weight-space
-    merges the paper argues against (LaCo's RDSC, plain averaging). MoE: expert e of every
-    layer is combined with expert e of the others, router rows likewise."""
+    merges the paper argues against (LaCo's RDSC, plain averaging), in float64 a tensor at a
+    time. MoE: expert e of every layer is combined with expert e of the others, router rows
+    likewise."""
     first = layers[0]
     for w in layers[1:]:
         _check_same_ffn(first, w)
     return replace(first, **{
-        f.name: sum(c * getattr(w, f.name) for c, w in zip(coeffs, layers))
+        f.name: sum(c * getattr(w, f.name).double() for c, w in zip(coeffs, layers))
         for f in fields(first) if getattr(first, f.name) is not None
     })
 

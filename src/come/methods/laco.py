@@ -17,12 +17,9 @@ class LaCo(MergeMethod):
     merges_windows = True  # RDSC combines however many original layers the merge stands for
 
     def merge(self, pair):
-        import torch
-
         from ..merging.merge import linear_combination, rdsc_coefficients
 
-        layers = [w.map(torch.Tensor.double) for w in pair.originals]
-        return linear_combination(layers, rdsc_coefficients(len(layers)))
+        return linear_combination(pair.originals, rdsc_coefficients(len(pair.originals)))
 
     def merge_window(self, window):
         return self.merge(window)

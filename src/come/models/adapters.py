@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ComeError
+from .mapped import file_mapped
 
 
 @dataclass
@@ -81,8 +82,11 @@ class LayerWeights:
         return replace(self, **{f.name: fn(t) for f in fields(self) if (t := getattr(self, f.name)) is not None})
 
     def gain(self, norm: Tensor | None) -> Tensor | None:
-        """What a norm weight multiplies the normalized stream by (None: no such norm)."""
-        return norm + self.norm_offset if norm is not None and self.norm_offset else norm
+        """What a norm weight multiplies the normalized stream by, in float64 (None: no such
+        norm): Gemma's 1 + w added in bf16 would round."""
+        if norm is None:
+            return None
+        return norm.double() + self.norm_offset if self.norm_offset else norm.double()
 
 
 @dataclass
@@ -320,31 +324,38 @@ class Adapter:
         w = norm.weight.detach().double()
         return BlockOutput(gain * (w + self.weights.norm_offset), _eps(norm))
 
-    def read_layer(self, layer: nn.Module) -> LayerWeights:
-        """A copy of `layer`'s parameters (fused ones split into their fields)."""
+    def read_layer(self, layer: nn.Module, copy: bool = True) -> LayerWeights:
+        """`layer`'s parameters (fused ones split into their fields), in their own dtype: a copy,
+        or with `copy=False` views of them (nothing allocated: a mapped checkpoint's pages stay
+        the file's; they change when the layer is written)."""
         vals = {}
         for path, names in self.tensors.items():
             t = _get(layer, path)
             if t is not None:
                 rows = self._rows(layer, names, t.shape[_out_dim(t)])
-                vals.update(zip(names, t.detach().clone().split(rows, dim=_out_dim(t))))
+                t = t.detach().clone() if copy else t.detach()
+                vals.update(zip(names, t.split(rows, dim=_out_dim(t))))
         return self.weights(**vals)
 
     def write_layer(self, layer: nn.Module, w: LayerWeights) -> None:
-        """Copy `w` into `layer`'s existing parameters (shapes must match, dtype is cast)."""
+        """Copy `w` into `layer`'s existing parameters (shapes must match, dtype is cast); a
+        parameter mapped from a file gets new memory instead (models/mapped.py)."""
         params = {path: p for path in self.tensors if (p := _get(layer, path)) is not None}
         held = {n for path in params for n in self.tensors[path]}
         for f in fields(w):
             if (f.name in held) != (getattr(w, f.name) is not None):
                 raise ComeError(f"layer field {f.name!r} present on one side only; family {self.family} mismatch")
-        for path, param in params.items():
+        for (path, param), on_file in zip(params.items(), file_mapped(list(params.values()))):
             names = self.tensors[path]
             parts, name = [getattr(w, n) for n in names], "+".join(names)
             new = parts[0] if len(parts) == 1 else torch.cat(parts, dim=_out_dim(param))
             if param.shape != new.shape:
                 raise ComeError(f"{name}: merged shape {tuple(new.shape)} != layer shape {tuple(param.shape)}")
             with torch.no_grad():
-                param.copy_(new.to(param.dtype))
+                if on_file:  # fresh memory: written, a mapped checkpoint's pages would stay anonymous (mapped.py)
+                    param.data = new.to(param.dtype, copy=True, memory_format=torch.contiguous_format)
+                else:
+                    param.copy_(new.to(param.dtype))
 
     def _rows(self, layer: nn.Module, names: tuple[str, ...], rows: int) -> list[int]:
         """Row counts of the fields a (fused) parameter holds: q, k, v by their heads (the
