@@ -50,7 +50,7 @@ def merge_progressively(method: MergeMethod, model: nn.Module, tokenizer, cfg: C
     originals = ([adapter.read_layer(layer) for layer in adapter.decoder_layers(model)]
                  if method.needs_originals else None)
     steps = method.steps(run, cfg)
-    spill = LayerSpill() if all(file_mapped(list(adapter.decoder_layers(model)[0].parameters()))) else None
+    spill = LayerSpill(cfg.cache_dir) if all(file_mapped(list(adapter.decoder_layers(model)[0].parameters()))) else None
     try:
         _merge_steps(method, steps, run, cfg, groups, originals, spill)
     finally:

@@ -42,10 +42,11 @@ def file_mapped(tensors: list[Tensor]) -> list[bool]:
 
 
 class LayerSpill:
-    """A temporary directory of this run's own, for `remap`; `close` removes it."""
+    """A temporary directory of this run's own, for `remap` (in `folder`, --cache-dir, when given:
+    the system's temporary folder may be memory, tmpfs); `close` removes it."""
 
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="come-layers-"))
+    def __init__(self, folder: str | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="come-layers-", dir=folder))
         self.count = 0
 
     def remap(self, layer: nn.Module) -> None:
