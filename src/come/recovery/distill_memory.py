@@ -194,6 +194,8 @@ def check_memory(plan: dict[str, int], cfg: DistillConfig, processes: int, acts:
         fixes.append(f"lower --kl-chunk (one chunk {acts.chunk / _GB:.3g} GB)")
         if cfg.mode == "sp" and not cfg.gradient_checkpointing:
             fixes.append(f"add --gradient-checkpointing (saved for backward {acts.saved / _GB:.3g} GB)")
-    fixes.append("add processes with --shard" if cfg.shard else "run on several processes with --shard")
+    state = sum(v for k, v in plan.items() if k not in ("activations", "total")) / _GB
+    fixes.append(f"{'add processes with' if cfg.shard else 'run on several processes with'} --shard (weights and "
+                 f"training state {state:.3g} GB)")
     raise ComeError(f"the run needs {plan['total'] / _GB:.3g} GB per process ({parts}), more than --max-memory-gb "
                     f"{cfg.max_memory_gb:g}: {', '.join(fixes[:-1])}{', or ' if fixes[1:] else ''}{fixes[-1]}")
