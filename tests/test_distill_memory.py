@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,7 +151,8 @@ def test_a_run_its_activations_do_not_fit_is_refused_in_one_line_before_the_weig
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and result.output.strip().endswith(errors[0])
     for lever in ("activations 0.176 GB", "--batch-size or --seqlen", "--kl-chunk (one chunk 0.0983 GB)",
-                  "--gradient-checkpointing (saved for backward 0.0704 GB)", "--shard", "more than --max-memory-gb 0.05"):
+                  "--gradient-checkpointing (saved for backward 0.0704 GB)", "--shard (weights and training state",
+                  "more than --max-memory-gb 0.05"):
         assert lever in errors[0], lever
     assert not out.exists()
 
@@ -216,7 +216,7 @@ def _measure(dirs: Path) -> dict[str, tuple[dict, int]]:
     return {name: (json.loads(plan), int(peak) - int(now)) for name, (plan, now), peak in zip(SETTINGS, plans, peaks)}
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads and resets the peak through Linux's /proc")
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads and resets the peak in Linux's /proc")
 def test_measured_peak_is_the_plan(dirs):
     """At sp, mp and checkpointed sp, where activations are most of the plan, the peak's rise is
     the plan's total within 25% (the issue's tolerance, as for `come compress`). Measured alone
