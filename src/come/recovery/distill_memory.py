@@ -1,15 +1,17 @@
 """The memory plan of a distillation run, from the two configs, the Plan and the settings alone
 (before any weight loads): the bytes each process holds for the teacher, the student, the
-training state (gradients, AdamW moments) and the activations of a step, given the mode, the
-trainable layers, the precision, the process count and --shard. A run whose plan exceeds
+training state (gradients, AdamW moments) and the activations, given the mode, the trainable
+layers, the batch, the precision, the process count and --shard. A run whose plan exceeds
 --max-memory-gb is refused in one line that names what to lower.
 
 The weights and the training state are exact (tests/test_distill_shard.py counts the bytes a
-run holds and finds these numbers). The activations (`activations`) are what a step keeps for
-its backward, counted tensor by tensor for LLaMA-style layers with SDPA attention; the total is
-their sum, a bound on the peak (gradients are not all allocated while a forward's activations
-are), and tests/test_distill_memory.py holds it against a child process's measured peak.
-Not counted: the framework's own memory, FSDP's gathered layer, what the allocator keeps.
+run holds and finds these numbers). The activations (`activations`) are the larger of a
+training step's (the boundary states it keeps, what autograd saves through each layer, counted
+tensor by tensor for LLaMA-style layers with SDPA attention, one KL chunk or the backward's
+working set) and the held-out pass's. The total adds them to the rest: a bound on the peak, by
+up to the gradients' size (an sp step's gradients arrive as its backward frees the
+activations); measured peaks are 0.87-1.03 of it (tests/test_distill_memory.py, docs/memory.md).
+Not counted: the framework's first-use memory, FSDP's gathered layer, what the allocator keeps.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Activations(NamedTuple):
         return max(self.step, self.evaluation)
 
     def describe(self) -> str:
+        """The parts, for the plan's log line: which one to lower is read off it."""
         parts = [f"kept states {self.states / _GB:.3g}", f"saved for backward {self.saved / _GB:.3g}"]
         parts += [f"KL chunk {self.chunk / _GB:.3g}"] if self.step_kl else []
         parts += [f"backward {self.backward / _GB:.3g}"]
