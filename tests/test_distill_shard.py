@@ -196,7 +196,9 @@ def test_kill_9_after_a_checkpoint_then_resume_ends_as_the_uninterrupted_run(run
 @pytest.mark.parametrize("extra, message", [
     (["--shard"], "--shard needs 2 or more processes"),
     (["--shard", "--lora-r", "4"], "--shard does not train LoRA adapters"),
-    (["--max-memory-gb", "0.002"], "needs 0.00253 GB per process"),  # the plan above, 1 process, --train all
+    # the plan above, 1 process, --train all, and the activations of 4 x 32 tokens in mp
+    (["--max-memory-gb", "0.002"], "needs 0.0033 GB per process"),
+    (["--max-memory-gb", "0.002"], "--shard (weights and training state 0.00253 GB)"),
 ])
 def test_unsupported_or_too_big_runs_are_one_line_before_any_weight_loads(dirs, monkeypatch, extra, message):
     def no_loading(*_args, **_kwargs):

@@ -360,7 +360,7 @@ def distill_(
     from ..models.preflight import check_output_dir
     from ..recovery.distill import check_pair, check_tokenizers, process_count, trainable_layers
     from ..recovery.distill import distill as run_distill
-    from ..recovery.distill_memory import check_memory, memory_plan
+    from ..recovery.distill_memory import activations, check_memory, memory_plan
     from ..recovery.sharding import check_processes
     from ..recovery.train_state import CHECKPOINTS, resume_point, write_output
     from ..settings.device import resolve_device
@@ -389,9 +389,10 @@ def distill_(
     tokenizer = load_tokenizer(student)
     check_tokenizers(load_tokenizer(teacher), tokenizer)
     windows = training_windows(cfg, tokenizer)
-    needs = memory_plan(*configs, trainable_layers(the_plan.groups, cfg.train), processes, cfg.shard,
-                        cfg.bf16(resolve_device(cfg.device).type), train_set(cfg.train).head)
-    check_memory(needs, cfg.max_memory_gb, processes, cfg.shard, PartialState().is_main_process)
+    trainable, bf16 = trainable_layers(the_plan.groups, cfg.train), cfg.bf16(resolve_device(cfg.device).type)
+    acts = activations(*configs, the_plan.groups, trainable, cfg, bf16)
+    needs = memory_plan(*configs, trainable, processes, cfg.shard, bf16, train_set(cfg.train).head, acts)
+    check_memory(needs, cfg, processes, acts, PartialState().is_main_process)
     if not resume:
         shutil.rmtree(ckpt, ignore_errors=True)
     t_model, _ = load_model(teacher, tokenizer=tokenizer)

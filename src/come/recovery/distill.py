@@ -152,12 +152,15 @@ def _record(model: nn.Module, adapter: Adapter, ids: Tensor, bounds: set[int],
 
 def trainable_layers(groups: list[list[int]], train: str) -> list[int]:
     """The student layers that train: every one (--train all), the last K (last:K), or those
-    standing for more than one (merged). last:K is checked below the layer count first
-    (DistillConfig.check_student)."""
+    standing for more than one (merged; a Plan without one is refused: nothing would train).
+    last:K is checked below the layer count first (DistillConfig.check_student)."""
     spec = train_set(train)
     if spec.layers == "last":
         return list(range(len(groups) - spec.last, len(groups)))
-    return [k for k, g in enumerate(groups) if spec.layers == "all" or len(g) > 1]
+    layers = [k for k, g in enumerate(groups) if spec.layers == "all" or len(g) > 1]
+    if not layers:
+        raise ComeError("the Plan has no merged layer to train; use --train all")
+    return layers
 
 
 class _Distiller:
@@ -170,8 +173,6 @@ class _Distiller:
         self.starts = [g[0] for g in groups]
         self.ends = self.starts[1:] + [self.n_t]
         self.trainable = trainable_layers(groups, cfg.train)
-        if not self.trainable:
-            raise ComeError("the Plan has no merged layer to train; use --train all")
         alone = [k for k in self.trainable if len(groups[k]) == 1]
         if cfg.mode == "mp" and train_set(cfg.train).layers == "last" and alone:
             _log.warning("mp: layers %s of --train %s stand for one original layer each, so they see the teacher's "

@@ -101,8 +101,9 @@ class DistillConfig(Options):
     gradient_checkpointing: bool = option(False, "Recompute layer activations in backward (sp memory).")
     shard: bool = option(False, "Split every decoder layer of the student (weights, gradients, AdamW state) and of "
                          "the teacher over the processes (FSDP2); needs >= 2 processes (torchrun).")
-    max_memory_gb: float | None = option(None, "Refuse, before loading, a run whose memory plan (weights + "
-                                         "gradients + AdamW per process, logged at start) exceeds this.",
+    max_memory_gb: float | None = option(None, "Refuse, before loading, a run whose memory plan (weights, "
+                                         "gradients + AdamW and a step's activations per process, logged at "
+                                         "start) exceeds this.",
                                          bounds="> 0")
     device: str = option("auto", "cuda | cpu | auto.")
     dtype: Precision = option("auto", "Compute precision: auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32.",
