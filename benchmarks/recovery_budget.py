@@ -130,6 +130,8 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
     windows = training_windows(settings, tok)  # tokenized once, for every row and budget
     out = Path(a.results) / protocol["model"] / f"{protocol['level']:g}"
     for row in rows(protocol, a.peer):
+        if a.rows and row["file"] not in a.rows:
+            continue
         path = out / f"{row['file']}.json"
         cfg = replace(settings, **row["distill"])
         head = {"protocol": protocol, "row": row["row"], "spec": row["spec"], "distill": cfg.run_settings(),
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", help="distillation text instead of the protocol's: a local .txt/.jsonl (or wikitext2, c4)")
     ap.add_argument("--budgets", help="comma list of token budgets, e.g. 1M,5M,20M (default: the protocol's)")
     ap.add_argument("--peer", help=f"the training-free peer's spec (default {PROTOCOL['peer']})")
+    ap.add_argument("--rows", help="comma list of the rows to run, by file name (e.g. peer-sp); default all")
     ap.add_argument("--table", action="store_true", help="print the table of the rows under --results (no run)")
     ap.add_argument("--plot", help="with --table: write the KL-vs-tokens curves to this PNG")
     add_protocol_args(ap, RESULTS, "recovery_budget")
@@ -254,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     protocol = quick_protocol(a.text) if a.quick else PROTOCOL
     a.peer = a.peer or protocol["peer"]
     a.budgets = [count(b) for b in a.budgets.split(",")] if a.budgets else protocol["budgets"]
+    a.rows = a.rows.split(",") if a.rows else None
     run(a, protocol)
 
 

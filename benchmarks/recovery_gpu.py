@@ -142,7 +142,7 @@ def run(a: argparse.Namespace) -> None:
             protocol, model = GPU_PROTOCOL, gguf
         args = argparse.Namespace(model=str(model), task_data=str(texts), data=None, dtype="fp32", device=a.device,
                                   results=a.results, cache=str(Path(tmp) / "cache"), peer=protocol["peer"],
-                                  budgets=a.budgets or protocol["budgets"])
+                                  budgets=a.budgets or protocol["budgets"], rows=None)
         run_rows(args, protocol)
     print(table(load_rows(Path(a.results) / protocol["model"] / f"{protocol['level']:g}")))
 
