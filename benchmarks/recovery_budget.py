@@ -12,7 +12,9 @@ Rows (ROWS):
   then only the last three decoder layers and the LM head train (`come distill --train
   last:3,head`, sp: the head learns from the final KL);
 - best training-free peer + sp: --peer, by default SLEB + refit, the lowest-KL recipe other
-  than come's on the 25% scoreboard (the 30% one is not measured yet).
+  than come's on the 25% scoreboard (the 30% one is not measured yet). On a CPU its compression
+  alone takes hours (a full pass per candidate layer per removal): the CPU table ran
+  `--peer mka:refit=ls`, the next lowest-KL peer that is not a row already.
 
 Each budget is its own distillation from the compressed model, with its own warmup and cosine
 decay over that budget, so a point is what that budget buys (not a midpoint of a longer run);
@@ -75,7 +77,7 @@ def rows(protocol: dict, peer: str) -> list[dict]:
              "distill": {"mode": "sp"}},
             {"row": f"reverse-order + {protocol['last']}", "file": "reverse-order-last", "spec": "reverse-order",
              "distill": {"mode": "sp", "train": protocol["last"]}},
-            {"row": "best training-free peer + sp", "file": "peer-sp", "spec": peer, "distill": {"mode": "sp"}}]
+            {"row": f"training-free peer ({peer}) + sp", "file": "peer-sp", "spec": peer, "distill": {"mode": "sp"}}]
 
 
 def _reference(dense, windows, directory: Path, top_k: int, device: str):
