@@ -136,3 +136,21 @@ def test_compress_runs_under_a_memory_cap(random_model, tmp_path):
     assert row["compress"]["rc"] == 0 and row["compress"]["oom_kills"] == 0, row
     assert row["compress"]["cgroup_peak_gb"] <= 1.5 and row["dense_pass_s"] > 0
     assert 0 < row["layers_after"] < 12
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_a_layer_back_from_the_device_is_still_mapped(random_model):
+    """on_device gives a layer its home tensors back instead of copies of the device's: on a GPU a
+    copy back would turn every layer a pass visits into fresh host memory. "meta" stands in for
+    the GPU here (nothing can be copied back from it: the old copy-back raised)."""
+    from come.models.checkpoint import load_model, load_tokenizer
+    from come.models.mapped import file_mapped
+    from come.models.placement import on_device
+
+    model, _ = load_model(str(random_model), tokenizer=load_tokenizer(str(random_model)))
+    layer = model.model.layers[2]
+    before = [p.data_ptr() for p in layer.parameters()]
+    with on_device(layer, torch.device("meta")):
+        assert all(p.device.type == "meta" for p in layer.parameters())
+    assert [p.data_ptr() for p in layer.parameters()] == before and all(file_mapped(list(layer.parameters())))
+    assert all(b.device.type == "cpu" for b in layer.buffers())

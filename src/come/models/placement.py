@@ -5,7 +5,6 @@ memory visits the device one layer at a time (the runner, the calibration loss, 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from itertools import chain
 
 import torch
 from torch import nn
@@ -13,11 +12,21 @@ from torch import nn
 
 @contextmanager
 def on_device(module: nn.Module, device: torch.device):
-    """Temporarily move `module` to `device` (no-op when it is already there)."""
-    tensor = next(chain(module.parameters(), module.buffers()), None)
-    home = tensor.device if tensor is not None else device
+    """Temporarily move `module` to `device` (no-op when it is already there), for work that
+    reads its weights (every caller: passes, refit statistics, gradients of the inputs).
+
+    Its parameters get their home tensors back as they were rather than copies of the device's:
+    nothing is copied back, and a layer mapped from its checkpoint file stays mapped (a copy
+    back would give every layer a GPU visits fresh host memory: the whole model, after one
+    pass). Buffers (rotary frequencies) get theirs back too."""
+    params = [(m, name, p, p.data) for m in module.modules() for name, p in m._parameters.items() if p is not None]
+    buffers = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
     module.to(device)
     try:
         yield module
-    finally:
-        module.to(home)
+    finally:  # `to` swaps a parameter's data in place (cpu <-> cuda) or makes a new parameter: undo either
+        for m, name, p, data in params:
+            p.data = data
+            m._parameters[name] = p
+        for m, name, b in buffers:
+            m._buffers[name] = b
