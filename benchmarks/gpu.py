@@ -2,21 +2,25 @@
 """One GPU (H100 / H200), minutes a call: `come` on random-weight LLaMA-2-7B-, TinyLlama-1.1B-
 and LLaMA-2-13B-shaped models in bf16, built from their configs (nothing is downloaded;
 torch, transformers, accelerate and this checkout's src are all it needs: benchmarks/gpu.sh
-puts src on the path). --rows picks what runs, in the order given (estimates on one H100 from
-the H200's 2026-12-04 run, where the 7B compressed in 90 s; the H100's memory is slower):
+puts src on the path). --rows picks what runs, in the order given. Minutes on one H100,
+estimated from the H200's 2026-12-04 run (228 s for the default; the 7B compressed in 90 s
+there, and its instrumented run took 126 s), not measured:
 
-    llama-2-7b   the 7B shape's rows below                                          about 2.5 min
-    llama-1.1b   the 1.1B shape's rows below                                        about 0.7 min
-    distill      distill sp and mp / plain fine-tuning on the 1.1B shape            about 0.7 min
-    profile      an instrumented compress of the 7B (gpu_peak_phase.py, a child):    about 2.5 min
-                 the top phases by own seconds, each with its calls and peak memory
-    streamed     a LLaMA-2-13B shape written to disk (streamed.py make, 26 GB       about 6 min at 16 x 2048,
-                 under --scratch), compressed from its mapped file (streamed.py     4.5 min at --nsamples 8
-                 run: compress_to, --dtype auto, layers visiting the GPU), one
-                 dense pass, the output reloaded
+    llama-2-7b   the 7B shape's rows below                                           ~2.5-3
+    llama-1.1b   the 1.1B shape's rows below                                         ~0.7
+    distill      distill sp and mp / plain fine-tuning on the 1.1B shape             ~0.8
+    profile      a compress of the 7B with every come function and every             ~2.5-3
+                 host<->device copy timed (gpu_peak_phase.py, a child process):
+                 the top --top phases by own seconds, with their calls and peaks
+    streamed     a LLaMA-2-13B shape written to disk in bf16 (26 GB, under           ~5 (--nsamples 8),
+                 --scratch: streamed.py make), compressed with its weights mapped    ~7 (16 x 2048)
+                 from the files and its layers visiting the GPU (streamed.py run:
+                 come.compress_to, --dtype auto, in a child process), one dense
+                 pass of the mapped model, the output (18 GB) reloaded; the disk's
+                 speed is the unknown
 
-The default, llama-2-7b,llama-1.1b,distill, is the 2026-12-04 run (228 s on an H200); `all`
-runs every row (over 10 minutes: split it). For each shape:
+The default, llama-2-7b,llama-1.1b,distill, is the 2026-12-04 run; `all` runs every row
+(over 10 minutes: split it). For each shape:
 
 - compress time (come, default settings, --sparsity) / one dense calibration pass through the
   same layer-at-a-time pipeline (embedding, then every layer once: the floor of any
@@ -34,9 +38,9 @@ It writes --json (rewritten after every row, so a run stopped early keeps what i
 and prints a table.
 
     bash benchmarks/gpu.sh                                   # the 2026-12-04 run
-    bash benchmarks/gpu.sh --rows llama-2-7b,profile         # about 5 min
-    bash benchmarks/gpu.sh --rows streamed --nsamples 8      # about 4.5 min; 45 GB of disk under --scratch
-    bash benchmarks/gpu.sh --quick --rows all                # the same code on the CPU, tiny shapes, seconds (CI)
+    bash benchmarks/gpu.sh --rows llama-2-7b,profile         # ~5.5 min
+    bash benchmarks/gpu.sh --rows streamed --nsamples 8      # ~5 min; 45 GB of disk under --scratch
+    bash benchmarks/gpu.sh --quick --rows all --scratch /tmp # the same code on the CPU, tiny shapes (CI)
 
 --json PATH: the rows; beside it, PATH's stem + .profile.json and .streamed.json (the children's
 own JSON) and the streamed children's logs.

@@ -181,16 +181,19 @@ def main() -> int:
           f"one layer = {layer:.4f} GiB\n")
     print("| phase | own seconds | share | calls | peak (GiB) |\n|---|---|---|---|---|")
     for r in t["time"]:
-        print(f"| {r['phase']} | {r['own_s']:.3f} | {r['own_s'] / t['total_s']:.1%} | {r['calls']} | {r['peak_gib']:.3f} |")
+        share = r["own_s"] / t["total_s"]
+        print(f"| {r['phase']} | {r['own_s']:.3f} | {share:.1%} | {r['calls']} | {r['peak_gib']:.3f} |")
     print("\n| phase | allocated before (GiB) | peak since the last return (GiB) | allocated after (GiB) |")
     print("|---|---|---|---|")
     for r in t["peak"]:
         print(f"| {r['phase']} | {r['before_gib']:.3f} | {r['peak_gib']:.3f} | {r['after_gib']:.3f} |")
     print("\ncalls around the overall peak: " + "; ".join(
-        f"{e['phase']} ({e['before_gib']:.3f} -> {e['peak_gib']:.3f} -> {e['after_gib']:.3f})" for e in t["around_peak"]))
+        f"{e['phase']} ({e['before_gib']:.3f} -> {e['peak_gib']:.3f} -> {e['after_gib']:.3f})"
+        for e in t["around_peak"]))
     print("calls: " + ", ".join(f"{k} {v}" for k, v in tracer.calls.most_common(6)))
     if a.json:
-        Path(a.json).write_text(json.dumps({"wall_s": wall, "shape": shape, "calibration": [n, s], **t}, indent=1) + "\n")
+        report = {"wall_s": wall, "shape": shape, "calibration": [n, s], **t}
+        Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -24,8 +24,8 @@ shard by shard from those mapped pages. This script measures that:
     python benchmarks/streamed.py run --model /work/big7b --cap-gb 6.5 --sparsity 0.3 --nsamples 4 --seqlen 128 \\
         --json benchmarks/results/streamed/llama2-7b.json -- refit=none
     python benchmarks/streamed.py make --out /tmp/s --shape small ... ; ... run --model /tmp/s --cap-gb 0.9  # minutes
-    python benchmarks/streamed.py make --out D/m --shape llama2-13b --vocab 32000 --device cuda   # gpu.py's streamed row
-    python benchmarks/streamed.py run --model D/m --device cuda --calib TEXT ...                   # no cap
+    python benchmarks/streamed.py make --out D/m --shape llama2-13b --vocab 32000 --device cuda  # gpu.py's row:
+    python benchmarks/streamed.py run --model D/m --device cuda --calib TEXT ...                  # no cap
 
 A cap needs root (or a writable /sys/fs/cgroup/memory); without it `run --cap-gb` refuses in one line.
 """
@@ -162,8 +162,9 @@ def _compress(spec: dict) -> dict:
     t0 = time.perf_counter()
     plan = compress_to(spec["model"], spec["out"], cfg, dtype="auto")[-1]
     here, on_cuda = plans[0]
-    return {"compress_s": time.perf_counter() - t0, "plan_wall_s": plan.wall_time_s, "layers": [plan.num_layers_before, plan.num_layers_after],
-            "layer_forwards": plan.layer_forwards, "predicted_host_gb": here.host_peak / 1e9,
+    return {"compress_s": time.perf_counter() - t0, "plan_wall_s": plan.wall_time_s,
+            "layers": [plan.num_layers_before, plan.num_layers_after], "layer_forwards": plan.layer_forwards,
+            "predicted_host_gb": here.host_peak / 1e9,
             "predicted_host_parts_gb": {k: v / 1e9 for k, v in here.host.items()},
             "predicted_device_gb": on_cuda.device_peak / 1e9,
             "predicted_device_phases_gb": {k: v / 1e9 for k, v in on_cuda.device.items()}}
