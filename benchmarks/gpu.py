@@ -155,8 +155,9 @@ def bench_distill(a: argparse.Namespace, report: Report) -> None:
 
 def bench_profile(a: argparse.Namespace, report: Report) -> None:
     """benchmarks/gpu_peak_phase.py in a child process: a compress of the 7B shape (--quick: the
-    tiny one) with every come function and every host<->device copy timed; its top phases by
-    own seconds, each over the instrumented run's wall time (the share)."""
+    tiny one) at the 7B row's default calibration (16 x 2048 tokens, batch 4, whatever
+    --nsamples says) with every come function and every host<->device copy timed; its top
+    phases by own seconds, each over the instrumented run's wall time (the share)."""
     path = Path(a.json).with_suffix(".profile.json")
     _script("gpu_peak_phase.py", *(["--quick"] if a.quick else []), "--sparsity", str(a.sparsity),
             "--top", str(a.top), "--json", str(path))
