@@ -29,6 +29,14 @@ TINY_GQA = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidd
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # the GPU scripts' --quick
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)  # LLaMA-2-7B
+LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+              "num_attention_heads": 40, "num_key_value_heads": 40}  # LLaMA-2-13B
+# the shapes benchmarks/streamed.py writes to disk (its vocabulary: the tokenizer's)
+DISK_SHAPES = {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B,
+               "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                             num_key_value_heads=4),  # about 0.4B parameters, 0.8 GB in bf16
+               "tiny": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=12, num_attention_heads=8,
+                            num_key_value_heads=4)}
 
 
 def random_llama(shape: dict, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
@@ -49,6 +57,75 @@ def tiny_llama(num_hidden_layers: int = 8) -> nn.Module:
     cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256,
                                    num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2)
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def word_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer of exactly `vocab_size` entries (<unk>, <s>, </s>, then w3, w4, ...),
+    built here: a random-weight model needs one of its vocabulary's size, and a bare GPU
+    machine has none of ours (word_text writes text in it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+def word_text(vocab_size: int, n_words: int, seed: int = 0) -> str:
+    """`n_words` random words of word_tokenizer(vocab_size), one token each: a calibration text."""
+    gen = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{i}" for i in torch.randint(3, vocab_size, (n_words,), generator=gen).tolist())
+
+
+def write_random_checkpoint(out: Path, shape: dict, tokenizer, device: str = "cpu") -> int:
+    """A LLaMA of `shape` (its vocabulary: `tokenizer`'s) with random weights, written to `out` in
+    bf16 with the tokenizer, one safetensors shard per decoder layer, each made, saved and
+    dropped: never the model whole in memory, so a 13B is written on a machine of any size. On
+    a GPU the numbers are drawn there (the disk sets the pace). Written under `out`.tmp and
+    renamed, so a stopped run leaves no half model at `out`. Returns the weights' bytes."""
+    from safetensors.torch import save_file
+
+    cfg = transformers.LlamaConfig(**{"max_position_embeddings": 4096, **shape, "vocab_size": len(tokenizer)},
+                                   tie_word_embeddings=False, dtype="bfloat16", bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True)
+    cfg.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    gen = torch.Generator(device).manual_seed(0)
+    hidden, inter, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
+
+    def rand(*size: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
+
+    def ones() -> torch.Tensor:
+        return torch.ones(hidden, dtype=torch.bfloat16)
+
+    def layer(i: int) -> dict:
+        p = f"model.layers.{i}."
+        return {p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(kv, hidden),
+                p + "self_attn.v_proj.weight": rand(kv, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
+                p + "mlp.gate_proj.weight": rand(inter, hidden), p + "mlp.up_proj.weight": rand(inter, hidden),
+                p + "mlp.down_proj.weight": rand(hidden, inter),
+                p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones()}
+
+    shards = [lambda: {"model.embed_tokens.weight": rand(cfg.vocab_size, hidden)},
+              *(lambda i=i: layer(i) for i in range(cfg.num_hidden_layers)),
+              lambda: {"model.norm.weight": ones(), "lm_head.weight": rand(cfg.vocab_size, hidden)}]
+    weight_map, total = {}, 0
+    for n, shard in enumerate(shards):
+        tensors = shard()
+        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, tmp / name, metadata={"format": "pt"})
+        total += _bytes(tensors.values())
+        weight_map.update(dict.fromkeys(tensors, name))
+        print(f"\rwrote shard {n + 1}/{len(shards)}", end="", file=sys.stderr, flush=True)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=1))
+    tmp.rename(out)
+    print(f"\n{out}: {total / 1e9:.2f} GB of bf16 weights", file=sys.stderr)
+    return total
 
 
 def add_model_args(ap: argparse.ArgumentParser, device: bool = True) -> None:
@@ -116,6 +193,28 @@ def generation_speed(model: nn.Module, batch: int, prompt: int, new: int, repeat
             pre.append(batch * prompt / (t1 - t0))
             dec.append(batch * new / (t2 - t1))
     return statistics.median(pre), statistics.median(dec)
+
+
+@torch.no_grad()
+def dense_pass(model: nn.Module, calib: torch.Tensor, cfg) -> float:
+    """Seconds of one dense pass over the calibration the way compress runs it (`cfg`: its
+    CompressConfig): embedding, then each layer once on the device, the states kept in host
+    memory (compress's first profiling pass without its statistics): the floor of any
+    calibrated method."""
+    from come.engine.runner import LayerRunner
+    from come.models.adapters import get_adapter
+    from come.settings.device import resolve_device
+
+    adapter = get_adapter(model.config)
+    device = resolve_device(cfg.device)
+    runner = LayerRunner(model, adapter, device, torch.device("cpu"))
+    sync(device.type)
+    t0 = time.perf_counter()
+    h = runner.embed(list(calib.split(cfg.batch_size)))
+    for k, layer in enumerate(adapter.decoder_layers(model)):
+        h, _ = runner.run(layer, h, False, position=k)
+    sync(device.type)
+    return time.perf_counter() - t0
 
 
 def _bytes(tensors) -> int:

@@ -1,8 +1,26 @@
 #!/usr/bin/env python3
-"""One call, one GPU (H100 / H200), minutes: `come` on random-weight LLaMA-2-7B- and
-TinyLlama-1.1B-shaped models in bf16, built from their configs (nothing is downloaded;
+"""One GPU (H100 / H200), minutes a call: `come` on random-weight LLaMA-2-7B-, TinyLlama-1.1B-
+and LLaMA-2-13B-shaped models in bf16, built from their configs (nothing is downloaded;
 torch, transformers, accelerate and this checkout's src are all it needs: benchmarks/gpu.sh
-puts src on the path). For each shape:
+puts src on the path). --rows picks what runs, in the order given. Minutes on one H100,
+estimated from the H200's 2026-12-04 run (228 s for the default; the 7B compressed in 90 s
+there, and its instrumented run took 126 s), not measured:
+
+    llama-2-7b   the 7B shape's rows below                                           ~2.5-3
+    llama-1.1b   the 1.1B shape's rows below                                         ~0.7
+    distill      distill sp and mp / plain fine-tuning on the 1.1B shape             ~0.8
+    profile      a compress of the 7B with every come function and every             ~2.5-3
+                 host<->device copy timed (gpu_peak_phase.py, a child process):
+                 the top --top phases by own seconds, with their calls and peaks
+    streamed     a LLaMA-2-13B shape written to disk in bf16 (26 GB, under           ~5 (--nsamples 8),
+                 --scratch: streamed.py make), compressed with its weights mapped    ~7 (16 x 2048)
+                 from the files and its layers visiting the GPU (streamed.py run:
+                 come.compress_to, --dtype auto, in a child process), one dense
+                 pass of the mapped model, the output (18 GB) reloaded; the disk's
+                 speed is the unknown
+
+The default, llama-2-7b,llama-1.1b,distill, is the 2026-12-04 run; `all` runs every row
+(over 10 minutes: split it). For each shape:
 
 - compress time (come, default settings, --sparsity) / one dense calibration pass through the
   same layer-at-a-time pipeline (embedding, then every layer once: the floor of any
@@ -10,13 +28,22 @@ puts src on the path). For each shape:
 - peak GPU memory during compress / its prediction (_common.gpu_prediction; formula printed);
 - prefill and decode tokens/s of the compressed model / the dense one (KV cache, batch --batch);
 and, on the 1.1B shape (the one benchmarks/distill_speed.py builds; it runs as a child
-process), training tokens/s of distill sp and mp / plain fine-tuning, each with its MFU.
+process), training tokens/s of distill sp and mp / plain fine-tuning, each with its MFU. The
+streamed row: compress time / one dense pass (both the pipeline's own seconds), peak anonymous
+memory and peak RSS of the compress process / the model's bytes on disk (sampled from /proc),
+peak GPU memory / the memory plan's device prediction, and the output's layers after reloading
+(with a forward on 8 tokens) / compress's.
 
 It writes --json (rewritten after every row, so a run stopped early keeps what it measured)
 and prints a table.
 
-    bash benchmarks/gpu.sh                    # the GPU run
-    bash benchmarks/gpu.sh --quick            # the same code on the CPU, tiny shapes, seconds (CI)
+    bash benchmarks/gpu.sh                                   # the 2026-12-04 run
+    bash benchmarks/gpu.sh --rows llama-2-7b,profile         # ~5.5 min
+    bash benchmarks/gpu.sh --rows streamed --nsamples 8      # ~5 min; 45 GB of disk under --scratch
+    bash benchmarks/gpu.sh --quick --rows all --scratch /tmp # the same code on the CPU, tiny shapes (CI)
+
+--json PATH: the rows; beside it, PATH's stem + .profile.json and .streamed.json (the children's
+own JSON) and the streamed children's logs.
 """
 
 from __future__ import annotations
@@ -25,8 +52,10 @@ import argparse
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,18 +63,18 @@ import torch
 import transformers
 
 from come import CompressConfig, compress
-from come.engine.runner import LayerRunner
-from come.models.adapters import get_adapter
-from come.settings.device import resolve_device
-from _common import GPU_FORMULA, LLAMA2_7B, LLAMA_1B, TINY_GQA, generation_speed, gpu_prediction, model_shape, random_llama, sync
+from _common import (GPU_FORMULA, LLAMA2_7B, LLAMA2_13B, LLAMA_1B, TINY_GQA, dense_pass, generation_speed,
+                     gpu_prediction, model_shape, random_llama, word_text)
 
 SHAPES = {"llama-2-7b": LLAMA2_7B, "llama-1.1b": LLAMA_1B}
 # --quick: the same two roles (multi-head attention, grouped-query attention), tiny
 QUICK_SHAPES = {
-    "tiny mha": dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
-    "tiny gqa": TINY_GQA,
+    "llama-2-7b": ("tiny mha", dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)),
+    "llama-1.1b": ("tiny gqa", TINY_GQA),
 }
+ROWS = (*SHAPES, "distill", "profile", "streamed")
+DEFAULT_ROWS = "llama-2-7b,llama-1.1b,distill"
 DISTILL_RUNS = ("plain fine-tuning", "distill sp", "distill mp")
 MFU = "MFU = model GFLOP/token (distill_speed.py's count, printed there) x tokens/s / --peak-tflops"
 
@@ -66,23 +95,6 @@ class Report:
 
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
-
-
-@torch.no_grad()
-def dense_pass(model, calib: torch.Tensor, cfg: CompressConfig) -> float:
-    """Seconds of one dense pass over the calibration the way compress runs it: embedding,
-    then each layer once on the device, the states kept in host memory (compress's first
-    profiling pass without its statistics)."""
-    adapter = get_adapter(model.config)
-    device = resolve_device(cfg.device)
-    runner = LayerRunner(model, adapter, device, torch.device("cpu"))
-    sync(device.type)
-    t0 = time.perf_counter()
-    h = runner.embed(list(calib.split(cfg.batch_size)))
-    for k, layer in enumerate(adapter.decoder_layers(model)):
-        h, _ = runner.run(layer, h, False, position=k)
-    sync(device.type)
-    return time.perf_counter() - t0
 
 
 def bench_shape(label: str, shape: dict, a: argparse.Namespace, report: Report) -> None:
@@ -119,14 +131,18 @@ def bench_shape(label: str, shape: dict, a: argparse.Namespace, report: Report) 
         torch.cuda.empty_cache()
 
 
+def _script(name: str, *args: str) -> str:
+    """benchmarks/NAME run as a child process (its own GPU memory); its stdout."""
+    return subprocess.run([sys.executable, str(Path(__file__).with_name(name)), *args], stdout=subprocess.PIPE,
+                          text=True, check=True).stdout
+
+
 def bench_distill(a: argparse.Namespace, report: Report) -> None:
-    """benchmarks/distill_speed.py in a child process (its own GPU memory), its table read back."""
+    """benchmarks/distill_speed.py in a child process, its table read back."""
     args = ["--quick"] if a.quick else ["--random-llama-1b", "--device", a.device, "--steps", str(a.steps),
                                         "--seqlen", str(a.seqlen), "--batch-size", str(a.batch_size)]
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("distill_speed.py")), *args,
-                          "--sparsity", str(a.sparsity), "--peak-tflops", str(a.peak_tflops),
-                          "--layer-loss", a.layer_loss],
-                         stdout=subprocess.PIPE, text=True, check=True).stdout
+    out = _script("distill_speed.py", *args, "--sparsity", str(a.sparsity), "--peak-tflops", str(a.peak_tflops),
+                  "--layer-loss", a.layer_loss)
     table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
                                                for line in out.splitlines() if line.startswith("| "))}
     label = "distill_speed --quick" if a.quick else "llama-1.1b"
@@ -135,6 +151,62 @@ def bench_distill(a: argparse.Namespace, report: Report) -> None:
         tok_s, gflop = float(table[run][0]), float(table[run][2])
         report.add(label, f"{run} training tokens/s / plain fine-tuning", tok_s, plain, "tokens/s",
                    layer_loss=a.layer_loss, gflop_per_token=gflop, mfu=gflop * 1e9 * tok_s / (a.peak_tflops * 1e12))
+
+
+def bench_profile(a: argparse.Namespace, report: Report) -> None:
+    """benchmarks/gpu_peak_phase.py in a child process: a compress of the 7B shape (--quick: the
+    tiny one) at the 7B row's default calibration (16 x 2048 tokens, batch 4, whatever
+    --nsamples says) with every come function and every host<->device copy timed; its top
+    phases by own seconds, each over the instrumented run's wall time (the share)."""
+    path = Path(a.json).with_suffix(".profile.json")
+    _script("gpu_peak_phase.py", *(["--quick"] if a.quick else []), "--sparsity", str(a.sparsity),
+            "--top", str(a.top), "--json", str(path))
+    prof = json.loads(path.read_text())
+    label = f"{QUICK_SHAPES['llama-1.1b'][0] if a.quick else 'llama-2-7b'} profile"
+    for r in prof["time"]:
+        report.add(label, f"{r['phase']}: own seconds / instrumented compress", r["own_s"], prof["wall_s"], "s",
+                   calls=r["calls"], peak_gib=r["peak_gib"], calibration=prof["calibration"])
+
+
+def bench_streamed(a: argparse.Namespace, report: Report) -> None:
+    """benchmarks/streamed.py make and run as child processes: a random-weight LLaMA-2-13B shape
+    (--quick: the tiny one) written to disk in bf16 with a word-level tokenizer of LLaMA-2's
+    vocabulary size, compressed with its weights mapped from the file and its layers visiting
+    the device, one dense pass through the same pipeline, the output reloaded. The models (26 +
+    18 GB for the 13B) go in a folder of its own under --scratch, removed at the end."""
+    shape, vocab = ("tiny", 1000) if a.quick else ("llama2-13b", LLAMA2_13B["vocab_size"])
+    path = Path(a.json).with_suffix(".streamed.json")
+    scratch = Path(tempfile.mkdtemp(prefix="come-streamed-", dir=a.scratch))
+    try:
+        (scratch / "calib.txt").write_text(word_text(vocab, 2 * a.nsamples * a.seqlen))
+        t0 = time.perf_counter()
+        _script("streamed.py", "make", "--out", str(scratch / "model"), "--shape", shape, "--vocab", str(vocab),
+                "--device", a.device)
+        write_s = time.perf_counter() - t0
+        _script("streamed.py", "run", "--model", str(scratch / "model"), "--out", str(scratch / "come"),
+                "--device", a.device, "--calib", str(scratch / "calib.txt"), "--sparsity", str(a.sparsity),
+                "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--batch-size", str(a.batch_size),
+                "--max-cache-gb", str(CompressConfig().max_cache_gb), "--json", str(path))
+    finally:
+        shutil.rmtree(scratch)
+    row = json.loads(path.read_text())
+    failed = [k for k in ("compress", "dense", "reload") if row.get(k, {}).get("rc") != 0]
+    if failed:
+        raise SystemExit(f"streamed row: {', '.join(failed)} failed; see {path.with_suffix('')}.*.log")
+    c, weights = row["compress"], row["weights_gb"]
+    done, back = c["result"], row["reload"]["result"]
+    label = f"{shape} streamed"
+    report.add(label, f"compress come {a.sparsity:g} (weights mapped from disk) / one dense pass", done["plan_wall_s"],
+               row["dense_pass_s"], "s", layers=done["layers"], layer_forwards=done["layer_forwards"],
+               process_wall_s=c["wall_s"], write_model_s=write_s, calibration=[a.nsamples, a.seqlen])
+    report.add(label, "peak anonymous memory in compress / the model's weights", c["peak_anon_gb"], weights, "GB",
+               predicted_host_gb=done["predicted_host_gb"], predicted_host_parts_gb=done["predicted_host_parts_gb"])
+    report.add(label, "peak RSS in compress / the model's weights", c["peak_rss_gb"] or done["maxrss_gb"], weights,
+               "GB")
+    report.add(label, "peak GPU memory in compress / the memory plan's device prediction", done["device_peak_gb"],
+               done["predicted_device_gb"], "GB", predicted_phases_gb=done["predicted_device_phases_gb"])
+    report.add(label, "output reloads: layers / compress's layers after", back["layers"], done["layers"][1],
+               "layers", logits_finite=back["logits_finite"], modules=back["modules"], reload_s=back["reload_s"])
 
 
 def print_table(report: Report, a: argparse.Namespace) -> None:
@@ -153,6 +225,15 @@ def print_table(report: Report, a: argparse.Namespace) -> None:
           f"refit solve (_common.gpu_prediction).\n{MFU} ({a.peak_tflops:g} TFLOP/s).")
 
 
+def _rows(text: str) -> list[str]:
+    rows = list(ROWS) if text == "all" else list(dict.fromkeys(r.strip() for r in text.split(",")))
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        raise argparse.ArgumentTypeError(f"unknown row(s) {unknown}: give a comma-separated list of {', '.join(ROWS)}, "
+                                         "or all")
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the same code on the CPU with tiny shapes, seconds")
@@ -169,10 +250,13 @@ def main() -> int:
     ap.add_argument("--layer-loss", choices=["mse", "kl"], default="mse",
                     help="come distill --layer-loss timed (mse: come's default; kl: the paper's)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 / H200 SXM: 989)")
+    ap.add_argument("--rows", default=DEFAULT_ROWS, type=_rows,
+                    help=f"what runs, in this order: comma-separated of {', '.join(ROWS)}, or all")
+    ap.add_argument("--top", type=int, default=12, help="the profile's phases kept")
+    ap.add_argument("--scratch", default=".", help="where the streamed row writes its models (on disk, not memory)")
     a = ap.parse_args()
-    shapes = SHAPES
     if a.quick:
-        shapes, a.device = QUICK_SHAPES, "cpu"
+        a.device = "cpu"
         a.nsamples, a.seqlen, a.prompt, a.new, a.repeats = 8, 64, 16, 4, 1
         torch.set_num_threads(1)  # tiny matmuls: spinning intra-op threads only slow them on a loaded CPU
     elif not torch.cuda.is_available():
@@ -183,9 +267,11 @@ def main() -> int:
     report = Report(Path(a.json), {"device": device, "quick": a.quick, "settings": vars(a),
                                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                                    "gpu_formula": GPU_FORMULA, "mfu": MFU})
-    for label, shape in shapes.items():
-        bench_shape(label, shape, a, report)
-    bench_distill(a, report)
+    for row in a.rows:
+        if row in SHAPES:
+            bench_shape(*(QUICK_SHAPES[row] if a.quick else (row, SHAPES[row])), a, report)
+        else:
+            {"distill": bench_distill, "profile": bench_profile, "streamed": bench_streamed}[row](a, report)
     print_table(report, a)
     bad = {f"{r['model']}: {r['row']}" for r in report.rows for k in ("value", "baseline", "ratio")
            if r[k] is not None and not math.isfinite(r[k])}

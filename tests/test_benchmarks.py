@@ -114,34 +114,54 @@ BARE_MISSING = ("typer", "rich", "lm_eval", "datasets", "peft", "sklearn", "scip
 
 
 def test_gpu_quick(tmp_path):
-    """benchmarks/gpu.sh --quick: the GPU benchmark's code path on the CPU, with what a bare GPU
-    machine lacks hidden (None in sys.modules reads as not installed, to transformers too): every
-    row, each number finite; only the GPU memory measurement is absent on the CPU."""
-    bare = tmp_path / "bare"
+    """benchmarks/gpu.sh --quick --rows all: the GPU benchmark's code path on the CPU, with what a
+    bare GPU machine lacks hidden (None in sys.modules reads as not installed, to transformers
+    too): every row, each number finite; only the GPU memory measurements are absent on the CPU.
+    The profile's phases share the instrumented run's time; the streamed row's model, written to
+    disk and compressed from its mapped file, reloads with its layers and a finite forward."""
+    bare, scratch = tmp_path / "bare", tmp_path / "scratch"
     bare.mkdir()
+    scratch.mkdir()
     (bare / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({BARE_MISSING!r}))\n")
     env = {**os.environ, "PYTHONPATH": str(bare), "PYTHON": sys.executable}
-    out = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--quick", "--json", str(tmp_path / "gpu.json")], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--quick", "--rows", "all", "--top", "6", "--scratch",
+                          str(scratch), "--json", str(tmp_path / "gpu.json")], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
     rows = {(r["model"], r["row"].split(" / ")[0]): r for r in report["rows"]}
     per_shape = ("compress come 0.3", "peak GPU memory in compress", "prefill tokens/s compressed",
                  "decode tokens/s compressed")
     distill = [f"{run} training tokens/s" for run in ("plain fine-tuning", "distill sp", "distill mp")]
+    profile = [r for (m, _), r in rows.items() if m == "tiny gqa profile"]
+    streamed = ("compress come 0.3 (weights mapped from disk)", "peak anonymous memory in compress",
+                "peak RSS in compress", "peak GPU memory in compress", "output reloads: layers")
     assert list(rows) == [(m, w) for m in ("tiny mha", "tiny gqa") for w in per_shape] + \
-        [("distill_speed --quick", w) for w in distill]
+        [("distill_speed --quick", w) for w in distill] + [("tiny gqa profile", r["row"].split(" / ")[0])
+                                                           for r in profile] + [("tiny streamed", w) for w in streamed]
     body = [line for line in out.stdout.splitlines() if line.startswith("| ")][1:]
     assert [line.split(" | ")[0][2:] for line in body] == [m for m, _ in rows]  # the printed table has every row
     for (model, what), r in rows.items():
         gpu_only = what == "peak GPU memory in compress"
         numbers = [r["baseline"]] + ([] if gpu_only else [r["value"], r["ratio"]]) + ([r["mfu"]] if "mfu" in r else [])
-        assert all(isinstance(x, float) and math.isfinite(x) and x >= 0 for x in numbers), r
+        assert all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in numbers), r
         assert r["baseline"] > 0 and (r["value"] is None) == gpu_only, r
     assert rows[("tiny mha", "compress come 0.3")]["layers"][1] < rows[("tiny mha", "compress come 0.3")]["layers"][0]
     assert rows[("distill_speed --quick", distill[0])]["ratio"] == 1.0
     # distillation is timed with come distill's default layer loss, and each row says which
     assert {rows[("distill_speed --quick", w)]["layer_loss"] for w in distill} == {"mse"}
+    # the profile: the top phases by own seconds, largest first, within the instrumented run
+    assert len(profile) == 6 and sum(r["value"] for r in profile) <= profile[0]["baseline"]
+    assert [r["value"] for r in profile] == sorted((r["value"] for r in profile), reverse=True)
+    assert all(r["calls"] >= 1 for r in profile) and "LayerRunner.run: own seconds" in {r["row"].split(" / ")[0]
+                                                                                          for r in profile}
+    # the streamed row: merged, reloaded with the layers compress left, its scratch models removed
+    compressed, anon, rss, _, reload = (rows[("tiny streamed", w)] for w in streamed)
+    assert compressed["layers"][1] < compressed["layers"][0] == 12 and compressed["write_model_s"] > 0
+    assert reload["ratio"] == 1.0 and reload["value"] == reload["modules"] and reload["logits_finite"] is True
+    assert 0 < anon["value"] <= rss["value"] and anon["baseline"] == rss["baseline"]
+    assert anon["predicted_host_parts_gb"]["weights"] > 0
+    assert not list(scratch.iterdir()) and (tmp_path / "gpu.streamed.json").is_file()
 
 
 def test_paired_across_runs(tmp_path):
@@ -164,9 +184,15 @@ def test_paired_across_runs(tmp_path):
     assert bad.returncode != 0 and "--ref 'shortgpt'" in bad.stderr
 
 
-def test_gpu_peak_phase_quick():
-    """The tracer wraps come's functions (the compress runs through them) and reports a phase table."""
-    out = _run(str(BENCH / "gpu_peak_phase.py"), "--quick")
+def test_gpu_peak_phase_quick(tmp_path):
+    """The tracer wraps come's functions (the compress runs through them) and reports two phase
+    tables, by own seconds and by peak memory; the own seconds add up to the run's time."""
+    out = _run(str(BENCH / "gpu_peak_phase.py"), "--quick", "--json", str(tmp_path / "phases.json"))
     calls = int(out.split(" calls;")[0].split()[-1])
     assert calls > 100 and "calls around the overall peak" in out
-    assert len(_table(out)) == 8  # --top phases
+    phases = json.loads((tmp_path / "phases.json").read_text())
+    assert len(phases["time"]) == len(phases["peak"]) == 8  # --top phases
+    assert phases["calls"] == calls and sum(r["own_s"] for r in phases["time"]) <= phases["total_s"]
+    # the compress itself is wrapped: nearly all its wall time is in a phase
+    assert 0.9 * phases["wall_s"] <= phases["total_s"] <= phases["wall_s"]
+    assert {"LayerRunner.run", "merging.refit.ridge_solve"} <= {r["phase"] for r in phases["time"]}
