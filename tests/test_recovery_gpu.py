@@ -47,6 +47,7 @@ def test_the_payload_travels_in_calls_of_at_most_64_mib(payload):
         assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 64 << 20, folder
     assert all((payload / p).stat().st_size <= 60 << 20 for p in manifest["parts"])
     assert sum((payload / p).stat().st_size for p in manifest["parts"]) == recovery_gpu._smollm2_gguf().stat().st_size
+    assert recovery_gpu.KL_TEXT == recovery_budget.PROTOCOL["kl"]["text"]
     texts = next(payload.glob("*/texts"))
     for source in (recovery_budget.PROTOCOL["calibration"]["text"], recovery_budget.PROTOCOL["kl"]["text"],
                    recovery_budget.PROTOCOL["data"]):  # read there without `datasets`, as here with it
