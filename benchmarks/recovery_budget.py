@@ -219,6 +219,7 @@ def plot(records: list[dict], path: Path) -> None:
         ax.plot([p["tokens"] for p in pts], [p["kl"] for p in pts], marker="o", label=r["row"])
     ax.set_xscale("symlog", linthresh=max(1, min((p["tokens"] for r in records for p in r["points"] if p["tokens"]),
                                                   default=1)))
+    ax.set_yscale("log")  # an undistilled reverse-order cut sits an order of magnitude above the rest
     ax.set_xlabel("distillation tokens")
     ax.set_ylabel("KL(dense || model), nats per token")
     ax.set_title(f"{records[0]['protocol']['model']} at {100 * records[0]['protocol']['level']:g}%: recovery per budget")
