@@ -144,9 +144,9 @@ def run(a: argparse.Namespace) -> None:
             model = _first_layers(gguf, Path(tmp) / "model", 8)
         else:
             protocol, model = ["--gpu"], gguf
-        budgets = ["--budgets", a.budgets] if a.budgets else []
+        some = [*(["--budgets", a.budgets] if a.budgets else []), *(["--rows", a.rows] if a.rows else [])]
         _recovery(*protocol, "--model", str(model), "--task-data", str(texts), "--device", a.device, "--results",
-                  a.results, "--cache", str(Path(tmp) / "cache"), *budgets, lib=lib)
+                  a.results, "--cache", str(Path(tmp) / "cache"), *some, lib=lib)
     _recovery(*protocol, "--results", a.results, "--table")
 
 
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--results", default="recovery_gpu", help="where each row's JSON goes")
     r.add_argument("--device", help="default: cuda, or cpu with --quick")
     r.add_argument("--budgets", help="comma list of token budgets (default: the GPU protocol's 1M,5M)")
+    r.add_argument("--rows", help="comma list of rows by file name (default all), as recovery_budget.py's")
     r.add_argument("--quick", action="store_true", help="the CPU dry run: 8 layers, the quick protocol")
     a = ap.parse_args(argv)
     if a.command == "pack":

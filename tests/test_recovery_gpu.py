@@ -73,13 +73,14 @@ def test_a_missing_or_damaged_part_is_refused(payload, tmp_path):
         recovery_gpu.join(copy, tmp_path)
 
 
-def test_quick_runs_every_row_from_the_payload(payload, tmp_path):
+def test_quick_runs_the_rows_from_the_payload(payload, tmp_path):
     results = tmp_path / "results"
-    done = _sh("run", str(payload), "--quick", "--budgets", "128", "--results", str(results))
+    some = ["come-mp", "reverse-order-last"]  # two rows: every row's own path is test_recovery_budget's
+    done = _sh("run", str(payload), "--quick", "--budgets", "128", "--rows", ",".join(some), "--results", str(results))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = recovery_budget.load_rows(results / "quick" / "0.3")
     assert [r["row"] for r in rows] == [r["row"] for r in recovery_budget.rows(
-        recovery_budget.quick_protocol("x"), recovery_budget.PROTOCOL["peer"])]
+        recovery_budget.quick_protocol("x"), recovery_budget.PROTOCOL["peer"]) if r["file"] in some]
     for r in rows:
         assert [p["budget"] for p in r["points"]] == [0, 128] and len(r["groups"]) < 8  # the 8 layers cut
         assert r["points"][0]["kl"] > 0
