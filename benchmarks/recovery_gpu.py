@@ -40,7 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import _exported_name
+from _common import exported_name
 
 HERE = Path(__file__).resolve().parent
 PART_MIB = 60
@@ -140,7 +140,7 @@ def run(a: argparse.Namespace) -> None:
         lib, texts = last / "lib", last / "texts"
         sys.path.insert(0, str(lib))  # transformers reads GGUF with the carried `gguf`
         if a.quick:
-            protocol = ["--quick", "--text", str(texts / _exported_name(KL_TEXT))]
+            protocol = ["--quick", "--text", str(texts / exported_name(KL_TEXT))]
             model = _first_layers(gguf, Path(tmp) / "model", 8)
         else:
             protocol, model = ["--gpu"], gguf
