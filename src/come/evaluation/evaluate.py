@@ -34,6 +34,9 @@ AVERAGE_METRIC = {
     "arc_challenge": "acc_norm", "arc_easy": "acc_norm", "hellaswag": "acc_norm", "openbookqa": "acc_norm",
     "piqa": "acc_norm", "boolq": "acc", "winogrande": "acc",
 }
+# a random guess's accuracy per task (before class imbalance): what "retention" is read against
+CHANCE = {"arc_challenge": 0.25, "arc_easy": 0.25, "hellaswag": 0.25, "openbookqa": 0.25, "piqa": 0.5,
+          "boolq": 0.5, "winogrande": 0.5}
 
 
 @torch.no_grad()
@@ -104,6 +107,11 @@ def average(tasks: dict[str, dict]) -> float | None:
     other task counts with acc."""
     values = [v for task, r in tasks.items() if (v := paper_score(task, r)) is not None]
     return sum(values) / len(values) if values else None
+
+
+def chance(tasks: Sequence[str]) -> float | None:
+    """The paper-style average a random guess scores on `tasks` (CHANCE; 0 for a task not listed)."""
+    return sum(CHANCE.get(t, 0.0) for t in tasks) / len(tasks) if tasks else None
 
 
 def paired_delta(a: dict[str, dict], b: dict[str, dict]) -> tuple[float, float] | None:
