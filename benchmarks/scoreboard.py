@@ -235,14 +235,14 @@ def table(model: str, level: float, entry: dict, protocol: dict) -> str:
         head += (f" Test tasks: {', '.join(tasks)}, documents {protocol['test']['tasks']['skip']}-"
                  f"{protocol['test']['tasks']['skip'] + protocol['test']['tasks']['limit']}; dense average "
                  f"{dense_acc:.3f}, chance {guess:.3f}.")
-    cols = ["recipe", f"KL {test_text}", "Δ KL vs best ± SE", "seeds (KL)", "top-1",
+    cols = ["recipe", "layers", f"KL {test_text}", "Δ KL vs best ± SE", "seeds (KL)", "top-1",
             *[f"KL {t}" for t in other_texts], f"ppl {test_text}", f"KL {decision_text} (decision)"]
     if dense_acc is not None:
         cols += ["test avg acc", "Δ acc vs best ± SE", "retention %"]
     cols += ["compress s"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     if dense:
-        cells = ["dense", "0", "", "", "1", *["0" for _ in other_texts], f"{dense['texts'][test_text]['ppl']:.1f}",
+        cells = ["dense", str(dense["layers"]), "0", "", "", "1", *["0" for _ in other_texts], f"{dense['texts'][test_text]['ppl']:.1f}",
                  "0"]
         if dense_acc is not None:
             cells += [f"{dense_acc:.3f}", "", "100.0"]
@@ -254,7 +254,7 @@ def table(model: str, level: float, entry: dict, protocol: dict) -> str:
                                  rows[best][0]["texts"][test_text]["fidelity"]["per_window"]["kl"])
         spread = [kl(r, test_text) for _, r in sorted(rows[label].items())]
         mark = "**" if label == best else ""
-        cells = [f"{mark}{label}{mark}", f"{mark}{fid['kl']['mean']:.4f}{mark}",
+        cells = [f"{mark}{label}{mark}", str(r0["layers"]), f"{mark}{fid['kl']['mean']:.4f}{mark}",
                  "best" if label == best else f"{diff[0]:+.4f} ± {diff[1]:.4f}",
                  " / ".join(f"{x:.4f}" for x in spread), f"{fid['top1']:.3f}",
                  *[f"{kl(r0, t):.4f}" for t in other_texts], f"{r0['texts'][test_text]['ppl']:.1f}",
