@@ -314,3 +314,18 @@ def write_json(path: Path, data: dict) -> None:
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)
     print(f"wrote {path}", file=sys.stderr, flush=True)
+
+
+def read_block(path: Path, start: str, end: str) -> str:
+    """The body of the generated block `start` ... `end` in `path` (what a drift test compares)."""
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no generated block ({start} ... {end})")
+    return text[text.index(start) + len(start):text.index(end)].strip("\n")
+
+
+def replace_block(path: Path, start: str, end: str, body: str) -> None:
+    """Put `body` between the markers `start` ... `end` of `path` (a generated table in BENCHMARKS.md)."""
+    read_block(path, start, end)
+    text = path.read_text()
+    path.write_text(f"{text[:text.index(start)]}{start}\n{body}\n{text[text.index(end):]}")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from _common import add_protocol_args, read_source, score_on, write_json
+from _common import add_protocol_args, read_source, replace_block, score_on, write_json
 from come.scoring.fidelity import paired_difference
 
 HERE = Path(__file__).resolve().parent
@@ -311,18 +311,11 @@ def markdown(results: Path, protocol: dict) -> str:
     order = {m: i for i, m in enumerate(protocol["models"])}
     parts = [table(m, lvl, entry, protocol) for (m, lvl), entry in
              sorted(found.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1] != 0.25, kv[0][1]))]
-    body = "\n\n".join(p for p in parts if p) or "(no rows yet)"
-    return f"{START}\n{body}\n{END}"
+    return "\n\n".join(p for p in parts if p) or "(no rows yet)"
 
 
 def write_tables(results: Path, protocol: dict, path: Path = BENCHMARKS_MD) -> None:
-    text = path.read_text()
-    block = markdown(results, protocol)
-    if START in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        raise SystemExit(f"{path} has no scoreboard block ({START} ... {END})")
-    path.write_text(text)
+    replace_block(path, START, END, markdown(results, protocol))
 
 
 def quick_protocol(text: str) -> dict:

@@ -14,8 +14,15 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import recovery_budget  # noqa: E402
+from _common import read_block  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_benchmarks_table_equals_the_committed_json():
+    block = read_block(recovery_budget.BENCHMARKS_MD, recovery_budget.START, recovery_budget.END)
+    assert block == recovery_budget.markdown(recovery_budget.RESULTS / "smollm2-135m" / "0.3"), \
+        "BENCHMARKS.md's recovery table is stale: run python benchmarks/recovery_budget.py --table --write"
 
 
 def _points(results: Path) -> dict[str, dict]:
@@ -103,8 +110,11 @@ def test_task_docs_trains_written_points_again_to_add_their_tasks(tmp_path, mode
     recovery_budget.main(with_tasks)  # nothing left to do
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*.json")} == stamps
 
-    recovery_budget.main([*args, "--table"])
+    target = tmp_path / "B.md"
+    target.write_text(f"# B\n\n{recovery_budget.START}\nold\n{recovery_budget.END}\n")
+    recovery_budget.main([*args, "--table", "--write", str(target)])
     out = capsys.readouterr().out
+    assert read_block(target, recovery_budget.START, recovery_budget.END) == out.strip("\n")
     assert "acc at 1.024K" in out and "Δ acc vs best at 1.024K ± SE" in out
     at = {name: {p["budget"]: p for p in after[name]["points"]} for name in ("come-sp", "shortgpt-refit-sp")}
     accs = {name: average(pts[1024]["tasks"]) for name, pts in at.items()}

@@ -14,11 +14,11 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import scoreboard  # noqa: E402
+from _common import read_block  # noqa: E402
 
 
 def test_benchmarks_block_equals_the_committed_json():
-    text = scoreboard.BENCHMARKS_MD.read_text()
-    block = text[text.index(scoreboard.START):text.index(scoreboard.END) + len(scoreboard.END)]
+    block = read_block(scoreboard.BENCHMARKS_MD, scoreboard.START, scoreboard.END)
     assert block == scoreboard.markdown(scoreboard.RESULTS, scoreboard.PROTOCOL), \
         "BENCHMARKS.md's scoreboard is stale: run python benchmarks/scoreboard.py tables"
 
@@ -58,4 +58,4 @@ def test_quick_run_writes_rows_and_tables_from_them(tmp_path, model_dir, text_fi
     target = tmp_path / "B.md"
     target.write_text(f"# B\n\n{scoreboard.START}\nold\n{scoreboard.END}\n\nrest\n")
     scoreboard.write_tables(results, protocol, target)
-    assert target.read_text() == f"# B\n\n{md}\n\nrest\n"
+    assert target.read_text() == f"# B\n\n{scoreboard.START}\n{md}\n{scoreboard.END}\n\nrest\n"
