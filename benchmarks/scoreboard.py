@@ -225,7 +225,8 @@ def table(model: str, level: float, entry: dict, protocol: dict) -> str:
         return row["texts"][text]["fidelity"]["kl"]["mean"]
 
     best = min(rows, key=lambda lab: kl(rows[lab][0], test_text))
-    best_acc = max(rows, key=lambda lab: average(rows[lab][0]["tasks"].get("test", {})) or -1)
+    scored = [lab for lab in rows if average(rows[lab][0]["tasks"].get("test", {})) is not None]
+    best_acc = max(scored, key=lambda lab: average(rows[lab][0]["tasks"]["test"])) if scored else None
     dense = entry["dense"]
     dense_acc = average(dense["tasks"].get("test", {})) if dense else None
     tasks = list(dense["tasks"].get("test", {})) if dense else []
@@ -263,11 +264,14 @@ def table(model: str, level: float, entry: dict, protocol: dict) -> str:
                  f"{kl(r0, decision_text):.4f}"]
         if dense_acc is not None:
             acc = average(r0["tasks"].get("test", {}))
-            pair = _task_pairs(r0["tasks"].get("test"), rows[best_acc][0]["tasks"].get("test"))
-            cells += [f"{'**' if label == best_acc else ''}{acc:.3f}{'**' if label == best_acc else ''}"
-                      if acc is not None else "-",
-                      "best" if label == best_acc else (f"{pair[0]:+.3f} ± {pair[1]:.3f}" if pair else "-"),
-                      f"{100 * acc / dense_acc:.1f}" if acc is not None and dense_acc else "-"]
+            if acc is None:  # this row ran without tasks
+                cells += ["-", "-", "-"]
+            else:
+                mark = "**" if label == best_acc else ""
+                pair = _task_pairs(r0["tasks"]["test"], rows[best_acc][0]["tasks"]["test"])
+                cells += [f"{mark}{acc:.3f}{mark}",
+                          "best" if label == best_acc else (f"{pair[0]:+.3f} ± {pair[1]:.3f}" if pair else "-"),
+                          f"{100 * acc / dense_acc:.1f}" if dense_acc else "-"]
         cells.append(f"{r0['compress_s']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [winners(rows, [test_text, *other_texts, decision_text], decision_text), auto_note(rows, test_text)]

@@ -59,3 +59,27 @@ def test_quick_run_writes_rows_and_tables_from_them(tmp_path, model_dir, text_fi
     target.write_text(f"# B\n\n{scoreboard.START}\nold\n{scoreboard.END}\n\nrest\n")
     scoreboard.write_tables(results, protocol, target)
     assert target.read_text() == f"# B\n\n{scoreboard.START}\n{md}\n{scoreboard.END}\n\nrest\n"
+
+
+def _row(label: str, kl: list[float], layers: int, tasks: dict | None) -> dict:
+    fid = {"kl": {"mean": sum(kl) / len(kl)}, "top1": 0.5, "per_window": {"kl": kl}}
+    texts = {t: {"tokens": 255 * len(kl), "ppl": 10.0, "fidelity": fid} for t in ("wiki-decision", "wiki-test", "legal")}
+    return {"row": label, "layers": layers, "compress_s": 1.0, "texts": texts, "tasks": {"test": tasks} if tasks else {}}
+
+
+def test_a_row_without_tasks_has_no_accuracy_and_is_never_the_most_accurate():
+    def arc(docs):
+        return {"arc_easy": {"acc": sum(docs) / len(docs), "acc_norm": sum(docs) / len(docs),
+                             "per_doc": {"acc": docs, "acc_norm": docs}}}
+
+    dense = {**_row("dense", [0.0, 0.0], 30, arc([1.0, 1.0, 1.0, 0.0])), "texts": {
+        t: {"tokens": 510, "ppl": 5.0, "fidelity": None} for t in ("wiki-decision", "wiki-test", "legal")}}
+    entry = {"dense": dense, "rows": {"A": {0: _row("A", [1.0, 1.2], 20, None)},  # lowest KL, no tasks
+                                      "B": {0: _row("B", [2.0, 2.2], 20, arc([1.0, 0.0, 1.0, 0.0]))},
+                                      "C": {0: _row("C", [3.0, 3.2], 20, arc([1.0, 0.0, 0.0, 0.0]))}}}
+    lines = scoreboard.table("m", 0.25, entry, scoreboard.PROTOCOL).splitlines()
+    cells = {line.split("|")[1].strip().strip("*"): [c.strip() for c in line.strip("|").split("|")]
+             for line in lines if line.startswith("| ") and not line.startswith("| recipe")}
+    assert cells["A"][-4:-1] == ["-", "-", "-"]
+    assert cells["B"][-4:-1] == ["**0.500**", "best", f"{100 * 0.5 / 0.75:.1f}"]
+    assert cells["C"][-3] == "-0.250 ± 0.250"  # paired over the 4 documents: one differs
